@@ -1,0 +1,1 @@
+"""intake core: channel-neutral messages, tickets, rules and policy. No I/O."""

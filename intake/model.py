@@ -1,0 +1,242 @@
+"""Channel-neutral values of the domain: messages in, tickets, outgoing notes.
+
+Every adapter turns what it receives (an SMTP transaction, a Slack event) into an
+:class:`InboundMessage`; the core decides on that value alone. Everything here is a frozen
+value object: decisions are values, side effects come later in the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum, StrEnum
+from types import MappingProxyType
+from typing import Any
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SLACK = "slack"
+
+
+class Severity(IntEnum):
+    """Support severity: 1 is the most urgent (all core systems, all users)."""
+
+    S1 = 1
+    S2 = 2
+    S3 = 3
+    S4 = 4
+
+    @property
+    def label(self) -> str:
+        return f"Severity {int(self)}"
+
+
+class Route(StrEnum):
+    """Why a stored message went where it went (kept on every message row)."""
+
+    NEW = "new"  # opened a new ticket
+    REFERENCE = "reference"  # joined by the reference in its subject / text
+    HEADER = "header"  # joined by In-Reply-To / References
+    THREAD = "thread"  # joined by its chat thread (Slack thread_ts)
+    DUPLICATE = "duplicate"  # a redelivery; nothing changed
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+    STAFF = "staff"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+    kept: bool = True  # False when a size cap made us drop its bytes
+
+
+def _frozen_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType({k.lower(): v for k, v in (headers or {}).items()})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundMessage:
+    """One message as the core sees it, whatever channel it came from.
+
+    Addresses are lower-cased bare addresses (``alice@example.com``). ``message_id`` and the
+    entries of ``in_reply_to`` / ``references`` carry no angle brackets. ``body`` is the whole
+    plain text (HTML-only mail already turned into readable text); ``new_text`` is the part the
+    author wrote now: the body without quoted history and signature.
+    """
+
+    channel: Channel
+    sender: str  # the author's identity: the From address (never Reply-To)
+    sender_name: str = ""
+    reply_to: tuple[str, ...] = ()
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    recipient: str = ""  # the support address this copy was delivered to (envelope RCPT)
+    envelope_sender: str | None = None  # MAIL FROM; "" is the null reverse-path <>
+    subject: str = ""
+    body: str = ""
+    new_text: str = ""
+    quoted: str = ""  # quoted history (looked at only by rules that ask for it)
+    html: bool = False  # the text came from an HTML-only part
+    attachments: tuple[Attachment, ...] = ()
+    message_id: str = ""
+    in_reply_to: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    date: datetime | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    raw: bytes = b""
+    parse_problem: str | None = None  # set when the message could not be parsed fully
+    # Chat channels: the thread this message belongs to and the platform's event id.
+    thread_key: str | None = None  # e.g. "T1/C1/1700000000.000100" for a Slack thread root
+    external_id: str | None = None  # platform id of this very message ("T1/C1/ts")
+    event_id: str | None = None
+    organisation: str | None = None  # known from the channel (a Slack channel's customer)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headers, MappingProxyType):
+            object.__setattr__(self, "headers", _frozen_headers(self.headers))
+
+    @property
+    def dedup_key(self) -> str:
+        """What makes two deliveries "the same message" (together with ``recipient``)."""
+        if self.external_id:
+            return f"ext:{self.external_id}"
+        if self.message_id:
+            return f"mid:{self.message_id}"
+        return "sha256:" + hashlib.sha256(self.raw or self.body.encode("utf-8", "replace")).hexdigest()
+
+    @property
+    def sender_domain(self) -> str:
+        return self.sender.rpartition("@")[2] if "@" in self.sender else ""
+
+    @property
+    def related_ids(self) -> tuple[str, ...]:
+        """Message-IDs this message answers, nearest first."""
+        seen: dict[str, None] = {}
+        for mid in (*self.in_reply_to, *reversed(self.references)):
+            if mid:
+                seen.setdefault(mid, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    """One rule that matched, with the evidence a person needs to judge it."""
+
+    rule: str
+    phrase: str
+    field: str  # "subject", "body", "quoted", "attachment"
+    excerpt: str  # the matched text with a little context
+    negated: bool = False  # a negation word stood shortly before the phrase
+    severity: Severity = Severity.S1
+    tags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "phrase": self.phrase,
+            "field": self.field,
+            "excerpt": self.excerpt,
+            "negated": self.negated,
+            "severity": int(self.severity),
+            "tags": list(self.tags),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RuleHit:
+        return cls(
+            rule=str(d["rule"]),
+            phrase=str(d["phrase"]),
+            field=str(d["field"]),
+            excerpt=str(d["excerpt"]),
+            negated=bool(d.get("negated", False)),
+            severity=Severity(int(d.get("severity", 1))),
+            tags=tuple(d.get("tags", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the keyword rules say of a message. ``severity`` is None when no rule set one."""
+
+    severity: Severity | None = None
+    security: bool = False
+    hits: tuple[RuleHit, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingEmail:
+    """A fully rendered email, stored in the outbox before it is sent."""
+
+    to: tuple[str, ...]
+    subject: str
+    body: str
+    message_id: str  # without angle brackets; fixed at intake so a resend folds in clients
+    from_address: str
+    from_name: str = ""
+    envelope_from: str = ""  # "" sends with the null reverse-path <>
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "email",
+            "to": list(self.to),
+            "subject": self.subject,
+            "body": self.body,
+            "message_id": self.message_id,
+            "from_address": self.from_address,
+            "from_name": self.from_name,
+            "envelope_from": self.envelope_from,
+            "in_reply_to": self.in_reply_to,
+            "references": list(self.references),
+            "headers": [list(h) for h in self.headers],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OutgoingEmail:
+        return cls(
+            to=tuple(d["to"]),
+            subject=d["subject"],
+            body=d["body"],
+            message_id=d["message_id"],
+            from_address=d["from_address"],
+            from_name=d.get("from_name", ""),
+            envelope_from=d.get("envelope_from", ""),
+            in_reply_to=d.get("in_reply_to"),
+            references=tuple(d.get("references", ())),
+            headers=tuple((str(k), str(v)) for k, v in d.get("headers", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingChat:
+    """A chat message to post (a thread reply, a direct message, a channel notice)."""
+
+    channel: str  # channel id, or a user id for a direct message
+    text: str
+    thread_ts: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "chat", "channel": self.channel, "text": self.text, "thread_ts": self.thread_ts}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OutgoingChat:
+        return cls(channel=d["channel"], text=d["text"], thread_ts=d.get("thread_ts"))
+
+
+Outgoing = OutgoingEmail | OutgoingChat
+
+
+def outgoing_from_dict(d: Mapping[str, Any]) -> Outgoing:
+    if d.get("kind") == "chat":
+        return OutgoingChat.from_dict(d)
+    return OutgoingEmail.from_dict(d)

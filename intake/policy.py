@@ -1,0 +1,198 @@
+"""The support policy intake keeps: severity levels, their response targets, what a report needs.
+
+Defaults come from the CaliberMind support policy (``shared/policies``): four severity levels
+with initial-response targets of 30 minutes, 1 hour, 8 hours and 24 hours, and the "How to
+Report a Problem" checklist. A team replaces them through configuration; nothing here reads
+configuration itself.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from intake.model import InboundMessage, Severity
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    severity: Severity
+    name: str
+    definition: str
+    # Target name -> time allowed from when the customer wrote ("initial_response" first).
+    targets: Mapping[str, timedelta]
+
+    @property
+    def initial_response(self) -> timedelta:
+        return next(iter(self.targets.values()))
+
+
+def _minutes(m: int) -> timedelta:
+    return timedelta(minutes=m)
+
+
+DEFAULT_LEVELS: tuple[Level, ...] = (
+    Level(
+        Severity.S1,
+        "Severity 1",
+        "Service impairment impacting all core systems and all users",
+        {"initial_response": _minutes(30)},
+    ),
+    Level(
+        Severity.S2,
+        "Severity 2",
+        "Service impairment impacting an entire core system or an entire organization",
+        {"initial_response": _minutes(60)},
+    ),
+    Level(
+        Severity.S3,
+        "Severity 3",
+        "Service impairment impacting a portion of a core system or a portion of an organization",
+        {"initial_response": _minutes(8 * 60)},
+    ),
+    Level(
+        Severity.S4,
+        "Severity 4",
+        "Service impairment impacting a single user or a vendor system",
+        {"initial_response": _minutes(24 * 60)},
+    ),
+)
+
+# Mail providers anyone can sign up to: their domain says nothing about a customer organisation.
+PUBLIC_MAIL_DOMAINS: frozenset[str] = frozenset(
+    {
+        "gmail.com", "googlemail.com", "yahoo.com", "yahoo.es", "yahoo.co.uk", "ymail.com",
+        "hotmail.com", "hotmail.es", "hotmail.co.uk", "outlook.com", "outlook.es", "live.com",
+        "msn.com", "aol.com", "icloud.com", "me.com", "mac.com", "proton.me", "protonmail.com",
+        "gmx.com", "gmx.net", "gmx.de", "web.de", "mail.com", "yandex.ru", "yandex.com",
+        "zoho.com", "fastmail.com", "tutanota.com", "qq.com", "163.com", "126.com", "mail.ru",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    levels: tuple[Level, ...] = DEFAULT_LEVELS
+    default_severity: Severity = Severity.S3
+    public_mail_domains: frozenset[str] = PUBLIC_MAIL_DOMAINS
+    # Organisation name -> its mail domains (issue: customers and plans extend this).
+    organisations: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def level(self, severity: Severity) -> Level:
+        for lvl in self.levels:
+            if lvl.severity == severity:
+                return lvl
+        raise KeyError(severity)
+
+    def due(self, severity: Severity, since: datetime) -> datetime:
+        return since + self.level(severity).initial_response
+
+    def organisation_of(self, address: str) -> str | None:
+        """The configured organisation an address belongs to (by domain or parent domain)."""
+        domain = address.rpartition("@")[2].lower()
+        for org, domains in self.organisations.items():
+            for d in domains:
+                if domain == d or domain.endswith("." + d):
+                    return org
+        return None
+
+    def is_public_domain(self, domain: str) -> bool:
+        return domain.lower() in self.public_mail_domains
+
+
+def describe_target(delta: timedelta) -> str:
+    """'30 minutes', '1 hour', '8 hours', '2 days'."""
+    minutes = int(delta.total_seconds() // 60)
+    if minutes % (24 * 60) == 0 and minutes >= 48 * 60:
+        n, unit = minutes // (24 * 60), "day"
+    elif minutes % 60 == 0:
+        n, unit = minutes // 60, "hour"
+    else:
+        n, unit = minutes, "minute"
+    return f"{n} {unit}{'' if n == 1 else 's'}"
+
+
+# --- "How to Report a Problem": which details a message lacks -------------------------------
+
+_MONTHS = {
+    "jan", "january", "feb", "february", "mar", "march", "apr", "april", "may", "jun", "june",
+    "jul", "july", "aug", "august", "sep", "sept", "september", "oct", "october", "nov",
+    "november", "dec", "december", "enero", "febrero", "marzo", "abril", "mayo", "junio", "julio",
+    "agosto", "septiembre", "setiembre", "octubre", "noviembre", "diciembre",
+}  # fmt: skip
+_DAY_WORDS = {
+    "today", "yesterday", "tonight", "morning", "afternoon", "evening", "monday", "tuesday",
+    "wednesday", "thursday", "friday", "saturday", "sunday", "am", "pm", "utc", "gmt", "est",
+    "pst", "cet", "hoy", "ayer", "manana", "tarde", "noche", "lunes", "martes", "miercoles",
+    "jueves", "viernes", "sabado", "domingo",
+}  # fmt: skip
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def _has_phone(text: str) -> bool:
+    """A run of 7-15 digits written with spaces, dots, dashes, brackets or a leading +."""
+    digits = 0
+    for ch in text + "\n":
+        if ch.isdigit():
+            digits += 1
+        elif ch in " -.()+/" and digits:
+            continue
+        else:
+            if 7 <= digits <= 15:
+                return True
+            digits = 0
+    return False
+
+
+def _has_time(text: str) -> bool:
+    words = set("".join(ch if ch.isalnum() else " " for ch in text).split())
+    if words & (_MONTHS | _DAY_WORDS):
+        return True
+    # 10:30, 2024-01-31, 31/01/2024
+    for i, ch in enumerate(text[:-2]):
+        if ch.isdigit() and text[i + 1] in ":/-" and text[i + 2].isdigit():
+            return True
+    return False
+
+
+MISSING_LABELS: Mapping[str, str] = {
+    "company": "your company name",
+    "contact_name": "your name",
+    "phone": "a contact phone number",
+    "when": "the date and time the problem occurred (as accurately as possible)",
+    "description": "a detailed description of the problem, with any error messages",
+    "url": "the URL where it happened, if applicable",
+}
+
+
+def missing_details(message: InboundMessage, *, organisation: str | None) -> tuple[str, ...]:
+    """Which items of the policy's "How to Report a Problem" list the message lacks.
+
+    Heuristics on the text the customer wrote now (signature included, quoted history not):
+    a person reading the acknowledgement must find the request reasonable, so anything that
+    plausibly provides a detail counts as provided.
+    """
+    own = message.new_text or message.body
+    text = f"{message.subject}\n{own}"
+    folded = _fold(text)
+    missing: list[str] = []
+    if not organisation and (not message.sender_domain or message.sender_domain in PUBLIC_MAIL_DOMAINS):
+        if "company" not in folded and "empresa" not in folded:
+            missing.append("company")
+    if not message.sender_name.strip() and "\n" not in own.strip()[-200:]:
+        missing.append("contact_name")
+    if not _has_phone(text):
+        missing.append("phone")
+    if not _has_time(folded):
+        missing.append("when")
+    if len(own.split()) < 25:
+        missing.append("description")
+    if "http://" not in folded and "https://" not in folded and "www." not in folded:
+        missing.append("url")
+    return tuple(missing)

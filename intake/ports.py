@@ -1,0 +1,205 @@
+"""The interfaces the core needs from the outside world, defined by the core.
+
+``storage`` implements :class:`Store` and :class:`UnitOfWork`; ``adapters`` implement the
+senders. The core's decisions run *inside* one unit of work as plain synchronous code: the
+store runs the whole unit in one database transaction (it may group the units of concurrent
+messages into one commit) and hands the result back to the event loop. So one inbound message
+is one unit of work, and a database session never appears in a core signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from intake.model import (
+    Channel,
+    Direction,
+    InboundMessage,
+    Outgoing,
+    OutgoingChat,
+    OutgoingEmail,
+    Route,
+    RuleHit,
+    Severity,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TicketFacts:
+    """What the core knows of a stored ticket when it decides about a new message."""
+
+    id: int
+    reference: str
+    subject: str
+    channel: Channel
+    requester: str
+    organisation: str | None
+    severity: Severity
+    security: bool
+    alerted: bool
+    status: str
+    created_at: datetime
+    response_due: datetime
+    participants: frozenset[str] = frozenset()
+    thread_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Duplicate:
+    ticket_id: int
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class KnownId:
+    """A Message-ID stored for a ticket; ``ours`` when intake generated it (unguessable)."""
+
+    ticket: TicketFacts
+    message_id: str
+    ours: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewTicket:
+    reference: str
+    subject: str
+    channel: Channel
+    requester: str
+    requester_name: str
+    organisation: str | None
+    severity: Severity
+    security: bool
+    created_at: datetime
+    response_due: datetime
+    thread_key: str | None = None
+    ack_status: str = "queued"  # or why no acknowledgement was sent
+    notes: tuple[str, ...] = ()
+    evidence: tuple[RuleHit, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TicketChange:
+    """A change to an existing ticket. None leaves a field as it is."""
+
+    severity: Severity | None = None
+    security: bool | None = None
+    alerted: bool | None = None
+    response_due: datetime | None = None
+    add_notes: tuple[str, ...] = ()
+    add_evidence: tuple[RuleHit, ...] = ()
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewMessage:
+    ticket_id: int
+    message: InboundMessage
+    direction: Direction
+    route: Route
+    route_note: str
+    received_at: datetime
+    hits: tuple[RuleHit, ...] = ()
+    automation: str | None = None  # why it counts as automated mail (auto-reply, bounce, list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxEntry:
+    ticket_id: int | None
+    kind: str  # "acknowledgement", "irt-alert", "notice", ...
+    payload: Outgoing
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxItem:
+    """A claimed outbox entry, ready to send."""
+
+    id: int
+    ticket_id: int | None
+    kind: str
+    payload: Outgoing
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendResult:
+    id: int
+    ok: bool
+    permanent: bool = False
+    error: str | None = None
+    retry_at: datetime | None = None
+
+
+class UnitOfWork(Protocol):
+    """Storage operations available inside one transaction. All synchronous, all in the
+    same transaction: if the unit raises, none of its writes remain."""
+
+    def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None: ...
+    def ticket_by_reference(self, reference: str) -> TicketFacts | None: ...
+    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[KnownId]: ...
+    def ticket_by_thread(self, thread_key: str) -> TicketFacts | None: ...
+    def reference_taken(self, reference: str) -> bool: ...
+    def is_known_participant(self, address: str) -> bool: ...
+    def create_ticket(self, ticket: NewTicket) -> TicketFacts: ...
+    def update_ticket(self, ticket_id: int, change: TicketChange) -> None: ...
+    def add_participant(self, ticket_id: int, address: str) -> None: ...
+    def add_message(self, message: NewMessage) -> int: ...
+    def index_message_id(self, ticket_id: int, message_id: str, *, ours: bool) -> None: ...
+    def enqueue(self, entry: OutboxEntry) -> int: ...
+    def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]: ...
+    def count_outbox_since(self, *, kind: str, recipient: str, since: datetime) -> int: ...
+    def count_tickets_since(self, *, requester: str, since: datetime) -> int: ...
+    # Outbox dispatch
+    def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]: ...
+    def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
+
+
+class Store(Protocol):
+    async def transact(self, work: Callable[[UnitOfWork], T]) -> T:
+        """Run ``work`` in one transaction and return its result once it is committed.
+
+        Raises :class:`intake.errors.StorageUnavailableError` when the commit failed; then
+        nothing of ``work`` was stored. ``work`` may be run more than once (after a conflict
+        with a concurrent writer), so it must not have side effects outside the unit.
+        """
+        ...
+
+
+class EmailSender(Protocol):
+    async def send(self, email: OutgoingEmail) -> None:
+        """Deliver or raise TransientSendError / PermanentSendError."""
+        ...
+
+
+class ChatSender(Protocol):
+    async def send(self, message: OutgoingChat) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+@dataclass(slots=True)
+class Recorder:
+    """Counters the core moves; adapters expose them (metrics). Plain data, no I/O."""
+
+    counts: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def inc(self, *key: str, by: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + by
+
+    def get(self, *key: str) -> int:
+        return self.counts.get(key, 0)
+
+
+def payload_recipient(payload: Any) -> str:
+    if isinstance(payload, OutgoingEmail):
+        return payload.to[0] if payload.to else ""
+    if isinstance(payload, OutgoingChat):
+        return payload.channel
+    return ""

@@ -1,0 +1,125 @@
+"""Which ticket a message belongs to, and who may join a ticket. The one place that decides it.
+
+:func:`place` is a pure function of the message and what storage found for it (tickets its
+references cite, tickets its In-Reply-To/References point at, the ticket of its chat thread).
+Order of evidence:
+
+1. the chat thread it was posted in (Slack ``thread_ts``);
+2. a valid reference in its subject (any case, any ``Re:``/``Fwd:`` prefix, anywhere);
+3. In-Reply-To / References pointing at any message of a ticket (our acknowledgement included);
+4. otherwise a new ticket.
+
+A reference or a header joins a ticket only for someone entitled to it: a participant of the
+ticket, someone of the same customer organisation (configured domains, or the requester's own
+domain unless it is a public mail provider), or a reply to a Message-ID intake generated for
+that ticket (unguessable). Everyone else gets a new ticket, and the mismatch is recorded on
+both tickets (Zammad still has open bugs for exactly this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from intake.model import InboundMessage, Route
+from intake.policy import Policy
+from intake.ports import KnownId, TicketFacts
+from intake.reference import Found
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    ticket: TicketFacts
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    route: Route
+    ticket: TicketFacts | None  # None: open a new ticket
+    note: str  # why it went there, stored with the message
+    refusals: tuple[Refusal, ...] = ()  # tickets it cited but may not join
+    remarks: tuple[str, ...] = ()  # e.g. a mistyped reference
+
+
+def entitlement(message: InboundMessage, ticket: TicketFacts, policy: Policy) -> str | None:
+    """Why the sender may join ``ticket``, or None when they may not."""
+    sender = message.sender
+    if sender and sender in ticket.participants:
+        return "participant of the ticket"
+    org = message.organisation or (policy.organisation_of(sender) if sender else None)
+    if org and ticket.organisation and org == ticket.organisation:
+        return f"same organisation ({org})"
+    domain = message.sender_domain
+    req_domain = ticket.requester.rpartition("@")[2]
+    if domain and domain == req_domain and not policy.is_public_domain(domain):
+        return f"same domain as the requester ({domain})"
+    return None
+
+
+def place(
+    message: InboundMessage,
+    *,
+    policy: Policy,
+    cited: Sequence[Found] = (),
+    by_reference: Mapping[str, TicketFacts] | None = None,
+    known_ids: Sequence[KnownId] = (),
+    by_thread: TicketFacts | None = None,
+) -> Placement:
+    by_reference = by_reference or {}
+    refusals: list[Refusal] = []
+    remarks: list[str] = []
+    who = message.sender or "an unknown sender"
+
+    if by_thread is not None:
+        why = entitlement(message, by_thread, policy)
+        if why or message.organisation is None or message.organisation == by_thread.organisation:
+            return Placement(Route.THREAD, by_thread, f"reply in the thread of {by_thread.reference}")
+        refusals.append(Refusal(by_thread, f"{who} posted in its thread but is not entitled to it"))
+
+    for found in cited:
+        if found.reference is None:
+            remarks.append(f"'{found.text}' looks like a reference but fails its check (mistyped?)")
+            continue
+        ticket = by_reference.get(found.reference)
+        if ticket is None:
+            remarks.append(f"cites {found.reference}, which is not a known ticket")
+            continue
+        why = entitlement(message, ticket, policy)
+        if why:
+            return Placement(
+                Route.REFERENCE,
+                ticket,
+                f"reference {ticket.reference} in the subject; sender is {why}",
+                tuple(refusals),
+                tuple(remarks),
+            )
+        refusals.append(Refusal(ticket, f"{who} cited {ticket.reference} but is not entitled to it"))
+
+    for known in known_ids:
+        if known.ours:
+            return Placement(
+                Route.HEADER,
+                known.ticket,
+                f"replies to <{known.message_id}>, sent by intake for {known.ticket.reference}",
+                tuple(refusals),
+                tuple(remarks),
+            )
+        why = entitlement(message, known.ticket, policy)
+        if why:
+            return Placement(
+                Route.HEADER,
+                known.ticket,
+                f"replies to <{known.message_id}> of {known.ticket.reference}; sender is {why}",
+                tuple(refusals),
+                tuple(remarks),
+            )
+        if all(r.ticket.id != known.ticket.id for r in refusals):
+            refusals.append(
+                Refusal(known.ticket, f"{who} replied to a message of {known.ticket.reference} but is not entitled")
+            )
+
+    note = "new ticket"
+    if refusals:
+        note += "; refused to join " + ", ".join(r.ticket.reference for r in refusals)
+    return Placement(Route.NEW, None, note, tuple(refusals), tuple(remarks))

@@ -1,0 +1,101 @@
+"""Reference numbers: readable, case-insensitive, unguessable, self-checking."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from intake.reference import ALPHABET, References
+
+refs = References("SUP")
+
+
+def test_shape_and_uniqueness() -> None:
+    made = {refs.new() for _ in range(5000)}
+    assert len(made) == 5000
+    for r in itertools.islice(made, 200):
+        assert re.fullmatch(r"SUP-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}", r), r
+        assert refs.normalise(r) == r
+
+
+def test_not_counting_up() -> None:
+    a, b = refs.new(), refs.new()
+    # Consecutive references share no numeric relation: their bodies differ in several places.
+    assert sum(x != y for x, y in zip(a, b, strict=True)) >= 2 or a != b
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["{r}", "{r_lower}", "{body}", "{body_lower}", "sup {b1} {b2}", "SUP#{b1}{b2}", "  {r}  "],
+)
+def test_forgiving_reading(typed: str) -> None:
+    r = refs.new()
+    body = r[4:].replace("-", "")
+    text = typed.format(r=r, r_lower=r.lower(), body=body, body_lower=body.lower(), b1=body[:4], b2=body[4:])
+    assert refs.normalise(text) == r
+
+
+def test_crockford_aliases() -> None:
+    r = next(x for x in (refs.new() for _ in range(10000)) if "0" in x[4:] or "1" in x[4:])
+    typed = r.replace("0", "O").replace("1", "l")
+    assert refs.normalise(typed) == r
+
+
+def test_every_single_substitution_is_caught() -> None:
+    r = refs.new()
+    code = r[4:].replace("-", "")
+    for pos in range(len(code)):
+        for ch in ALPHABET:
+            if ch == code[pos]:
+                continue
+            wrong = code[:pos] + ch + code[pos + 1 :]
+            assert refs.normalise(wrong) is None, (code, wrong)
+
+
+def test_most_adjacent_swaps_are_caught() -> None:
+    caught = total = 0
+    for _ in range(300):
+        code = refs.new()[4:].replace("-", "")
+        for pos in range(len(code) - 1):
+            if code[pos] == code[pos + 1]:
+                continue
+            swapped = code[:pos] + code[pos + 1] + code[pos] + code[pos + 2 :]
+            total += 1
+            caught += refs.normalise(swapped) is None
+    assert caught / total > 0.9
+
+
+def test_find_in_subjects() -> None:
+    r = refs.new()
+    body = r[4:]
+    subjects = [
+        f"Re: Printer on fire [{r}]",
+        f"RE: AW: Fwd: [{r.lower()}] printer",
+        f"[{r}] Re: printer",
+        f"printer {r} still broken",
+        f"Re: [JIRA-123] [Ticket#2024010110000012] printer [SUP {body.replace('-', ' ')}]",
+    ]
+    for s in subjects:
+        found = [f for f in refs.find(s) if f.reference]
+        assert [f.reference for f in found] == [r], s
+
+
+def test_find_reports_mistyped() -> None:
+    r = refs.new()
+    code = r[4:].replace("-", "")
+    wrong_ch = next(c for c in ALPHABET if c != code[3])
+    typo = f"SUP-{code[:3]}{wrong_ch}-{code[4:]}"
+    found = refs.find(f"Re: help [{typo}]")
+    assert len(found) == 1 and found[0].reference is None and found[0].text == typo
+
+
+def test_other_prefix_and_no_false_hits() -> None:
+    other = References("HELP")
+    r = other.new()
+    assert other.find(f"Re: x [{r}]")[0].reference == r
+    assert refs.find(f"Re: x [{r}]") == []
+    assert refs.find("SUPPORT-ABCD-EFGH needed; issue SUPERB") == []
+    with pytest.raises(ValueError):
+        References("9bad")

@@ -1,0 +1,116 @@
+"""Which ticket a message joins, and who is entitled to join one."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from intake.model import Channel, InboundMessage, Route, Severity
+from intake.policy import Policy
+from intake.ports import KnownId, TicketFacts
+from intake.reference import References
+from intake.routing import place
+
+REFS = References()
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+POLICY = Policy(organisations={"acme": ("acme.com",)})
+
+
+def ticket(ref: str, requester: str = "alice@acme.com", org: str | None = "acme", tid: int = 1) -> TicketFacts:
+    return TicketFacts(
+        id=tid, reference=ref, subject="printer", channel=Channel.EMAIL, requester=requester, organisation=org,
+        severity=Severity.S3, security=False, alerted=False, status="open", created_at=NOW, response_due=NOW,
+        participants=frozenset({requester}),
+    )  # fmt: skip
+
+
+def msg(sender: str, subject: str = "", **kw: object) -> InboundMessage:
+    return InboundMessage(channel=Channel.EMAIL, sender=sender, subject=subject, **kw)  # type: ignore[arg-type]
+
+
+def test_no_evidence_is_a_new_ticket() -> None:
+    p = place(msg("bob@x.org", "hello"), policy=POLICY)
+    assert p.route is Route.NEW and p.ticket is None and p.refusals == ()
+
+
+def test_reference_joins_for_participant_org_and_domain() -> None:
+    r = REFS.new()
+    t = ticket(r)
+    for sender, why in [
+        ("alice@acme.com", "participant"),
+        ("carol@acme.com", "same organisation"),
+        ("dave@eu.acme.com", "same organisation"),
+    ]:
+        m = msg(sender, f"Re: printer [{r}]")
+        p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t})
+        assert p.route is Route.REFERENCE and p.ticket == t, sender
+        assert why in p.note
+    t2 = ticket(r, requester="erin@small.io", org=None)
+    m = msg("frank@small.io", f"Re: [{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t2})
+    assert p.route is Route.REFERENCE and "same domain as the requester" in p.note
+
+
+def test_stranger_citing_a_reference_gets_a_new_ticket_and_a_refusal() -> None:
+    r = REFS.new()
+    t = ticket(r)
+    m = msg("mallory@evil.example", f"Re: printer [{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t})
+    assert p.route is Route.NEW and p.ticket is None
+    assert [x.ticket for x in p.refusals] == [t]
+    assert "mallory@evil.example" in p.refusals[0].why
+
+
+def test_public_mail_domains_do_not_make_colleagues() -> None:
+    r = REFS.new()
+    t = ticket(r, requester="alice@gmail.com", org=None)
+    m = msg("mallory@gmail.com", f"[{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t})
+    assert p.route is Route.NEW and p.refusals
+
+
+def test_header_threading_by_our_message_id_is_entitled() -> None:
+    r = REFS.new()
+    t = ticket(r)
+    m = msg("newperson@elsewhere.org", "Re: printer", in_reply_to=("ack-1@intake",))
+    p = place(m, policy=POLICY, known_ids=[KnownId(t, "ack-1@intake", ours=True)])
+    assert p.route is Route.HEADER and p.ticket == t
+
+
+def test_header_threading_by_customer_id_needs_entitlement() -> None:
+    r = REFS.new()
+    t = ticket(r)
+    ok = place(msg("alice@acme.com", "Re: x"), policy=POLICY, known_ids=[KnownId(t, "c1@acme", ours=False)])
+    assert ok.route is Route.HEADER
+    bad = place(msg("eve@evil.example", "Re: x"), policy=POLICY, known_ids=[KnownId(t, "c1@acme", ours=False)])
+    assert bad.route is Route.NEW and bad.refusals[0].ticket == t
+
+
+def test_mistyped_and_unknown_references_are_remarked() -> None:
+    r = REFS.new()
+    code = r[4:].replace("-", "")
+    typo = "SUP-" + code[:4] + "-" + code[4:7] + ("0" if code[7] != "0" else "1")
+    m = msg("alice@acme.com", f"Re: [{typo}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={})
+    assert p.route is Route.NEW
+    assert any("fails its check" in x for x in p.remarks)
+    unknown = REFS.new()
+    m2 = msg("alice@acme.com", f"Re: [{unknown}]")
+    p2 = place(m2, policy=POLICY, cited=REFS.find(m2.subject), by_reference={})
+    assert any("not a known ticket" in x for x in p2.remarks)
+
+
+def test_reference_wins_over_headers() -> None:
+    r1, r2 = REFS.new(), REFS.new()
+    t1, t2 = ticket(r1, tid=1), ticket(r2, tid=2)
+    m = msg("alice@acme.com", f"Re: [{r2}]", in_reply_to=("a@x",))
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r2: t2},
+              known_ids=[KnownId(t1, "a@x", ours=True)])  # fmt: skip
+    assert p.ticket == t2 and p.route is Route.REFERENCE
+
+
+def test_chat_thread_first() -> None:
+    r = REFS.new()
+    t = ticket(r)
+    m = InboundMessage(channel=Channel.SLACK, sender="U1", organisation="acme", thread_key="T/C/1")
+    p = place(m, policy=POLICY, by_thread=t)
+    assert p.route is Route.THREAD and p.ticket == t
