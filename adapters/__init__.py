@@ -1,0 +1,1 @@
+"""Adapters: translate between the outside world (SMTP, Slack, CLI, web) and the core."""

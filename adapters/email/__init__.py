@@ -1,0 +1,1 @@
+"""Email adapter: the inbound SMTP listener, message parsing and the outbound sender."""

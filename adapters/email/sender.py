@@ -1,0 +1,371 @@
+"""Outbound email: render an :class:`OutgoingEmail` as RFC 5322 bytes and hand it to the relay.
+
+:func:`build_message` is pure: it turns the stored, fully rendered email into the bytes the
+relay receives. :class:`SmtpRelaySender` delivers them with aiosmtplib and maps every failure
+onto the send errors of :mod:`intake.errors`::
+
+    ValueError                     build_message: the email can never be a valid message
+    SendError
+     ├── TransientSendError        try again later: relay unreachable or timing out, connection
+     │                             lost, any 4xx reply, a 5xx before the transaction (greeting,
+     │                             EHLO, STARTTLS, AUTH: a relay or credentials problem, not this
+     │                             message's, so the outbox keeps it until an operator fixes it)
+     └── PermanentSendError        retrying cannot help: 5xx to MAIL, RCPT (every recipient) or
+                                   DATA, or an email build_message refuses
+
+Header safety. Customers control the subject and the display name we copy into our headers.
+Both go through :func:`intake.headers.clean_header_text` (again here: defence in depth), so no
+CR, LF or other control character reaches a header. One more trap stays: the stdlib parses a
+header value assigned as a string and *decodes* RFC 2047 encoded words in it. On Python before
+3.11.10 / 3.12.5 a customer subject ``=?utf-8?q?=0D=0ABcc:_x?=`` is then written back as a raw
+CRLF and a new ``Bcc:`` header (CVE-2024-6923); on later versions the literal text still turns
+into something else. So free text that is not plain ASCII, or that contains ``=?``, is encoded
+here with :class:`email.header.Header` (which treats its input as literal text), and so are the
+address and Message-ID headers; the resulting lines are handed to the message as a prefolded
+header object, which ``EmailPolicy`` writes as it is. Plain ASCII text is folded by
+``email.policy.SMTP`` itself.
+
+Transfer encoding. The policy is ``policy.SMTP`` with ``cte_type="7bit"``: a non-ASCII or long-lined
+body becomes quoted-printable (or base64 when that is shorter), never 8bit, so the message is
+7-bit clean and needs no 8BITMIME from the relay (aiosmtplib would not announce BODY=8BITMIME for
+raw bytes anyway). Every line is at most 78 characters except an unbreakable Message-ID, and
+:func:`build_message` checks the 998-octet limit before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.header import Header
+from email.message import EmailMessage
+from email.policy import Policy
+from email.utils import format_datetime, formataddr
+
+import aiosmtplib
+
+from intake.errors import PermanentSendError, TransientSendError
+from intake.headers import clean_header_text, display_name
+from intake.model import OutgoingEmail
+
+__all__ = ["POLICY", "SmtpRelaySender", "build_message"]
+
+log = logging.getLogger(__name__)
+
+POLICY = email_policy.SMTP.clone(cte_type="7bit")
+
+MAX_LINE = 78  # RFC 5322 2.1.1: SHOULD
+MAX_LINE_OCTETS = 998  # RFC 5322 2.1.1: MUST, without the CRLF
+MAX_REFERENCES = 20  # the thread root and the 19 nearest: enough for every client to thread
+MAX_MSG_ID = 250
+EXTRA_VALUE_MAX = 500
+REPLY_EXCERPT_MAX = 120  # of a relay's reply text, in error messages
+
+# RFC 5322 3.6.8: field-name = 1*ftext, printable US-ASCII except ":".
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+# A bare addr-spec as we send it: dot-atom local part, host name domain, ASCII only (no SMTPUTF8).
+_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# msg-id content without its angle brackets: printable ASCII except "<" and ">".
+_MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+")
+
+# Headers build_message writes itself; an extra header must not add a second one or override.
+_OWNED_HEADERS = frozenset(
+    {
+        "from",
+        "sender",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "return-path",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+    }
+)
+# Body characters that have no business in text/plain: C0 controls except TAB, LF, CR; DEL.
+_BODY_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _PrefoldedHeader(str):
+    """A header folded here. ``EmailPolicy`` writes a value with ``.name`` and ``.fold()`` as is.
+
+    The string value is the readable text; ``fold`` returns the wire lines.
+    """
+
+    name: str
+    _lines: tuple[str, ...]
+
+    def __new__(cls, name: str, value: str, lines: Sequence[str]) -> _PrefoldedHeader:
+        header = super().__new__(cls, value)
+        header.name = name
+        header._lines = tuple(lines)
+        return header
+
+    def fold(self, *, policy: Policy) -> str:
+        return policy.linesep.join(self._lines) + policy.linesep
+
+
+def build_message(email: OutgoingEmail, *, date: datetime | None = None) -> bytes:
+    """Render ``email`` as RFC 5322 bytes with CRLF line endings, 7-bit clean.
+
+    ``date`` (timezone-aware) defaults to now. Raises ValueError when the email can never be a
+    valid message: no recipient, an invalid address or Message-ID, an extra header whose name
+    is not an RFC 5322 field name or is one this function writes itself. In-Reply-To and
+    References entries that are not valid msg-ids (they come from the customer) are dropped.
+    """
+    if not email.to:
+        raise ValueError("an email needs at least one recipient")
+    from_address = _address(email.from_address, "from_address")
+    to = [_address(addr, "to") for addr in email.to]
+    message_id = _own_message_id(email.message_id)
+    if date is None:
+        date = datetime.now(UTC)
+    elif date.utcoffset() is None:
+        raise ValueError("date must be timezone-aware")
+
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = _mailbox_header("From", display_name(email.from_name), from_address)
+    msg["To"] = _list_header("To", to, separator=",")
+    _set_text(msg, "Subject", clean_header_text(email.subject))
+    msg["Date"] = format_datetime(date)
+    msg["Message-ID"] = _list_header("Message-ID", [f"<{message_id}>"])
+    in_reply_to = _foreign_ids([email.in_reply_to] if email.in_reply_to else [])
+    if in_reply_to:
+        msg["In-Reply-To"] = _list_header("In-Reply-To", [f"<{in_reply_to[0]}>"])
+    references = _foreign_ids(email.references)
+    if len(references) > MAX_REFERENCES:
+        references = [references[0], *references[-(MAX_REFERENCES - 1) :]]
+    if references:
+        msg["References"] = _list_header("References", [f"<{mid}>" for mid in references])
+    for name, value in email.headers:
+        _check_extra_name(name)
+        _set_text(msg, name, clean_header_text(value, max_length=EXTRA_VALUE_MAX))
+    msg.set_content(_clean_body(email.body), subtype="plain", charset="utf-8")
+
+    data = msg.as_bytes()
+    _check_wire_format(data)
+    return data
+
+
+class SmtpRelaySender:
+    """Delivers outgoing emails to one SMTP relay through aiosmtplib.
+
+    Every :meth:`send` opens a fresh connection (EHLO, optional STARTTLS and AUTH, one
+    transaction, QUIT): simple and robust, nothing to keep alive and no half-dead connection
+    after the relay restarts. Reusing one connection for a burst is a possible later
+    optimisation. ``local_hostname`` is the EHLO name; set it, or aiosmtplib asks
+    ``socket.getfqdn()`` on every connection. ``starttls=True`` requires the upgrade (certificate
+    verified); ``False`` never upgrades, not even when the relay offers it (aiosmtplib's own
+    default would upgrade opportunistically). ``username``/``password`` log in after EHLO.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        timeout: float = 30.0,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.starttls = starttls
+        self.local_hostname = local_hostname
+        self._username = username
+        self._password = password
+
+    def __repr__(self) -> str:  # never shows the password
+        return f"SmtpRelaySender(host={self.host!r}, port={self.port}, starttls={self.starttls})"
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def send(self, email: OutgoingEmail) -> None:
+        """Deliver ``email``; return when the relay accepted it for at least one recipient.
+
+        The envelope sender is ``email.envelope_from``; "" sends the null reverse-path
+        ``MAIL FROM:<>`` (aiosmtplib quotes an empty sender as ``<>``). Raises
+        TransientSendError or PermanentSendError (see the module docstring).
+        """
+        try:
+            data = build_message(email)
+            envelope_from = _address(email.envelope_from, "envelope_from") if email.envelope_from else ""
+        except ValueError as exc:
+            raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
+
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+            start_tls=self.starttls,
+            username=self._username,
+            password=self._password,
+        )
+        try:
+            async with client:
+                refused, _ = await client.sendmail(envelope_from, list(email.to), data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            raise self._all_refused(email, exc) from exc
+        except aiosmtplib.SMTPSenderRefused as exc:
+            raise self._refused(email, "MAIL", exc) from exc
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            raise self._refused(email, "RCPT", exc) from exc
+        except aiosmtplib.SMTPDataError as exc:
+            raise self._refused(email, "DATA", exc) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            # Greeting, EHLO, STARTTLS, AUTH: the relay (or our account there) is the problem.
+            raise TransientSendError(
+                f"relay {self.relay} answered {exc.code} before the transaction: {_excerpt(exc.message)}"
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # Connection refused or reset, timeouts, disconnects, TLS failures.
+            raise TransientSendError(
+                f"relay {self.relay} unreachable ({type(exc).__name__}): {_excerpt(str(exc))}"
+            ) from exc
+        if refused:
+            log.warning(
+                "relay %s refused %d of %d recipients of %s: %s",
+                self.relay,
+                len(refused),
+                len(email.to),
+                email.message_id,
+                ", ".join(f"{rcpt} ({reply.code})" for rcpt, reply in refused.items()),
+            )
+
+    def _refused(
+        self, email: OutgoingEmail, stage: str, exc: aiosmtplib.SMTPResponseException
+    ) -> TransientSendError | PermanentSendError:
+        text = f"relay {self.relay} answered {exc.code} to {stage} for {email.message_id}: {_excerpt(exc.message)}"
+        return PermanentSendError(text) if 500 <= exc.code <= 599 else TransientSendError(text)
+
+    def _all_refused(
+        self, email: OutgoingEmail, exc: aiosmtplib.SMTPRecipientsRefused
+    ) -> TransientSendError | PermanentSendError:
+        codes = [refusal.code for refusal in exc.recipients]
+        first = exc.recipients[0].message if exc.recipients else ""
+        text = (
+            f"relay {self.relay} refused every recipient of {email.message_id} "
+            f"({', '.join(map(str, codes))}): {_excerpt(first)}"
+        )
+        # One 4xx among them and a retry may still reach someone.
+        if codes and all(500 <= code <= 599 for code in codes):
+            return PermanentSendError(text)
+        return TransientSendError(text)
+
+
+def _set_text(msg: EmailMessage, name: str, text: str) -> None:
+    """Set a free-text header: plain ASCII folded by the policy, anything else encoded here."""
+    if text.isascii() and text.isprintable() and "=?" not in text:
+        msg[name] = text
+    else:
+        msg[name] = _PrefoldedHeader(name, text, _encoded_words(name, text))
+
+
+def _encoded_words(name: str, text: str) -> list[str]:
+    """``text`` as RFC 2047 encoded words, folded to MAX_LINE, the first line with ``name: ``."""
+    encoded = Header(text, "utf-8", maxlinelen=MAX_LINE, header_name=name).encode(linesep="\n")
+    first, *rest = encoded.split("\n")
+    return [f"{name}: {first}", *rest]
+
+
+def _mailbox_header(name: str, display: str, address: str) -> _PrefoldedHeader:
+    readable = f"{display} <{address}>" if display else address
+    if not display:
+        return _PrefoldedHeader(name, readable, [f"{name}: {address}"])
+    if display.isascii() and display.isprintable() and "=?" not in display:
+        line = f"{name}: {formataddr((display, address))}"  # quotes the name if it needs it
+        if len(line) <= MAX_LINE:
+            return _PrefoldedHeader(name, readable, [line])
+    lines = _encoded_words(name, display)
+    angle = f"<{address}>"
+    if len(lines[-1]) + 1 + len(angle) <= MAX_LINE:
+        lines[-1] += " " + angle
+    else:
+        lines.append(" " + angle)
+    return _PrefoldedHeader(name, readable, lines)
+
+
+def _list_header(name: str, items: Sequence[str], *, separator: str = "") -> _PrefoldedHeader:
+    """Items joined by ``separator`` and a space, folded between items (never inside one)."""
+    lines = [f"{name}:"]
+    for index, item in enumerate(items):
+        token = item + (separator if index < len(items) - 1 else "")
+        if lines[-1] == f"{name}:" or len(lines[-1]) + 1 + len(token) <= MAX_LINE:
+            lines[-1] += " " + token
+        else:
+            lines.append(" " + token)
+    return _PrefoldedHeader(name, f"{separator} ".join(items), lines)
+
+
+def _address(address: str, what: str) -> str:
+    if len(address) > 254 or not _ADDRESS.fullmatch(address):
+        raise ValueError(f"{what}: not a plain ASCII addr-spec: {address[:80]!r}")
+    return address
+
+
+def _own_message_id(message_id: str) -> str:
+    if len(message_id) > MAX_MSG_ID or "@" not in message_id or not _MSG_ID.fullmatch(message_id):
+        raise ValueError(f"message_id must be id-left@id-right without angle brackets: {message_id[:80]!r}")
+    return message_id
+
+
+def _foreign_ids(ids: Iterable[str]) -> list[str]:
+    """Valid msg-ids among ``ids`` (angle brackets tolerated), without repeats, in order."""
+    kept: dict[str, None] = {}
+    for raw in ids:
+        mid = raw.strip()
+        if mid.startswith("<") and mid.endswith(">"):
+            mid = mid[1:-1]
+        if len(mid) <= MAX_MSG_ID and _MSG_ID.fullmatch(mid):
+            kept.setdefault(mid, None)
+        else:
+            log.info("dropping a malformed message id from the thread headers: %r", raw[:80])
+    return list(kept)
+
+
+def _check_extra_name(name: str) -> None:
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f"not an RFC 5322 header field name: {name[:80]!r}")
+    if name.lower() in _OWNED_HEADERS:
+        raise ValueError(f"header {name!r} is written by build_message and cannot be given as extra")
+
+
+def _clean_body(body: str) -> str:
+    return _BODY_CONTROLS.sub("", _SURROGATE.sub("\ufffd", body))
+
+
+def _check_wire_format(data: bytes) -> None:
+    """The invariants the rest of the docstring promises; a failure here is a bug in this module."""
+    if not data.isascii():
+        raise ValueError("rendered message is not 7-bit clean")
+    head, blank, _ = data.partition(b"\r\n\r\n")
+    if not blank:
+        raise ValueError("rendered message has no header/body separator")
+    for line in data.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            raise ValueError("rendered message has a bare CR or LF")
+        if len(line) > MAX_LINE_OCTETS:
+            raise ValueError(f"rendered message has a line of {len(line)} octets")
+    for line in head.split(b"\r\n"):
+        if not line[:1].isspace() and not re.match(rb"[\x21-\x39\x3b-\x7e]+:", line):
+            raise ValueError(f"rendered header line is neither a field nor a continuation: {line[:40]!r}")
+
+
+def _excerpt(text: str) -> str:
+    return clean_header_text(text, max_length=REPLY_EXCERPT_MAX)

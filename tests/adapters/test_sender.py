@@ -1,0 +1,465 @@
+"""adapters.email.sender: rendering (pure) and delivery to a real aiosmtpd relay on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from adapters.email.sender import MAX_REFERENCES, SmtpRelaySender, build_message
+from intake.errors import PermanentSendError, TransientSendError
+from intake.headers import ELLIPSIS
+from intake.model import OutgoingEmail
+
+BODY = "Bonjour Zoë,\n\nWe received your message — ticket INC-42 (Severity 2).\n\nGrüße, 日本語 ✓\n"
+
+EXPECTED_HEADERS = [
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "auto-submitted",
+    "x-intake-loop",
+    "content-type",
+    "content-transfer-encoding",
+    "mime-version",
+]
+
+
+def outgoing(**changes: Any) -> OutgoingEmail:
+    base = OutgoingEmail(
+        to=("alice@customer.example",),
+        subject="[INC-42] Re: Login broken",
+        body=BODY,
+        message_id="ack.inc-42.1@intake.example",
+        from_address="support@intake.example",
+        from_name="Support Desk",
+        envelope_from="",
+        in_reply_to="orig-1@customer.example",
+        references=("root-0@customer.example", "orig-1@customer.example"),
+        headers=(("Auto-Submitted", "auto-replied"), ("X-Intake-Loop", "loop-token-7f3a")),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def parse(data: bytes) -> EmailMessage:
+    return message_from_bytes(data, policy=email_policy.default)
+
+
+def text_of(msg: EmailMessage) -> str:
+    """The decoded body with the wire's CRLF line endings turned back into "\\n"."""
+    return str(msg.get_content()).replace("\r\n", "\n")
+
+
+def header_names(data: bytes) -> list[str]:
+    return [name.lower() for name in parse(data).keys()]
+
+
+def header_lines(data: bytes) -> list[bytes]:
+    return data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+def header_block(data: bytes, name: bytes) -> list[bytes]:
+    """The wire lines of one header: its field line and its continuation lines."""
+    lines = header_lines(data)
+    start = next(i for i, line in enumerate(lines) if line.lower().startswith(name.lower() + b":"))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line[:1].isspace():
+            break
+        block.append(line)
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# build_message: pure rendering
+
+
+def test_build_message_writes_every_header_once_in_order() -> None:
+    data = build_message(outgoing(), date=datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC))
+    msg = parse(data)
+
+    assert header_names(data) == EXPECTED_HEADERS
+    assert msg["From"] == "Support Desk <support@intake.example>"
+    assert msg["To"] == "alice@customer.example"
+    assert msg["Subject"] == "[INC-42] Re: Login broken"
+    assert msg["Date"] == "Mon, 06 May 2024 07:08:09 +0000"
+    assert msg["Message-ID"] == "<ack.inc-42.1@intake.example>"
+    assert msg["In-Reply-To"] == "<orig-1@customer.example>"
+    assert msg["References"] == "<root-0@customer.example> <orig-1@customer.example>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["X-Intake-Loop"] == "loop-token-7f3a"
+    assert msg["MIME-Version"] == "1.0"
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content_charset() == "utf-8"
+
+
+def test_build_message_is_crlf_7bit_and_round_trips_a_non_ascii_body() -> None:
+    data = build_message(outgoing())
+
+    assert data.isascii()
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    msg = parse(data)
+    assert msg["Content-Transfer-Encoding"] in {"quoted-printable", "base64"}
+    assert text_of(msg) == BODY
+
+
+def test_ascii_body_stays_7bit_and_readable() -> None:
+    data = build_message(outgoing(body="Thanks, we are on it.\n"))
+    assert parse(data)["Content-Transfer-Encoding"] == "7bit"
+    assert data.endswith(b"\r\n\r\nThanks, we are on it.\r\n")
+
+
+def test_long_body_lines_are_wrapped_under_the_line_limits() -> None:
+    body = "é" + "x" * 5000 + "\n" + "y" * 2000 + "\n"
+    data = build_message(outgoing(body=body))
+
+    assert max(len(line) for line in data.split(b"\r\n")) <= 78
+    assert text_of(parse(data)) == body
+
+
+def test_body_controls_and_lone_surrogates_are_removed() -> None:
+    data = build_message(outgoing(body="nul\x00 esc\x1b del\x7f bad\udce9 tab\tok\n"))
+    assert text_of(parse(data)) == "nul esc del bad\ufffd tab\tok\n"
+
+
+def test_non_ascii_names_and_subjects_become_encoded_words() -> None:
+    data = build_message(outgoing(from_name="Zoë Ünïcode Support", subject="Réf: accès refusé 日本語"))
+
+    assert b"=?utf-8?" in b"".join(header_block(data, b"From"))
+    assert b"=?utf-8?" in b"".join(header_block(data, b"Subject"))
+    msg = parse(data)
+    assert msg["From"].addresses[0].display_name == "Zoë Ünïcode Support"
+    assert msg["From"].addresses[0].addr_spec == "support@intake.example"
+    assert msg["Subject"] == "Réf: accès refusé 日本語"
+
+
+def test_ascii_display_name_with_specials_is_quoted() -> None:
+    data = build_message(outgoing(from_name='Bob "the" Builder, <Ops>'))
+    address = parse(data)["From"].addresses[0]
+    assert address.display_name == 'Bob "the" Builder, <Ops>'
+    assert address.addr_spec == "support@intake.example"
+
+
+INJECTIONS = [
+    "Hi\r\nBcc: victim@example.com",
+    "\nX-Evil: 1",
+    "Hi\rX-Evil: 1",
+    "Hi\u2028X-Evil: 1",
+    "Hi\u2029Bcc: victim@example.com",
+    "Hi\x85X-Evil: 1",
+    # An encoded word whose text is a CRLF: the stdlib would decode it and, before Python
+    # 3.11.10 (CVE-2024-6923), write the CRLF back raw.
+    "Re: =?utf-8?q?=0D=0ABcc:_victim@example.com?=",
+    "=?utf-8?b?DQpYLUV2aWw6IDE=?=",
+]
+
+
+@pytest.mark.parametrize("subject", INJECTIONS)
+def test_header_injection_in_the_subject_adds_no_header(subject: str) -> None:
+    data = build_message(outgoing(subject=subject))
+
+    assert header_names(data) == EXPECTED_HEADERS
+    assert parse(data).get("Bcc") is None
+    assert parse(data).get("X-Evil") is None
+    decoded = parse(data)["Subject"]
+    assert "\r" not in decoded and "\n" not in decoded and "\u2028" not in decoded
+
+
+@pytest.mark.parametrize("name", INJECTIONS)
+def test_header_injection_in_the_display_name_adds_no_header(name: str) -> None:
+    data = build_message(outgoing(from_name=name))
+
+    assert header_names(data) == EXPECTED_HEADERS
+    addresses = parse(data)["From"].addresses
+    assert [a.addr_spec for a in addresses] == ["support@intake.example"]
+
+
+def test_encoded_word_syntax_from_a_customer_stays_literal_text() -> None:
+    data = build_message(outgoing(subject="Re: =?utf-8?q?hello?= world", from_name="=?utf-8?q?CEO?="))
+    msg = parse(data)
+
+    assert msg["Subject"] == "Re: =?utf-8?q?hello?= world"
+    assert msg["From"].addresses[0].display_name == "=?utf-8?q?CEO?="
+
+
+def test_a_thousand_character_non_ascii_subject_is_folded_and_capped() -> None:
+    subject = ("Störung im Rechenzentrum – 日本語 " * 40)[:1000]
+    data = build_message(outgoing(subject=subject))
+
+    block = header_block(data, b"Subject")
+    assert len(block) > 1  # folded
+    assert all(len(line) <= 78 for line in block)
+    assert all(line.startswith(b" ") for line in block[1:])
+    decoded = parse(data)["Subject"]
+    assert len(decoded) == 200
+    assert decoded.endswith(ELLIPSIS)
+    assert decoded == " ".join(subject.split())[:199].rstrip() + ELLIPSIS
+
+
+def test_a_long_ascii_subject_is_folded_by_the_policy_at_spaces() -> None:
+    subject = " ".join(f"word{i}" for i in range(30))
+    data = build_message(outgoing(subject=subject))
+
+    block = header_block(data, b"Subject")
+    assert len(block) > 1
+    assert all(len(line) <= 78 for line in block)
+    assert b"=?" not in b"".join(block)  # plain text, no encoding needed
+    assert parse(data)["Subject"] == subject
+
+
+def test_every_header_line_fits_78_columns_with_long_references() -> None:
+    references = tuple(f"thread-{i}.{'x' * 20}@mail.customer.example" for i in range(8))
+    data = build_message(outgoing(references=references, from_name="Ü" * 80, to=("a@x.example",) * 5))
+
+    assert all(len(line) <= 78 for line in header_lines(data))
+    assert parse(data)["References"] == " ".join(f"<{r}>" for r in references)
+
+
+def test_references_keep_the_root_and_the_nearest_and_drop_malformed_ids() -> None:
+    ids = [f"m{i}@customer.example" for i in range(40)]
+    data = build_message(outgoing(references=(ids[0], "not an id", "<bad<id>", *ids[1:], "<m39@customer.example>")))
+
+    kept = re.findall(r"<([^>]+)>", parse(data)["References"])
+    assert len(kept) == MAX_REFERENCES
+    assert kept == [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+
+
+def test_in_reply_to_accepts_brackets_and_is_left_out_when_malformed() -> None:
+    assert parse(build_message(outgoing(in_reply_to="<x@y>")))["In-Reply-To"] == "<x@y>"
+    data = build_message(outgoing(in_reply_to="evil\r\nBcc: a@b", references=()))
+    assert "in-reply-to" not in header_names(data)
+    assert "references" not in header_names(data)
+
+
+def test_extra_header_values_are_cleaned() -> None:
+    data = build_message(outgoing(headers=(("X-Intake-Loop", "tok\r\nBcc: victim@example.com"),)))
+
+    assert parse(data)["X-Intake-Loop"] == "tok Bcc: victim@example.com"
+    assert parse(data).get("Bcc") is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "X Evil", "X-Evil:", "X-Evil\r\nBcc", "Ünï", "X-\x7f", "Bcc", "subject", "Content-Type", "MIME-Version"],
+)
+def test_extra_header_names_that_are_invalid_or_owned_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="header"):
+        build_message(outgoing(headers=((name, "1"),)))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"to": ()},
+        {"to": ("alice@customer.example\r\nBcc: victim@example.com",)},
+        {"to": ("alice smith@customer.example",)},
+        {"to": ("<alice@customer.example>",)},
+        {"to": ("no-at-sign",)},
+        {"from_address": "support@intake.example, victim@example.com"},
+        {"message_id": "<ack@intake.example>"},
+        {"message_id": "no-at-sign"},
+        {"message_id": "ack@intake.example\r\nBcc: x"},
+    ],
+)
+def test_invalid_addresses_and_message_ids_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        build_message(outgoing(**changes))
+
+
+def test_date_must_be_timezone_aware_and_keeps_its_offset() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        build_message(outgoing(), date=datetime(2024, 1, 1))
+    cet = timezone(timedelta(hours=1))
+    assert parse(build_message(outgoing(), date=datetime(2024, 1, 1, 12, tzinfo=cet)))["Date"].endswith("+0100")
+
+
+# ---------------------------------------------------------------------------------------------
+# SmtpRelaySender against the relay stand-in
+
+
+def sender_for(relay: Any, **kwargs: Any) -> SmtpRelaySender:
+    return SmtpRelaySender(host=relay.host, port=relay.port, timeout=5.0, local_hostname="intake.test", **kwargs)
+
+
+async def test_delivers_with_the_null_reverse_path_and_every_header(smtp_relay: Any) -> None:
+    await sender_for(smtp_relay).send(outgoing())
+
+    [captured] = await smtp_relay.wait_for(1)
+    # aiosmtpd reports "<>" only when the client sent MAIL FROM:<> (a bare "MAIL FROM:" gets 501).
+    assert captured.mail_from == "<>"
+    assert captured.rcpt_tos == ("alice@customer.example",)
+    msg = captured.message
+    assert [name.lower() for name in msg.keys()] == EXPECTED_HEADERS
+    assert msg["From"] == "Support Desk <support@intake.example>"
+    assert msg["To"] == "alice@customer.example"
+    assert msg["Subject"] == "[INC-42] Re: Login broken"
+    assert msg["Message-ID"] == "<ack.inc-42.1@intake.example>"
+    assert msg["In-Reply-To"] == "<orig-1@customer.example>"
+    assert msg["References"] == "<root-0@customer.example> <orig-1@customer.example>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["X-Intake-Loop"] == "loop-token-7f3a"
+    assert text_of(msg) == BODY
+
+
+async def test_delivers_with_a_bounce_address_to_every_recipient(smtp_relay: Any) -> None:
+    email = outgoing(
+        envelope_from="bounces+inc-42@intake.example",
+        to=("alice@customer.example", "bob@customer.example"),
+    )
+    await sender_for(smtp_relay).send(email)
+
+    [captured] = await smtp_relay.wait_for(1)
+    assert captured.mail_from == "bounces+inc-42@intake.example"
+    assert captured.rcpt_tos == ("alice@customer.example", "bob@customer.example")
+    assert captured.message["To"] == "alice@customer.example, bob@customer.example"
+
+
+async def test_what_the_relay_receives_is_exactly_what_build_message_renders(
+    smtp_relay: Any,
+) -> None:
+    body = "A line\n.\n..two dots\nFrom the start\n"  # SMTP dot-stuffing must be transparent
+    email = outgoing(body=body, subject="Grüße")
+    await sender_for(smtp_relay).send(email)
+
+    [captured] = await smtp_relay.wait_for(1)
+    expected = build_message(email, date=captured.message["Date"].datetime)
+    assert captured.content == expected
+    assert text_of(captured.message) == body
+
+
+@pytest.mark.parametrize("subject", INJECTIONS)
+async def test_injection_through_the_relay_adds_no_header_and_no_recipient(smtp_relay: Any, subject: str) -> None:
+    await sender_for(smtp_relay).send(outgoing(subject=subject, from_name=subject))
+
+    [captured] = await smtp_relay.wait_for(1)
+    assert captured.rcpt_tos == ("alice@customer.example",)
+    assert [name.lower() for name in captured.message.keys()] == EXPECTED_HEADERS
+
+
+async def test_relay_down_is_transient_and_delivery_resumes_when_it_is_back(smtp_relay: Any) -> None:
+    sender = sender_for(smtp_relay)
+    smtp_relay.stop()
+
+    with pytest.raises(TransientSendError) as failure:
+        await sender.send(outgoing())
+    assert f"{smtp_relay.host}:{smtp_relay.port}" in str(failure.value)
+
+    smtp_relay.start()
+    await sender.send(outgoing())
+    [captured] = await smtp_relay.wait_for(1)
+    assert captured.message["Message-ID"] == "<ack.inc-42.1@intake.example>"
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+async def test_a_4xx_reply_is_transient_and_the_next_attempt_succeeds(smtp_relay: Any, stage: str) -> None:
+    sender = sender_for(smtp_relay)
+    smtp_relay.fail_next("451 4.3.0 try later", stage=stage)
+
+    with pytest.raises(TransientSendError) as failure:
+        await sender.send(outgoing())
+    message = str(failure.value)
+    assert "451" in message
+    assert f"{smtp_relay.host}:{smtp_relay.port}" in message
+    assert smtp_relay.messages == []
+
+    await sender.send(outgoing())
+    await smtp_relay.wait_for(1)
+    assert smtp_relay.transactions == 2
+
+
+async def test_550_on_rcpt_is_permanent(smtp_relay: Any) -> None:
+    smtp_relay.fail_next("550 5.1.1 no such user", stage="RCPT")
+
+    with pytest.raises(PermanentSendError) as failure:
+        await sender_for(smtp_relay).send(outgoing(to=("alice@customer.example", "bob@customer.example")))
+    assert "550" in str(failure.value)
+    assert f"{smtp_relay.host}:{smtp_relay.port}" in str(failure.value)
+    assert smtp_relay.messages == []
+
+
+@pytest.mark.parametrize(("stage", "reply"), [("MAIL", "553 5.7.1 sender rejected"), ("DATA", "554 5.7.1 spam")])
+async def test_5xx_on_mail_or_data_is_permanent(smtp_relay: Any, stage: str, reply: str) -> None:
+    smtp_relay.fail_next(reply, stage=stage)
+
+    with pytest.raises(PermanentSendError, match=reply[:3]):
+        await sender_for(smtp_relay).send(outgoing())
+    assert smtp_relay.messages == []
+
+
+async def test_some_recipients_refused_is_success_for_the_others(
+    smtp_relay: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    smtp_relay.reject_recipient("gone@customer.example")
+
+    with caplog.at_level(logging.WARNING, logger="adapters.email.sender"):
+        await sender_for(smtp_relay).send(outgoing(to=("gone@customer.example", "alice@customer.example")))
+
+    [captured] = await smtp_relay.wait_for(1)
+    assert captured.rcpt_tos == ("alice@customer.example",)
+    assert "gone@customer.example (550)" in caplog.text
+
+
+async def test_all_recipients_refused_with_a_4xx_among_them_is_transient(smtp_relay: Any) -> None:
+    smtp_relay.reject_recipient("gone@customer.example", "550 5.1.1 no such user")
+    smtp_relay.reject_recipient("full@customer.example", "452 4.2.2 mailbox full")
+
+    with pytest.raises(TransientSendError, match="550, 452"):
+        await sender_for(smtp_relay).send(outgoing(to=("gone@customer.example", "full@customer.example")))
+
+
+async def test_errors_never_carry_the_message_body(smtp_relay: Any) -> None:
+    secret = "SECRET-BODY-MARKER"
+    smtp_relay.fail_next("554 5.7.1 rejected", stage="DATA")
+    with pytest.raises(PermanentSendError) as failure:
+        await sender_for(smtp_relay).send(outgoing(body=f"{secret}\n" * 50))
+    assert secret not in str(failure.value)
+    assert len(str(failure.value)) < 250
+
+
+async def test_an_email_that_cannot_be_rendered_is_permanent_without_contacting_the_relay(
+    smtp_relay: Any,
+) -> None:
+    sender = sender_for(smtp_relay)
+    with pytest.raises(PermanentSendError, match="field name"):
+        await sender.send(outgoing(headers=(("Bad Name", "x"),)))
+    with pytest.raises(PermanentSendError, match="envelope_from"):
+        await sender.send(outgoing(envelope_from="bounce@intake.example> NOTIFY=NEVER"))
+    assert smtp_relay.transactions == 0
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[tuple[str, int]]:
+    """A socket that accepts connections (kernel backlog) but never says a word."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield "127.0.0.1", int(listener.getsockname()[1])
+
+
+async def test_a_relay_that_never_answers_times_out_as_transient(silent_listener: tuple[str, int]) -> None:
+    host, port = silent_listener
+    sender = SmtpRelaySender(host=host, port=port, timeout=0.3, local_hostname="intake.test")
+
+    with pytest.raises(TransientSendError, match=f"{host}:{port}"):
+        await sender.send(outgoing())
+
+
+def test_sender_repr_hides_the_password() -> None:
+    sender = SmtpRelaySender(host="relay.example", port=587, username="intake", password="hunter2")
+    assert "hunter2" not in repr(sender)
+    assert "relay.example" in repr(sender)
