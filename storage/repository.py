@@ -1,0 +1,412 @@
+"""The unit of work over one SQLAlchemy connection: maps core values to rows and back.
+
+Statements are SQLAlchemy Core on the SQLModel tables: the hot path stores a message in a
+handful of small statements, without ORM identity-map bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.engine import Connection, RowMapping
+
+from intake.model import Channel, OutgoingEmail, Severity, outgoing_from_dict
+from intake.ports import (
+    Duplicate,
+    KnownId,
+    NewMessage,
+    NewTicket,
+    OutboxEntry,
+    OutboxItem,
+    SendResult,
+    TicketChange,
+    TicketFacts,
+    payload_recipient,
+)
+from storage.tables import message, message_id, outbox, participant, ticket
+
+_TICKET_COLS = (
+    ticket.c.id,
+    ticket.c.reference,
+    ticket.c.subject,
+    ticket.c.channel,
+    ticket.c.requester,
+    ticket.c.organisation,
+    ticket.c.severity,
+    ticket.c.security,
+    ticket.c.alerted,
+    ticket.c.status,
+    ticket.c.created_at,
+    ticket.c.response_due,
+    ticket.c.thread_key,
+)
+
+
+class SqlUnitOfWork:
+    """Implements :class:`intake.ports.UnitOfWork`; also the read side for the CLI and web."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _facts(self, row: RowMapping) -> TicketFacts:
+        parts = self.conn.execute(select(participant.c.address).where(participant.c.ticket_id == row["id"])).scalars()
+        return TicketFacts(
+            id=row["id"],
+            reference=row["reference"],
+            subject=row["subject"],
+            channel=Channel(row["channel"]),
+            requester=row["requester"],
+            organisation=row["organisation"],
+            severity=Severity(row["severity"]),
+            security=bool(row["security"]),
+            alerted=bool(row["alerted"]),
+            status=row["status"],
+            created_at=row["created_at"],
+            response_due=row["response_due"],
+            participants=frozenset(parts),
+            thread_key=row["thread_key"],
+        )
+
+    def _ticket_where(self, *cond: Any) -> TicketFacts | None:
+        row = self.conn.execute(select(*_TICKET_COLS).where(*cond)).mappings().first()
+        return self._facts(row) if row is not None else None
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
+        row = self.conn.execute(
+            select(message.c.ticket_id, ticket.c.reference)
+            .join(ticket, ticket.c.id == message.c.ticket_id)
+            .where(message.c.recipient == recipient, message.c.dedup_key == dedup_key)
+        ).first()
+        return Duplicate(ticket_id=row[0], reference=row[1]) if row else None
+
+    def ticket_by_reference(self, reference: str) -> TicketFacts | None:
+        return self._ticket_where(ticket.c.reference == reference)
+
+    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[KnownId]:
+        if not message_ids:
+            return []
+        rows = self.conn.execute(
+            select(message_id.c.message_id, message_id.c.ticket_id, message_id.c.ours).where(
+                message_id.c.message_id.in_(list(message_ids)[:200])
+            )
+        ).all()
+        order = {mid: i for i, mid in enumerate(message_ids)}
+        found: list[KnownId] = []
+        cache: dict[int, TicketFacts | None] = {}
+        for mid, tid, ours in sorted(rows, key=lambda r: (order.get(r[0], 1 << 30), not r[2])):
+            if tid not in cache:
+                cache[tid] = self._ticket_where(ticket.c.id == tid)
+            facts = cache[tid]
+            if facts is not None:
+                found.append(KnownId(facts, mid, bool(ours)))
+        return found
+
+    def ticket_by_thread(self, thread_key: str) -> TicketFacts | None:
+        return self._ticket_where(ticket.c.thread_key == thread_key)
+
+    def reference_taken(self, reference: str) -> bool:
+        return self.conn.execute(select(ticket.c.id).where(ticket.c.reference == reference)).first() is not None
+
+    def is_known_participant(self, address: str) -> bool:
+        return (
+            self.conn.execute(select(participant.c.ticket_id).where(participant.c.address == address).limit(1)).first()
+            is not None
+        )
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def create_ticket(self, t: NewTicket) -> TicketFacts:
+        result = self.conn.execute(
+            insert(ticket).values(
+                reference=t.reference,
+                subject=t.subject,
+                channel=str(t.channel),
+                requester=t.requester,
+                requester_name=t.requester_name,
+                organisation=t.organisation,
+                severity=int(t.severity),
+                security=t.security,
+                status="open",
+                alerted=False,
+                ack_status=t.ack_status,
+                thread_key=t.thread_key,
+                created_at=t.created_at,
+                updated_at=t.created_at,
+                response_due=t.response_due,
+                notes=[_note(t.created_at, n) for n in t.notes],
+                evidence=[h.to_dict() for h in t.evidence],
+            )
+        )
+        new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        assert new_id is not None
+        return TicketFacts(
+            id=int(new_id),
+            reference=t.reference,
+            subject=t.subject,
+            channel=t.channel,
+            requester=t.requester,
+            organisation=t.organisation,
+            severity=t.severity,
+            security=t.security,
+            alerted=False,
+            status="open",
+            created_at=t.created_at,
+            response_due=t.response_due,
+            participants=frozenset(),
+            thread_key=t.thread_key,
+        )
+
+    def update_ticket(self, ticket_id: int, change: TicketChange) -> None:
+        values: dict[str, Any] = {}
+        if change.severity is not None:
+            values["severity"] = int(change.severity)
+        if change.security is not None:
+            values["security"] = change.security
+        if change.alerted is not None:
+            values["alerted"] = change.alerted
+        if change.response_due is not None:
+            values["response_due"] = change.response_due
+        if change.updated_at is not None:
+            values["updated_at"] = change.updated_at
+        if change.add_notes or change.add_evidence:
+            row = self.conn.execute(select(ticket.c.notes, ticket.c.evidence).where(ticket.c.id == ticket_id)).first()
+            if row is not None:
+                when = change.updated_at
+                if change.add_notes:
+                    values["notes"] = [*(row[0] or []), *(_note(when, n) for n in change.add_notes)]
+                if change.add_evidence:
+                    values["evidence"] = [*(row[1] or []), *(h.to_dict() for h in change.add_evidence)][-100:]
+        if values:
+            self.conn.execute(update(ticket).where(ticket.c.id == ticket_id).values(**values))
+
+    def add_participant(self, ticket_id: int, address: str) -> None:
+        exists = self.conn.execute(
+            select(participant.c.ticket_id).where(
+                participant.c.ticket_id == ticket_id, participant.c.address == address
+            )
+        ).first()
+        if exists is None:
+            self.conn.execute(insert(participant).values(ticket_id=ticket_id, address=address))
+
+    def add_message(self, m: NewMessage) -> int:
+        msg = m.message
+        result = self.conn.execute(
+            insert(message).values(
+                ticket_id=m.ticket_id,
+                direction=str(m.direction),
+                route=str(m.route),
+                route_note=m.route_note,
+                channel=str(msg.channel),
+                recipient=msg.recipient,
+                dedup_key=msg.dedup_key,
+                message_id=msg.message_id,
+                sender=msg.sender,
+                sender_name=msg.sender_name,
+                subject=msg.subject,
+                body=msg.body,
+                new_text=msg.new_text,
+                html=msg.html,
+                attachments=[
+                    {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": a.kept}
+                    for a in msg.attachments
+                ],
+                hits=[h.to_dict() for h in m.hits],
+                automation=m.automation,
+                parse_problem=msg.parse_problem,
+                external_id=msg.external_id,
+                received_at=m.received_at,
+                sent_date=msg.date,
+                raw=msg.raw,
+            )
+        )
+        return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
+
+    def index_message_id(self, ticket_id: int, mid: str, *, ours: bool) -> None:
+        if not mid:
+            return
+        exists = self.conn.execute(
+            select(message_id.c.ours).where(message_id.c.message_id == mid, message_id.c.ticket_id == ticket_id)
+        ).first()
+        if exists is None:
+            self.conn.execute(insert(message_id).values(message_id=mid, ticket_id=ticket_id, ours=ours))
+
+    def enqueue(self, entry: OutboxEntry) -> int:
+        payload = entry.payload
+        result = self.conn.execute(
+            insert(outbox).values(
+                ticket_id=entry.ticket_id,
+                kind=entry.kind,
+                channel="email" if isinstance(payload, OutgoingEmail) else "slack",
+                recipient=payload_recipient(payload),
+                message_id=payload.message_id if isinstance(payload, OutgoingEmail) else "",
+                payload=payload.to_dict(),
+                status="pending",
+                attempts=0,
+                next_attempt_at=entry.created_at,
+                created_at=entry.created_at,
+            )
+        )
+        return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
+
+    def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]:
+        if not message_ids:
+            return []
+        ids = list(self.conn.execute(select(outbox.c.id).where(outbox.c.message_id.in_(list(message_ids)))).scalars())
+        if ids:
+            self.conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(ids))
+                .values(status="undeliverable", last_error=f"bounced: {reason}"[:500])
+            )
+        return ids
+
+    def count_outbox_since(self, *, kind: str, recipient: str, since: datetime) -> int:
+        return int(
+            self.conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.kind == kind, outbox.c.recipient == recipient, outbox.c.created_at >= since)
+            ).scalar_one()
+        )
+
+    def count_tickets_since(self, *, requester: str, since: datetime) -> int:
+        return int(
+            self.conn.execute(
+                select(func.count())
+                .select_from(ticket)
+                .where(ticket.c.requester == requester, ticket.c.created_at >= since)
+            ).scalar_one()
+        )
+
+    # -- outbox dispatch ---------------------------------------------------------------------
+
+    def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]:
+        due = (
+            select(outbox.c.id)
+            .where(
+                outbox.c.status == "pending",
+                outbox.c.next_attempt_at <= now,
+                or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now),
+            )
+            .order_by(outbox.c.next_attempt_at, outbox.c.id)
+            .limit(limit)
+        )
+        if self.conn.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        ids = list(self.conn.execute(due).scalars())
+        if not ids:
+            return []
+        self.conn.execute(
+            update(outbox).where(outbox.c.id.in_(ids)).values(claimed_by=owner, claimed_until=lease_until)
+        )
+        rows = self.conn.execute(
+            select(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
+            .where(outbox.c.id.in_(ids))
+            .order_by(outbox.c.id)
+        ).all()
+        return [
+            OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], payload=outgoing_from_dict(r[3]), attempts=r[4])
+            for r in rows
+        ]
+
+    def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None:
+        for r in results:
+            base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
+            if r.ok:
+                self.conn.execute(
+                    base.values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None,
+                                last_error=None)
+                )  # fmt: skip
+            elif r.permanent:
+                self.conn.execute(
+                    base.values(status="failed", attempts=outbox.c.attempts + 1, claimed_until=None,
+                                last_error=(r.error or "")[:500])
+                )  # fmt: skip
+            else:
+                self.conn.execute(
+                    base.values(attempts=outbox.c.attempts + 1, claimed_until=None,
+                                next_attempt_at=r.retry_at or now, last_error=(r.error or "")[:500])
+                )  # fmt: skip
+
+    # -- read side (CLI, web) ------------------------------------------------------------------
+
+    def list_tickets(self, *, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        counts = select(message.c.ticket_id, func.count().label("n")).group_by(message.c.ticket_id).subquery()
+        q = (
+            select(
+                ticket.c.id, ticket.c.reference, ticket.c.subject, ticket.c.severity, ticket.c.security,
+                ticket.c.channel, ticket.c.requester, ticket.c.requester_name, ticket.c.organisation,
+                ticket.c.status, ticket.c.created_at, ticket.c.updated_at, ticket.c.response_due,
+                ticket.c.ack_status, func.coalesce(counts.c.n, 0).label("message_count"),
+            )
+            .outerjoin(counts, counts.c.ticket_id == ticket.c.id)
+            .order_by(ticket.c.severity, ticket.c.created_at)
+            .limit(limit)
+        )  # fmt: skip
+        if status:
+            q = q.where(ticket.c.status == status)
+        return [dict(r) for r in self.conn.execute(q).mappings()]
+
+    def ticket_detail(self, reference: str) -> dict[str, Any] | None:
+        row = self.conn.execute(select(ticket).where(ticket.c.reference == reference)).mappings().first()
+        if row is None:
+            return None
+        detail = dict(row)
+        detail["participants"] = sorted(
+            self.conn.execute(select(participant.c.address).where(participant.c.ticket_id == row["id"])).scalars()
+        )
+        msgs = self.conn.execute(
+            select(*(c for c in message.c if c.name != "raw"), func.length(message.c.raw).label("raw_size"))
+            .where(message.c.ticket_id == row["id"])
+            .order_by(message.c.received_at, message.c.id)
+        ).mappings()
+        detail["messages"] = [dict(m) for m in msgs]
+        notes = self.conn.execute(
+            select(outbox.c.id, outbox.c.kind, outbox.c.recipient, outbox.c.status, outbox.c.attempts,
+                   outbox.c.next_attempt_at, outbox.c.last_error, outbox.c.created_at, outbox.c.sent_at,
+                   outbox.c.payload)
+            .where(outbox.c.ticket_id == row["id"])
+            .order_by(outbox.c.id)
+        ).mappings()  # fmt: skip
+        detail["outbox"] = [
+            {**{k: v for k, v in dict(n).items() if k != "payload"}, "subject": n["payload"].get("subject", "")}
+            for n in notes
+        ]
+        return detail
+
+    def raw_message(self, message_row_id: int) -> bytes | None:
+        return self.conn.execute(select(message.c.raw).where(message.c.id == message_row_id)).scalar_one_or_none()
+
+    def stats(self) -> dict[str, Any]:
+        n_tickets = self.conn.execute(select(func.count()).select_from(ticket)).scalar_one()
+        n_messages = self.conn.execute(select(func.count()).select_from(message)).scalar_one()
+        by_status = dict(
+            self.conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all()  # type: ignore[arg-type]
+        )
+        by_kind = dict(
+            self.conn.execute(select(outbox.c.kind, func.count()).group_by(outbox.c.kind)).all()  # type: ignore[arg-type]
+        )
+        oldest = self.conn.execute(
+            select(func.min(outbox.c.created_at)).where(outbox.c.status == "pending")
+        ).scalar_one_or_none()
+        return {
+            "tickets": int(n_tickets),
+            "messages": int(n_messages),
+            "security_tickets": int(
+                self.conn.execute(select(func.count()).select_from(ticket).where(ticket.c.security)).scalar_one()
+            ),
+            "outbox": {s: int(by_status.get(s, 0)) for s in ("pending", "sent", "failed", "undeliverable")},
+            "outbox_by_kind": {k: int(v) for k, v in by_kind.items()},
+            "outbox_oldest_pending": oldest,
+        }
+
+
+def _note(when: datetime | None, text: str) -> dict[str, Any]:
+    return {"at": when.isoformat(timespec="seconds") if when else None, "text": text}

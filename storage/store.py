@@ -1,0 +1,238 @@
+"""The store: every unit of work in one transaction, concurrent units in one commit.
+
+Design (see docs/benchmarks.md for the figures behind it): one writer thread owns one
+database connection. Units of work submitted from the event loop queue up; the writer takes
+all that are waiting, runs each inside a SAVEPOINT of one transaction, commits once (one
+fsync for the whole group) and hands every result back to its caller's loop in one wake-up.
+A unit that fails rolls back to its savepoint alone; a failed commit fails the whole group
+with :class:`StorageUnavailableError` and nothing of it is stored. A unit that hits a unique
+constraint (another instance stored the same message a moment earlier) is run again, and then
+finds the duplicate.
+
+The event loop never blocks on the database: it only appends to a queue and awaits a future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from intake.errors import StorageUnavailableError
+from intake.ports import UnitOfWork
+from storage import tables
+from storage.repository import SqlUnitOfWork
+
+log = logging.getLogger("intake.storage")
+T = TypeVar("T")
+
+_CONFLICT_RETRIES = 3
+
+
+def normalise_url(url: str) -> str:
+    """Map the URLs people write to the driver this store runs (sync drivers in the writer)."""
+    for prefix in ("postgresql+asyncpg://", "postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith("sqlite+aiosqlite://"):
+        return "sqlite://" + url[len("sqlite+aiosqlite://") :]
+    return url
+
+
+def make_engine(url: str, *, writer: bool = True, lock_timeout: float = 5.0) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy drive transactions (the sqlite3 module's own handling breaks
+            # SAVEPOINT), WAL so readers never block the writer, full sync for durability.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=2,
+        connect_args={"connect_timeout": max(1, int(lock_timeout))},
+    )
+
+
+def create_schema(engine: Engine) -> None:
+    tables.metadata.create_all(engine)
+
+
+@dataclass(slots=True)
+class _Job:
+    work: Callable[[UnitOfWork], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(batch: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, exc in batch:
+        if fut.done():  # the caller gave up (cancelled); the work is committed all the same
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+
+class SqlStore:
+    """Implements :class:`intake.ports.Store` over SQLite or PostgreSQL."""
+
+    def __init__(self, url: str, *, max_batch: int = 256, create: bool = False, lock_timeout: float = 5.0) -> None:
+        self.url = normalise_url(url)
+        self.engine = make_engine(self.url, lock_timeout=lock_timeout)
+        self.max_batch = max_batch
+        self._pending: list[_Job] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._conn: Connection | None = None
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.units = 0
+        if create:
+            create_schema(self.engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="intake-db-writer", daemon=True)
+            self._thread.start()
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+        self.engine.dispose()
+
+    async def transact(self, work: Callable[[UnitOfWork], T]) -> T:
+        if self._thread is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._cond:
+            if self._closing:
+                raise StorageUnavailableError("storage is shutting down")
+            self._pending.append(_Job(work, fut, loop))
+            self._cond.notify()
+        return await fut
+
+    def run_sync(self, work: Callable[[SqlUnitOfWork], T]) -> T:
+        """Run one unit in the calling thread (command-line tools, tests). Not for the loop."""
+        with self.engine.connect() as conn, conn.begin():
+            return work(SqlUnitOfWork(conn))
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    break
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+            self._run_batch(batch)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.engine.connect()
+        return self._conn
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        started = time.perf_counter()
+        try:
+            conn = self._connection()
+            with conn.begin():
+                for job in batch:
+                    outcomes.append(self._run_unit(conn, job))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            log.error("storage: commit of %d unit(s) failed: %s", len(batch), _short(exc))
+            self._drop_connection()
+            error = StorageUnavailableError(f"database unavailable: {_short(exc)}")
+            outcomes = [(job, None, error) for job in batch]
+        except Exception as exc:  # a bug: fail the group, keep the writer alive
+            log.exception("storage: unexpected error in a batch of %d", len(batch))
+            self._drop_connection()
+            error = StorageUnavailableError(f"storage error: {type(exc).__name__}")
+            outcomes = [(job, None, error) for job in batch]
+        self.batches += 1
+        self.units += len(batch)
+        elapsed = time.perf_counter() - started
+        if elapsed > 1.0:
+            log.warning("storage: a batch of %d unit(s) took %.2fs", len(batch), elapsed)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for job, value, exc in outcomes:
+            by_loop.setdefault(job.loop, []).append((job.future, value, exc))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:  # the loop closed meanwhile; nobody is waiting any more
+                pass
+
+    def _run_unit(self, conn: Connection, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+        for attempt in range(_CONFLICT_RETRIES):
+            savepoint = conn.begin_nested()
+            try:
+                value = job.work(SqlUnitOfWork(conn))
+            except IntegrityError as exc:
+                savepoint.rollback()
+                if attempt + 1 == _CONFLICT_RETRIES:
+                    log.error("storage: unit kept conflicting: %s", _short(exc))
+                    return job, None, StorageUnavailableError("conflicting concurrent writes; try again")
+                continue
+            except (OperationalError, DBAPIError):
+                raise  # the connection or the database is in trouble: fail the group
+            except Exception as exc:
+                savepoint.rollback()
+                return job, None, exc
+            savepoint.commit()
+            return job, value, None
+        raise AssertionError("unreachable")
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:  # already broken
+                pass
+            self._conn = None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,179 @@
+"""The store on SQLite and PostgreSQL: group commit, isolation of failing units, the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from intake.errors import StorageUnavailableError
+from intake.model import Channel, Direction, InboundMessage, OutgoingEmail, Route, Severity
+from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
+from intake.reference import References
+from storage.repository import SqlUnitOfWork
+from storage.store import SqlStore
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+REFS = References()
+
+
+def new_ticket(ref: str | None = None, requester: str = "alice@acme.com") -> NewTicket:
+    return NewTicket(
+        reference=ref or REFS.new(), subject="printer", channel=Channel.EMAIL, requester=requester,
+        requester_name="Alice", organisation=None, severity=Severity.S3, security=False, created_at=NOW,
+        response_due=NOW + timedelta(hours=8),
+    )  # fmt: skip
+
+
+def email(n: int) -> OutgoingEmail:
+    return OutgoingEmail(to=(f"c{n}@x.org",), subject=f"s{n}", body="b", message_id=f"m{n}@intake",
+                         from_address="support@example.com")  # fmt: skip
+
+
+def store_message(uow: SqlUnitOfWork, mid: str, recipient: str = "support@example.com") -> int:
+    t = uow.create_ticket(new_ticket())
+    msg = InboundMessage(channel=Channel.EMAIL, sender="alice@acme.com", recipient=recipient, message_id=mid)
+    uow.add_message(NewMessage(ticket_id=t.id, message=msg, direction=Direction.INBOUND, route=Route.NEW,
+                               route_note="new", received_at=NOW))  # fmt: skip
+    return t.id
+
+
+@pytest.fixture
+async def store(db_url: str):  # type: ignore[no-untyped-def]
+    s = SqlStore(db_url, create=True)
+    yield s
+    await s.close()
+
+
+async def test_concurrent_units_commit_in_groups(store: SqlStore) -> None:
+    ids = await asyncio.gather(*(store.transact(lambda uow, i=i: store_message(uow, f"m{i}@x")) for i in range(200)))
+    assert len(set(ids)) == 200
+    assert store.run_sync(lambda uow: uow.stats())["tickets"] == 200
+    assert store.batches < 200  # concurrent units shared commits
+
+
+async def test_a_failing_unit_rolls_back_alone(store: SqlStore) -> None:
+    def bad(uow: SqlUnitOfWork) -> None:
+        store_message(uow, "bad@x")
+        raise ValueError("boom")
+
+    results = await asyncio.gather(
+        store.transact(lambda uow: store_message(uow, "good1@x")),
+        store.transact(bad),
+        store.transact(lambda uow: store_message(uow, "good2@x")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], ValueError)
+    assert all(isinstance(r, int) for r in (results[0], results[2]))
+    stats = store.run_sync(lambda uow: uow.stats())
+    assert stats["tickets"] == 2 and stats["messages"] == 2
+
+
+async def test_duplicate_delivery_is_a_constraint_not_a_memory(store: SqlStore) -> None:
+    await store.transact(lambda uow: store_message(uow, "same@x"))
+    # The same message to another support address is its own delivery.
+    await store.transact(lambda uow: store_message(uow, "same@x", recipient="billing@example.com"))
+    dup = await store.transact(lambda uow: uow.find_duplicate("support@example.com", "mid:same@x"))
+    assert dup is not None
+    attempts = []
+
+    def blind(uow: SqlUnitOfWork) -> int:
+        attempts.append(1)
+        return store_message(uow, "same@x")  # ignores find_duplicate: the constraint must stop it
+
+    with pytest.raises(StorageUnavailableError):
+        await store.transact(blind)
+    assert len(attempts) == 3  # retried after each conflict, then gave up
+    assert store.run_sync(lambda uow: uow.stats())["messages"] == 2
+
+
+async def test_commit_failure_fails_the_group_and_stores_nothing(store: SqlStore) -> None:
+    await store.transact(lambda uow: store_message(uow, "before@x"))
+
+    def breaks_connection(uow: SqlUnitOfWork) -> None:
+        store_message(uow, "lost@x")
+        uow.conn.exec_driver_sql("SELECT * FROM no_such_table")  # an OperationalError / DBAPIError
+
+    results = await asyncio.gather(
+        store.transact(breaks_connection),
+        store.transact(lambda uow: store_message(uow, "neighbour@x")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StorageUnavailableError)
+    # The store keeps serving afterwards.
+    await store.transact(lambda uow: store_message(uow, "after@x"))
+    stats = store.run_sync(lambda uow: uow.stats())
+    assert stats["messages"] == 2 + (0 if isinstance(results[1], Exception) else 1)
+
+
+async def test_outbox_claim_lease_and_finish(store: SqlStore) -> None:
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    for n in range(5):
+        await store.transact(
+            lambda uow, n=n: uow.enqueue(OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(n),
+                                                     created_at=NOW))  # fmt: skip
+        )
+    lease = NOW + timedelta(minutes=2)
+    first = await store.transact(lambda uow: uow.claim_outbox(now=NOW, owner="a", lease_until=lease, limit=3))
+    second = await store.transact(lambda uow: uow.claim_outbox(now=NOW, owner="b", lease_until=lease, limit=10))
+    assert len(first) == 3 and len(second) == 2
+    assert {i.id for i in first}.isdisjoint({i.id for i in second})
+    assert isinstance(first[0].payload, OutgoingEmail) and first[0].payload.subject == "s0"
+    # "a" dies; after its lease anyone may take its items again.
+    later = lease + timedelta(seconds=1)
+    again = await store.transact(
+        lambda uow: uow.claim_outbox(now=later, owner="b", lease_until=later + timedelta(minutes=2), limit=10)
+    )
+    assert {i.id for i in again} == {i.id for i in first} | {i.id for i in second}
+    results = [
+        SendResult(id=again[0].id, ok=True),
+        SendResult(id=again[1].id, ok=False, permanent=True, error="550 no such user"),
+        SendResult(id=again[2].id, ok=False, error="relay down", retry_at=later + timedelta(minutes=5)),
+    ]
+    await store.transact(lambda uow: uow.finish_outbox(results, now=later))
+    stats = store.run_sync(lambda uow: uow.stats())
+    assert stats["outbox"] == {"pending": 3, "sent": 1, "failed": 1, "undeliverable": 0}
+    # The retried one is not due before its retry time.
+    soon = await store.transact(
+        lambda uow: uow.claim_outbox(now=later + timedelta(minutes=3), owner="c",
+                                     lease_until=later + timedelta(minutes=10), limit=10)  # fmt: skip
+    )
+    assert again[2].id not in {i.id for i in soon}
+
+
+async def test_two_stores_claim_each_item_once(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("two writers on one SQLite file serialise on its lock; the PostgreSQL case is the real test")
+    a, b = SqlStore(db_url, create=True), SqlStore(db_url)
+    try:
+        tid = await a.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+        for chunk in range(10):
+            await a.transact(
+                lambda uow, c=chunk: [
+                    uow.enqueue(OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(c * 20 + k),
+                                            created_at=NOW))  # fmt: skip
+                    for k in range(20)
+                ]
+            )
+        claimed: list[int] = []
+        lease = NOW + timedelta(minutes=2)
+
+        async def drain(s: SqlStore, owner: str) -> None:
+            while True:
+                items = await s.transact(lambda uow: uow.claim_outbox(now=NOW, owner=owner, lease_until=lease, limit=7))
+                if not items:
+                    return
+                claimed.extend(i.id for i in items)
+
+        await asyncio.gather(drain(a, "a"), drain(b, "b"), drain(a, "a2"), drain(b, "b2"))
+        assert len(claimed) == 200 and len(set(claimed)) == 200
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
+    t = await store.transact(lambda uow: uow.create_ticket(new_ticket()))
+    back = store.run_sync(lambda uow: uow.ticket_by_reference(t.reference))
+    assert back is not None and back.created_at == NOW and back.created_at.tzinfo is not None
