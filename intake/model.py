@@ -42,6 +42,7 @@ class Route(StrEnum):
     HEADER = "header"  # joined by In-Reply-To / References
     THREAD = "thread"  # joined by its chat thread (Slack thread_ts)
     DUPLICATE = "duplicate"  # a redelivery; nothing changed
+    IGNORED = "ignored"  # not for a ticket (a staff message outside any ticket's thread)
 
 
 class Direction(StrEnum):
@@ -93,11 +94,15 @@ class InboundMessage:
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     raw: bytes = b""
     parse_problem: str | None = None  # set when the message could not be parsed fully
-    # Chat channels: the thread this message belongs to and the platform's event id.
-    thread_key: str | None = None  # e.g. "T1/C1/1700000000.000100" for a Slack thread root
+    # Chat channels (Slack): where the message was posted and the thread it belongs to.
+    chat_channel: str | None = None  # channel id, e.g. "C0123ABCD"
+    chat_ts: str | None = None  # this message's ts
+    chat_thread_ts: str | None = None  # the thread root's ts when this is a thread reply
+    thread_key: str | None = None  # "T1/C1/<root ts>": the ticket of a chat thread
     external_id: str | None = None  # platform id of this very message ("T1/C1/ts")
     event_id: str | None = None
     organisation: str | None = None  # known from the channel (a Slack channel's customer)
+    staff: bool = False  # written by the support team itself (a staff reply, never a new ticket)
 
     def __post_init__(self) -> None:
         if not isinstance(self.headers, MappingProxyType):

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import Insert, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
 from intake.model import Channel, OutgoingEmail, Severity, outgoing_from_dict
@@ -45,11 +46,45 @@ _TICKET_COLS = (
 )
 
 
+# Statements built once: SQLAlchemy then compiles each once and reuses its cache key, which
+# took most of the per-message CPU when they were rebuilt with .values() for every message.
+_INSERT_TICKET = insert(ticket)
+_INSERT_MESSAGE = insert(message)
+_INSERT_OUTBOX = insert(outbox)
+_FIND_DUPLICATE = (
+    select(message.c.ticket_id, ticket.c.reference)
+    .join(ticket, ticket.c.id == message.c.ticket_id)
+    .where(message.c.recipient == bindparam("recipient"), message.c.dedup_key == bindparam("dedup_key"))
+)
+_TICKET_BY_ID = select(*_TICKET_COLS).where(ticket.c.id == bindparam("id"))
+_TICKET_BY_REFERENCE = select(*_TICKET_COLS).where(ticket.c.reference == bindparam("reference"))
+_PARTICIPANTS = select(participant.c.address).where(participant.c.ticket_id == bindparam("id"))
+
+
+def _insert_ignore(dialect: str, table: Any) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING, in the dialect's words."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+_IGNORING: dict[tuple[str, str], Insert] = {}
+
+
+def _ignoring(dialect: str, table: Any) -> Insert:
+    key = (dialect, table.name)
+    stmt = _IGNORING.get(key)
+    if stmt is None:
+        stmt = _IGNORING[key] = _insert_ignore(dialect, table)
+    return stmt
+
+
 class SqlUnitOfWork:
     """Implements :class:`intake.ports.UnitOfWork`; also the read side for the CLI and web."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.dialect = conn.dialect.name
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -72,22 +107,15 @@ class SqlUnitOfWork:
             thread_key=row["thread_key"],
         )
 
-    def _ticket_where(self, *cond: Any) -> TicketFacts | None:
-        row = self.conn.execute(select(*_TICKET_COLS).where(*cond)).mappings().first()
-        return self._facts(row) if row is not None else None
-
     # -- lookups -----------------------------------------------------------------------------
 
     def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
-        row = self.conn.execute(
-            select(message.c.ticket_id, ticket.c.reference)
-            .join(ticket, ticket.c.id == message.c.ticket_id)
-            .where(message.c.recipient == recipient, message.c.dedup_key == dedup_key)
-        ).first()
+        row = self.conn.execute(_FIND_DUPLICATE, {"recipient": recipient, "dedup_key": dedup_key}).first()
         return Duplicate(ticket_id=row[0], reference=row[1]) if row else None
 
     def ticket_by_reference(self, reference: str) -> TicketFacts | None:
-        return self._ticket_where(ticket.c.reference == reference)
+        row = self.conn.execute(_TICKET_BY_REFERENCE, {"reference": reference}).mappings().first()
+        return self._facts(row) if row is not None else None
 
     def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[KnownId]:
         if not message_ids:
@@ -102,17 +130,12 @@ class SqlUnitOfWork:
         cache: dict[int, TicketFacts | None] = {}
         for mid, tid, ours in sorted(rows, key=lambda r: (order.get(r[0], 1 << 30), not r[2])):
             if tid not in cache:
-                cache[tid] = self._ticket_where(ticket.c.id == tid)
+                row = self.conn.execute(_TICKET_BY_ID, {"id": tid}).mappings().first()
+                cache[tid] = self._facts(row) if row is not None else None
             facts = cache[tid]
             if facts is not None:
                 found.append(KnownId(facts, mid, bool(ours)))
         return found
-
-    def ticket_by_thread(self, thread_key: str) -> TicketFacts | None:
-        return self._ticket_where(ticket.c.thread_key == thread_key)
-
-    def reference_taken(self, reference: str) -> bool:
-        return self.conn.execute(select(ticket.c.id).where(ticket.c.reference == reference)).first() is not None
 
     def is_known_participant(self, address: str) -> bool:
         return (
@@ -124,7 +147,8 @@ class SqlUnitOfWork:
 
     def create_ticket(self, t: NewTicket) -> TicketFacts:
         result = self.conn.execute(
-            insert(ticket).values(
+            _INSERT_TICKET,
+            dict(
                 reference=t.reference,
                 subject=t.subject,
                 channel=str(t.channel),
@@ -142,7 +166,7 @@ class SqlUnitOfWork:
                 response_due=t.response_due,
                 notes=[_note(t.created_at, n) for n in t.notes],
                 evidence=[h.to_dict() for h in t.evidence],
-            )
+            ),
         )
         new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
         assert new_id is not None
@@ -187,18 +211,13 @@ class SqlUnitOfWork:
             self.conn.execute(update(ticket).where(ticket.c.id == ticket_id).values(**values))
 
     def add_participant(self, ticket_id: int, address: str) -> None:
-        exists = self.conn.execute(
-            select(participant.c.ticket_id).where(
-                participant.c.ticket_id == ticket_id, participant.c.address == address
-            )
-        ).first()
-        if exists is None:
-            self.conn.execute(insert(participant).values(ticket_id=ticket_id, address=address))
+        self.conn.execute(_ignoring(self.dialect, participant), {"ticket_id": ticket_id, "address": address})
 
     def add_message(self, m: NewMessage) -> int:
         msg = m.message
         result = self.conn.execute(
-            insert(message).values(
+            _INSERT_MESSAGE,
+            dict(
                 ticket_id=m.ticket_id,
                 direction=str(m.direction),
                 route=str(m.route),
@@ -224,23 +243,21 @@ class SqlUnitOfWork:
                 received_at=m.received_at,
                 sent_date=msg.date,
                 raw=msg.raw,
-            )
+            ),
         )
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
     def index_message_id(self, ticket_id: int, mid: str, *, ours: bool) -> None:
-        if not mid:
-            return
-        exists = self.conn.execute(
-            select(message_id.c.ours).where(message_id.c.message_id == mid, message_id.c.ticket_id == ticket_id)
-        ).first()
-        if exists is None:
-            self.conn.execute(insert(message_id).values(message_id=mid, ticket_id=ticket_id, ours=ours))
+        if mid:
+            self.conn.execute(
+                _ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours}
+            )
 
     def enqueue(self, entry: OutboxEntry) -> int:
         payload = entry.payload
         result = self.conn.execute(
-            insert(outbox).values(
+            _INSERT_OUTBOX,
+            dict(
                 ticket_id=entry.ticket_id,
                 kind=entry.kind,
                 channel="email" if isinstance(payload, OutgoingEmail) else "slack",
@@ -251,7 +268,7 @@ class SqlUnitOfWork:
                 attempts=0,
                 next_attempt_at=entry.created_at,
                 created_at=entry.created_at,
-            )
+            ),
         )
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
@@ -321,19 +338,28 @@ class SqlUnitOfWork:
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
             if r.ok:
                 self.conn.execute(
-                    base.values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None,
-                                last_error=None)
-                )  # fmt: skip
+                    base.values(
+                        status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
+                    )
+                )
             elif r.permanent:
                 self.conn.execute(
-                    base.values(status="failed", attempts=outbox.c.attempts + 1, claimed_until=None,
-                                last_error=(r.error or "")[:500])
-                )  # fmt: skip
+                    base.values(
+                        status="failed",
+                        attempts=outbox.c.attempts + 1,
+                        claimed_until=None,
+                        last_error=(r.error or "")[:500],
+                    )
+                )
             else:
                 self.conn.execute(
-                    base.values(attempts=outbox.c.attempts + 1, claimed_until=None,
-                                next_attempt_at=r.retry_at or now, last_error=(r.error or "")[:500])
-                )  # fmt: skip
+                    base.values(
+                        attempts=outbox.c.attempts + 1,
+                        claimed_until=None,
+                        next_attempt_at=r.retry_at or now,
+                        last_error=(r.error or "")[:500],
+                    )
+                )
 
     # -- read side (CLI, web) ------------------------------------------------------------------
 
@@ -341,15 +367,26 @@ class SqlUnitOfWork:
         counts = select(message.c.ticket_id, func.count().label("n")).group_by(message.c.ticket_id).subquery()
         q = (
             select(
-                ticket.c.id, ticket.c.reference, ticket.c.subject, ticket.c.severity, ticket.c.security,
-                ticket.c.channel, ticket.c.requester, ticket.c.requester_name, ticket.c.organisation,
-                ticket.c.status, ticket.c.created_at, ticket.c.updated_at, ticket.c.response_due,
-                ticket.c.ack_status, func.coalesce(counts.c.n, 0).label("message_count"),
+                ticket.c.id,
+                ticket.c.reference,
+                ticket.c.subject,
+                ticket.c.severity,
+                ticket.c.security,
+                ticket.c.channel,
+                ticket.c.requester,
+                ticket.c.requester_name,
+                ticket.c.organisation,
+                ticket.c.status,
+                ticket.c.created_at,
+                ticket.c.updated_at,
+                ticket.c.response_due,
+                ticket.c.ack_status,
+                func.coalesce(counts.c.n, 0).label("message_count"),
             )
             .outerjoin(counts, counts.c.ticket_id == ticket.c.id)
             .order_by(ticket.c.severity, ticket.c.created_at)
             .limit(limit)
-        )  # fmt: skip
+        )
         if status:
             q = q.where(ticket.c.status == status)
         return [dict(r) for r in self.conn.execute(q).mappings()]
@@ -369,12 +406,21 @@ class SqlUnitOfWork:
         ).mappings()
         detail["messages"] = [dict(m) for m in msgs]
         notes = self.conn.execute(
-            select(outbox.c.id, outbox.c.kind, outbox.c.recipient, outbox.c.status, outbox.c.attempts,
-                   outbox.c.next_attempt_at, outbox.c.last_error, outbox.c.created_at, outbox.c.sent_at,
-                   outbox.c.payload)
+            select(
+                outbox.c.id,
+                outbox.c.kind,
+                outbox.c.recipient,
+                outbox.c.status,
+                outbox.c.attempts,
+                outbox.c.next_attempt_at,
+                outbox.c.last_error,
+                outbox.c.created_at,
+                outbox.c.sent_at,
+                outbox.c.payload,
+            )
             .where(outbox.c.ticket_id == row["id"])
             .order_by(outbox.c.id)
-        ).mappings()  # fmt: skip
+        ).mappings()
         detail["outbox"] = [
             {**{k: v for k, v in dict(n).items() if k != "payload"}, "subject": n["payload"].get("subject", "")}
             for n in notes

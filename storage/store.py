@@ -28,7 +28,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from intake.errors import StorageUnavailableError
 from intake.ports import UnitOfWork
-from storage import tables
 from storage.repository import SqlUnitOfWork
 
 log = logging.getLogger("intake.storage")
@@ -78,7 +77,10 @@ def make_engine(url: str, *, writer: bool = True, lock_timeout: float = 5.0) -> 
 
 
 def create_schema(engine: Engine) -> None:
-    tables.metadata.create_all(engine)
+    """Create or upgrade the schema through the migrations (the same path as `intake db upgrade`)."""
+    from storage import schema
+
+    schema.upgrade(engine)
 
 
 @dataclass(slots=True)
@@ -176,9 +178,19 @@ class SqlStore:
         started = time.perf_counter()
         try:
             conn = self._connection()
-            with conn.begin():
-                for job in batch:
-                    outcomes.append(self._run_unit(conn, job))
+            try:
+                # Optimistic: every unit in one transaction, no savepoints (two statements fewer
+                # per unit). Units are re-runnable, so on any failure the group is rolled back and
+                # run again with a savepoint per unit, where a failing unit fails alone.
+                with conn.begin():
+                    outcomes = [(job, job.work(SqlUnitOfWork(conn)), None) for job in batch]
+            except (OperationalError, OSError):
+                raise
+            except Exception:
+                outcomes = []
+                with conn.begin():
+                    for job in batch:
+                        outcomes.append(self._run_unit(conn, job))
         except (OperationalError, DBAPIError, OSError) as exc:
             log.error("storage: commit of %d unit(s) failed: %s", len(batch), _short(exc))
             self._drop_connection()

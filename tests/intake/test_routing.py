@@ -17,10 +17,20 @@ POLICY = Policy(organisations={"acme": ("acme.com",)})
 
 def ticket(ref: str, requester: str = "alice@acme.com", org: str | None = "acme", tid: int = 1) -> TicketFacts:
     return TicketFacts(
-        id=tid, reference=ref, subject="printer", channel=Channel.EMAIL, requester=requester, organisation=org,
-        severity=Severity.S3, security=False, alerted=False, status="open", created_at=NOW, response_due=NOW,
+        id=tid,
+        reference=ref,
+        subject="printer",
+        channel=Channel.EMAIL,
+        requester=requester,
+        organisation=org,
+        severity=Severity.S3,
+        security=False,
+        alerted=False,
+        status="open",
+        created_at=NOW,
+        response_due=NOW,
         participants=frozenset({requester}),
-    )  # fmt: skip
+    )
 
 
 def msg(sender: str, subject: str = "", **kw: object) -> InboundMessage:
@@ -103,8 +113,9 @@ def test_reference_wins_over_headers() -> None:
     r1, r2 = REFS.new(), REFS.new()
     t1, t2 = ticket(r1, tid=1), ticket(r2, tid=2)
     m = msg("alice@acme.com", f"Re: [{r2}]", in_reply_to=("a@x",))
-    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r2: t2},
-              known_ids=[KnownId(t1, "a@x", ours=True)])  # fmt: skip
+    p = place(
+        m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r2: t2}, known_ids=[KnownId(t1, "a@x", ours=True)]
+    )
     assert p.ticket == t2 and p.route is Route.REFERENCE
 
 

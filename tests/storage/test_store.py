@@ -20,22 +20,33 @@ REFS = References()
 
 def new_ticket(ref: str | None = None, requester: str = "alice@acme.com") -> NewTicket:
     return NewTicket(
-        reference=ref or REFS.new(), subject="printer", channel=Channel.EMAIL, requester=requester,
-        requester_name="Alice", organisation=None, severity=Severity.S3, security=False, created_at=NOW,
+        reference=ref or REFS.new(),
+        subject="printer",
+        channel=Channel.EMAIL,
+        requester=requester,
+        requester_name="Alice",
+        organisation=None,
+        severity=Severity.S3,
+        security=False,
+        created_at=NOW,
         response_due=NOW + timedelta(hours=8),
-    )  # fmt: skip
+    )
 
 
 def email(n: int) -> OutgoingEmail:
-    return OutgoingEmail(to=(f"c{n}@x.org",), subject=f"s{n}", body="b", message_id=f"m{n}@intake",
-                         from_address="support@example.com")  # fmt: skip
+    return OutgoingEmail(
+        to=(f"c{n}@x.org",), subject=f"s{n}", body="b", message_id=f"m{n}@intake", from_address="support@example.com"
+    )
 
 
 def store_message(uow: SqlUnitOfWork, mid: str, recipient: str = "support@example.com") -> int:
     t = uow.create_ticket(new_ticket())
     msg = InboundMessage(channel=Channel.EMAIL, sender="alice@acme.com", recipient=recipient, message_id=mid)
-    uow.add_message(NewMessage(ticket_id=t.id, message=msg, direction=Direction.INBOUND, route=Route.NEW,
-                               route_note="new", received_at=NOW))  # fmt: skip
+    uow.add_message(
+        NewMessage(
+            ticket_id=t.id, message=msg, direction=Direction.INBOUND, route=Route.NEW, route_note="new", received_at=NOW
+        )
+    )
     return t.id
 
 
@@ -84,7 +95,7 @@ async def test_duplicate_delivery_is_a_constraint_not_a_memory(store: SqlStore) 
 
     with pytest.raises(StorageUnavailableError):
         await store.transact(blind)
-    assert len(attempts) == 3  # retried after each conflict, then gave up
+    assert 3 <= len(attempts) <= 4  # run again after each conflict (optimistic group run + 3), then gave up
     assert store.run_sync(lambda uow: uow.stats())["messages"] == 2
 
 
@@ -111,8 +122,9 @@ async def test_outbox_claim_lease_and_finish(store: SqlStore) -> None:
     tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
     for n in range(5):
         await store.transact(
-            lambda uow, n=n: uow.enqueue(OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(n),
-                                                     created_at=NOW))  # fmt: skip
+            lambda uow, n=n: uow.enqueue(
+                OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(n), created_at=NOW)
+            )
         )
     lease = NOW + timedelta(minutes=2)
     first = await store.transact(lambda uow: uow.claim_outbox(now=NOW, owner="a", lease_until=lease, limit=3))
@@ -136,8 +148,9 @@ async def test_outbox_claim_lease_and_finish(store: SqlStore) -> None:
     assert stats["outbox"] == {"pending": 3, "sent": 1, "failed": 1, "undeliverable": 0}
     # The retried one is not due before its retry time.
     soon = await store.transact(
-        lambda uow: uow.claim_outbox(now=later + timedelta(minutes=3), owner="c",
-                                     lease_until=later + timedelta(minutes=10), limit=10)  # fmt: skip
+        lambda uow: uow.claim_outbox(
+            now=later + timedelta(minutes=3), owner="c", lease_until=later + timedelta(minutes=10), limit=10
+        )
     )
     assert again[2].id not in {i.id for i in soon}
 
@@ -151,8 +164,9 @@ async def test_two_stores_claim_each_item_once(db_url: str) -> None:
         for chunk in range(10):
             await a.transact(
                 lambda uow, c=chunk: [
-                    uow.enqueue(OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(c * 20 + k),
-                                            created_at=NOW))  # fmt: skip
+                    uow.enqueue(
+                        OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(c * 20 + k), created_at=NOW)
+                    )
                     for k in range(20)
                 ]
             )
@@ -177,3 +191,38 @@ async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
     t = await store.transact(lambda uow: uow.create_ticket(new_ticket()))
     back = store.run_sync(lambda uow: uow.ticket_by_reference(t.reference))
     assert back is not None and back.created_at == NOW and back.created_at.tzinfo is not None
+
+
+def test_migrations_match_the_tables(db_url: str) -> None:
+    """The head migration creates exactly what storage/tables.py declares (no drift)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from storage import schema
+    from storage.store import make_engine
+    from storage.tables import metadata
+
+    engine = make_engine(db_url)
+    try:
+        before, after = schema.upgrade(engine)
+        assert before is None and after == schema.head()
+        assert schema.upgrade(engine) == (after, after)  # idempotent
+        schema.check(engine)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert diff == []
+    finally:
+        engine.dispose()
+
+
+def test_serve_refuses_a_schema_that_is_behind(sqlite_url: str) -> None:
+    from intake.errors import SchemaBehindError
+    from storage import schema
+    from storage.store import make_engine
+
+    engine = make_engine(sqlite_url)
+    try:
+        with pytest.raises(SchemaBehindError, match="intake db upgrade"):
+            schema.check(engine)
+    finally:
+        engine.dispose()

@@ -1,0 +1,240 @@
+"""The composition root: settings in, a wired application out. Nothing else reads settings.
+
+``build`` turns :class:`Settings` into core values (policy, rules, templates, outbound
+addressing) and wires the store, the service, the dispatcher and the listeners. ``serve``
+runs them all on one asyncio loop until SIGINT/SIGTERM, then stops them in order: listeners
+first (in-flight messages finish or get 421), then the dispatcher, then the store (its writer
+commits what is queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
+from adapters.email.sender import SmtpRelaySender
+from adapters.settings import Settings
+from intake.acknowledgement import Outbound, Templates
+from intake.dispatch import Dispatcher
+from intake.model import Severity
+from intake.policy import Policy
+from intake.ports import Clock, EmailSender, Recorder
+from intake.reference import References
+from intake.rules import RuleSet
+from intake.service import IntakeService, SystemClock
+from storage import schema
+from storage.store import SqlStore
+
+log = logging.getLogger("intake")
+
+
+def make_policy(settings: Settings) -> Policy:
+    return Policy(
+        default_severity=Severity(settings.policy.default_severity),
+        organisations={name: tuple(d.lower() for d in org.domains) for name, org in settings.organisations.items()},
+    )
+
+
+def make_outbound(settings: Settings) -> Outbound:
+    ob = settings.outbound
+    domain = ob.message_id_domain or ob.from_address.rpartition("@")[2]
+    # The loop token names this installation; it is stable across restarts.
+    token = hashlib.sha256(f"{settings.email.support_address}|{domain}".encode()).hexdigest()[:16]
+    return Outbound(
+        support_addresses=settings.email.addresses,
+        from_address=ob.from_address,
+        from_name=ob.from_name,
+        envelope_from=ob.bounce_address,
+        message_id_domain=domain,
+        loop_token=token,
+        subject_tag=settings.email.subject_tag,
+    )
+
+
+def load_rules(settings: Settings) -> RuleSet:
+    return RuleSet.load(settings.rules.path) if settings.rules.path else RuleSet.default()
+
+
+@dataclass(slots=True)
+class App:
+    settings: Settings
+    store: SqlStore
+    service: IntakeService
+    dispatcher: Dispatcher
+    recorder: Recorder
+    email_listener: EmailListener | None = None
+    slack_listener: Any | None = None  # adapters.slack.listener.SlackListener when enabled
+    chat_sender: Any | None = None  # adapters.slack.sender.SlackChatSender when enabled
+
+
+def build(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    email_sender: EmailSender | None = None,
+    create_tables: bool = True,
+) -> App:
+    """Wire everything (no sockets opened yet). Raises ConfigError on invalid rules/templates.
+
+    ``create_tables`` brings the schema to the head migration (tests, the demo); without it
+    the schema must already be there (``intake db upgrade``), or SchemaBehindError is raised.
+    """
+    clock = clock or SystemClock()
+    recorder = Recorder()
+    rules = load_rules(settings)
+    templates = Templates.load(settings.policy.templates)
+    store = SqlStore(
+        settings.storage.url, max_batch=settings.storage.max_batch, lock_timeout=settings.storage.lock_timeout
+    )
+    if create_tables:
+        schema.upgrade(store.engine)
+    else:
+        schema.check(store.engine)
+    ob = settings.outbound
+    sender = email_sender or SmtpRelaySender(
+        host=ob.relay_host,
+        port=ob.relay_port,
+        timeout=ob.timeout,
+        username=ob.relay_username,
+        password=ob.relay_password,
+        starttls=ob.relay_starttls,
+        local_hostname=settings.email.hostname,
+    )
+    chat_sender = None
+    if settings.slack.enabled:
+        from adapters.slack.sender import SlackChatSender
+
+        assert settings.slack.bot_token is not None  # the settings validator made sure
+        chat_sender = SlackChatSender(
+            token=settings.slack.bot_token.get_secret_value(),
+            api_url=settings.slack.api_url,
+            timeout=settings.slack.timeout,
+        )
+    dispatcher = Dispatcher(
+        store=store,
+        email=sender,
+        chat=chat_sender,
+        clock=clock,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        recorder=recorder,
+        backoff_base=ob.retry_base_seconds,
+        backoff_cap=ob.retry_cap_seconds,
+    )
+    service = IntakeService(
+        store=store,
+        rules=rules,
+        policy=make_policy(settings),
+        templates=templates,
+        outbound=make_outbound(settings),
+        references=References(settings.email.reference_prefix),
+        irt_email=settings.irt.lead_email,
+        irt_chat_user=settings.irt.slack_user if settings.slack.enabled else None,
+        clock=clock,
+        recorder=recorder,
+        on_commit=dispatcher.wake,
+    )
+    return App(
+        settings=settings,
+        store=store,
+        service=service,
+        dispatcher=dispatcher,
+        recorder=recorder,
+        chat_sender=chat_sender,
+    )
+
+
+def make_email_listener(app: App) -> EmailListener:
+    em = app.settings.email
+    config = ListenerConfig(
+        addresses=em.addresses,
+        protocol=em.protocol,
+        hostname=em.hostname,
+        max_message_bytes=em.max_message_bytes,
+        max_recipients=em.max_recipients,
+        max_attachment_bytes=em.max_attachment_bytes,
+        max_attachments_total=em.max_attachments_total,
+        command_timeout=em.command_timeout,
+        max_sessions=em.max_sessions,
+        max_sessions_per_client=em.max_sessions_per_client,
+    )
+    handler = IntakeHandler(app.service, config, SessionTracker())
+    return EmailListener(handler, config, host=em.listen_host, port=em.listen_port)
+
+
+async def start(app: App) -> None:
+    app.store.start()
+    listener = make_email_listener(app)
+    await listener.start()
+    app.email_listener = listener
+    if app.settings.slack.enabled:
+        from adapters.slack.listener import SlackListener
+
+        slack = SlackListener(service=app.service, settings=app.settings.slack)
+        await slack.start()
+        app.slack_listener = slack
+
+
+async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> None:
+    if app.slack_listener is not None:
+        await app.slack_listener.stop()
+    if app.email_listener is not None:
+        await app.email_listener.stop(grace=app.settings.email.shutdown_grace)
+    app.dispatcher.stop()
+    if dispatcher_task is not None:
+        try:
+            await asyncio.wait_for(dispatcher_task, timeout=5.0)
+        except (TimeoutError, asyncio.CancelledError):
+            dispatcher_task.cancel()
+    if app.chat_sender is not None:
+        await app.chat_sender.close()
+    await app.store.close()
+
+
+async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
+    """Run until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopping.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    await start(app)
+    dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
+    assert app.email_listener is not None
+    em = app.settings.email
+    ready(
+        f"intake {em.protocol.upper()} listening on {em.listen_host}:{app.email_listener.port} "
+        f"for {', '.join(em.addresses)}; storage {redact(app.settings.storage.url)}; "
+        f"relay {app.settings.outbound.relay_host}:{app.settings.outbound.relay_port}"
+    )
+    if app.slack_listener is not None:
+        ready(f"intake Slack events: {app.slack_listener.describe()}")
+    try:
+        await stopping.wait()
+    finally:
+        log.info("shutting down")
+        await stop(app, dispatcher_task)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

@@ -1,0 +1,398 @@
+"""The ``intake`` command line (click): serve, tickets, stats, rules.
+
+Every command reads the same settings (``--config PATH`` or $INTAKE_CONFIG, else defaults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapters.settings import Settings, load_settings
+from intake.errors import ConfigError, IntakeError
+
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+        if extra:
+            base += " " + " ".join(f"{k}={v}" for k, v in extra.items() if v not in (None, ""))
+        return base
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log.level)
+    # mail-parser warns on ordinary multiparts; aiosmtpd logs every peer at INFO.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj["settings"]
+    return settings
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"intake: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML settings file (default: $INTAKE_CONFIG, else built-in defaults).",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """intake: support messages in, tracked tickets out."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        _fail(exc)
+    ctx.ensure_object(dict)
+    ctx.obj["settings"] = settings
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the email listener and the outbox dispatcher until Ctrl-C / SIGTERM."""
+    from adapters import bootstrap
+
+    settings = _settings(ctx)
+    setup_logging(settings)
+    try:
+        app = bootstrap.build(settings, create_tables=False)
+    except IntakeError as exc:
+        _fail(exc)
+
+    def ready(line: str) -> None:
+        click.echo(line, err=False)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(bootstrap.serve(app, ready=ready))
+    except OSError as exc:
+        _fail(
+            ConfigError(f"cannot listen on {settings.email.listen_host}:{settings.email.listen_port}: {exc.strerror}")
+        )
+    click.echo("intake stopped")
+
+
+def _store(settings: Settings) -> Any:
+    from storage import schema
+    from storage.store import SqlStore
+
+    store = SqlStore(settings.storage.url, lock_timeout=settings.storage.lock_timeout)
+    try:
+        schema.check(store.engine)
+    except IntakeError as exc:
+        store.engine.dispose()
+        _fail(exc)
+    except Exception as exc:  # the database is unreachable
+        store.engine.dispose()
+        _fail(IntakeError(f"cannot open the database: {str(exc).splitlines()[0][:200]}"))
+    return store
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create the schema, or bring it to this version's migrations."""
+    from adapters.bootstrap import redact
+    from storage import schema
+    from storage.store import make_engine
+
+    settings = _settings(ctx)
+    engine = make_engine(settings.storage.url)
+    try:
+        before, after = schema.upgrade(engine)
+    except Exception as exc:
+        _fail(IntakeError(f"cannot upgrade {redact(settings.storage.url)}: {str(exc).splitlines()[0][:200]}"))
+    finally:
+        engine.dispose()
+    if before == after:
+        click.echo(f"{redact(settings.storage.url)}: schema already at {after}")
+    else:
+        click.echo(f"{redact(settings.storage.url)}: schema upgraded from {before or 'nothing'} to {after}")
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat(timespec="seconds") if isinstance(value, datetime) else value
+
+
+def _ticket_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "reference": row["reference"],
+        "subject": row["subject"],
+        "severity": int(row["severity"]),
+        "security": bool(row["security"]),
+        "channel": row["channel"],
+        "requester": row["requester"],
+        "organisation": row.get("organisation"),
+        "status": row["status"],
+        "message_count": int(row.get("message_count", 0)),
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row.get("updated_at")),
+        "response_due": _iso(row["response_due"]),
+        "acknowledgement": row.get("ack_status"),
+    }
+
+
+@main.group()
+def tickets() -> None:
+    """List and show tickets."""
+
+
+@tickets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="An array of ticket objects.")
+@click.option("--status", default=None, help="Only tickets with this status (open, ...).")
+@click.pass_context
+def tickets_list(ctx: click.Context, as_json: bool, status: str | None) -> None:
+    store = _store(_settings(ctx))
+    rows = store.run_sync(lambda uow: uow.list_tickets(status=status))
+    store.engine.dispose()
+    items = [_ticket_json(r) for r in rows]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        click.echo("no tickets")
+        return
+    now = datetime.now(UTC)
+    header = (
+        f"{'REFERENCE':<15} {'SEV':<4} {'SEC':<4} {'CHANNEL':<7} {'MSGS':>4}  {'DUE IN':>8}  {'REQUESTER':<28} SUBJECT"
+    )
+    click.echo(header)
+    for t, r in zip(items, rows, strict=True):
+        left = (r["response_due"] - now).total_seconds()
+        due = _human_delta(left)
+        subj = (t["subject"] or "(no subject)").replace("\n", " ")[:50]
+        click.echo(
+            f"{t['reference']:<15} {t['severity']:<4} {'yes' if t['security'] else '':<4} {t['channel']:<7} "
+            f"{t['message_count']:>4}  {due:>8}  {t['requester'][:28]:<28} {subj}"
+        )
+
+
+def _human_delta(seconds: float) -> str:
+    sign = "-" if seconds < 0 else ""
+    s = abs(int(seconds))
+    if s >= 86400:
+        return f"{sign}{s // 86400}d{(s % 86400) // 3600}h"
+    if s >= 3600:
+        return f"{sign}{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{sign}{s // 60}m"
+
+
+@tickets.command("show")
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True, help="The ticket object with a messages array.")
+@click.pass_context
+def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
+    from intake.reference import References
+
+    settings = _settings(ctx)
+    ref = References(settings.email.reference_prefix).normalise(reference)
+    if ref is None:
+        _fail(IntakeError(f"{reference!r} is not a valid reference (mistyped? the last character is a check)"))
+    store = _store(settings)
+    detail = store.run_sync(lambda uow: uow.ticket_detail(ref))
+    store.engine.dispose()
+    if detail is None:
+        _fail(IntakeError(f"no ticket {ref}"))
+    out = _ticket_json({**detail, "message_count": len(detail["messages"])})
+    out["participants"] = detail["participants"]
+    out["notes"] = detail["notes"]
+    out["evidence"] = detail["evidence"]
+    out["messages"] = [
+        {
+            "id": m["id"],
+            "direction": m["direction"],
+            "route": m["route"],
+            "why": m["route_note"],
+            "channel": m["channel"],
+            "sender": m["sender"],
+            "sender_name": m["sender_name"],
+            "recipient": m["recipient"],
+            "subject": m["subject"],
+            "message_id": m["message_id"],
+            "received_at": _iso(m["received_at"]),
+            "date": _iso(m["sent_date"]),
+            "automation": m["automation"],
+            "parse_problem": m["parse_problem"],
+            "attachments": m["attachments"],
+            "hits": m["hits"],
+            "text": m["new_text"] or m["body"],
+            "raw_size": m["raw_size"],
+        }
+        for m in detail["messages"]
+    ]
+    out["outbox"] = [{k: _iso(v) for k, v in n.items()} for n in detail["outbox"]]
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    sec = "  SECURITY INCIDENT" if out["security"] else ""
+    click.echo(f"{out['reference']}  Severity {out['severity']}{sec}  [{out['status']}]  via {out['channel']}")
+    click.echo(f"Subject:      {out['subject']}")
+    click.echo(f"Requester:    {detail['requester_name']} <{out['requester']}>  org: {out['organisation'] or '-'}")
+    click.echo(f"Participants: {', '.join(out['participants'])}")
+    click.echo(f"Created:      {out['created_at']}   response due: {out['response_due']}")
+    click.echo(f"Acknowledgement: {out['acknowledgement']}")
+    for n in out["notes"]:
+        click.echo(f"Note ({n.get('at')}): {n.get('text')}")
+    for h in out["evidence"]:
+        neg = " [possibly negated]" if h.get("negated") else ""
+        click.echo(f'Evidence: {h["rule"]} in {h["field"]}: "{h["phrase"]}"{neg} ... {h["excerpt"]} ...')
+    for m in out["messages"]:
+        click.echo("")
+        click.echo(f"--- message {m['id']} {m['direction']} from {m['sender'] or '?'} at {m['received_at']}")
+        click.echo(f"    route: {m['route']} ({m['why']})")
+        if m["automation"]:
+            click.echo(f"    automated: {m['automation']}")
+        if m["parse_problem"]:
+            click.echo(f"    parse problem: {m['parse_problem']}")
+        for a in m["attachments"]:
+            kept = "" if a.get("kept", True) else " (not kept: over the size cap)"
+            click.echo(f"    attachment: {a['filename']} {a['content_type']} {a['size']} bytes{kept}")
+        click.echo("    " + (m["text"] or "").strip().replace("\n", "\n    ")[:2000])
+    if out["outbox"]:
+        click.echo("")
+        click.echo("Outgoing:")
+        for n in out["outbox"]:
+            extra = ""
+            if n["status"] == "pending":
+                extra = f" - waiting, next attempt {n['next_attempt_at']}"
+                if n["last_error"]:
+                    extra += f", last error: {n['last_error']}"
+            elif n["status"] in ("failed", "undeliverable"):
+                extra = f" - {n['last_error']}"
+            click.echo(f"  {n['kind']} to {n['recipient']}: {n['status']} after {n['attempts']} attempt(s){extra}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts of tickets, messages and outbox entries."""
+    store = _store(_settings(ctx))
+    data = store.run_sync(lambda uow: uow.stats())
+    store.engine.dispose()
+    data["outbox_oldest_pending"] = _iso(data["outbox_oldest_pending"])
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        for k, v in data.items():
+            click.echo(f"{k}: {v}")
+
+
+@main.group()
+def rules() -> None:
+    """Check messages against the keyword rules; lint a rules file."""
+
+
+@rules.command("check")
+@click.argument("source", type=click.Path(allow_dash=True))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rules_check(ctx: click.Context, source: str, as_json: bool) -> None:
+    """Classify an .eml file or plain text (- for standard input)."""
+    from adapters.bootstrap import load_rules
+    from adapters.email.parsing import parse_email
+    from intake.rules import format_verdict
+    from intake.text import split_message
+
+    settings = _settings(ctx)
+    try:
+        ruleset = load_rules(settings)
+    except IntakeError as exc:
+        _fail(exc)
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    looks_like_mail = source.endswith(".eml") or _looks_like_headers(data)
+    if looks_like_mail:
+        msg = parse_email(data, recipient=settings.email.support_address)
+        verdict = ruleset.classify(
+            subject=msg.subject,
+            body=msg.new_text,
+            quoted=msg.quoted,
+            attachments=[a.filename for a in msg.attachments],
+        )
+    else:
+        split = split_message(data.decode("utf-8", "replace"))
+        verdict = ruleset.classify(body=split.new, quoted=split.quoted)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "severity": int(verdict.severity) if verdict.severity else None,
+                    "security": verdict.security,
+                    "hits": [h.to_dict() for h in verdict.hits],
+                },
+                indent=2,
+            )
+        )
+    else:
+        click.echo(format_verdict(verdict))
+
+
+def _looks_like_headers(data: bytes) -> bool:
+    head = data[:2000].split(b"\n\n", 1)[0].split(b"\n")
+    return bool(head) and all(b":" in line or line[:1] in (b" ", b"\t") for line in head[:3] if line.strip())
+
+
+@rules.command("lint")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.pass_context
+def rules_lint(ctx: click.Context, path: str | None) -> None:
+    """Validate a rules file (default: the configured or shipped rules)."""
+    from intake.rules import default_rules_path, lint
+
+    settings = _settings(ctx)
+    target = path or settings.rules.path or str(default_rules_path())
+    try:
+        summary = lint(target)
+    except IntakeError as exc:
+        _fail(exc)
+    click.echo(f"{target}: ok; {summary}" if isinstance(summary, str) else f"{target}: ok")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,232 @@
+"""Settings: one TOML file, every key with an embedded default.
+
+The file is named by ``--config PATH`` or the ``INTAKE_CONFIG`` environment variable; with
+neither, the defaults alone run intake. Validation is pydantic's: an invalid file stops
+start-up with a message that names the key (``email.listen_port``) and what is wrong. Only
+the composition root (``adapters.bootstrap``) and the CLI read settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from intake.errors import ConfigError
+
+ENV_CONFIG = "INTAKE_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _address(value: str) -> str:
+    v = value.strip().lower()
+    local, at, domain = v.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in v):
+        raise ValueError(f"{value!r} is not an email address")
+    return v
+
+
+Address = Annotated[str, AfterValidator(_address)]
+
+
+class StorageSettings(_Section):
+    url: str = "sqlite:///intake.db"
+    max_batch: int = Field(256, ge=1, le=10_000)
+    # Seconds to wait for a database lock or connection before answering "try again" (451).
+    lock_timeout: float = Field(5.0, gt=0, le=120)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("sqlite") or v.startswith("postgres")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+
+class EmailSettings(_Section):
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(2525, ge=1, le=65535)
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    support_address: Address = "support@example.com"
+    # Further addresses intake answers for (each copy to a different one is its own delivery).
+    extra_addresses: list[Address] = Field(default_factory=list)
+    hostname: str = "intake.local"  # our name in the SMTP greeting
+    max_message_bytes: int = Field(26_214_400, ge=1024)
+    max_recipients: int = Field(50, ge=1, le=1000)
+    max_attachment_bytes: int = Field(10_485_760, ge=0)
+    max_attachments_total: int = Field(20_971_520, ge=0)
+    command_timeout: float = Field(300.0, gt=0)  # seconds of silence before 421
+    max_sessions: int = Field(200, ge=1)
+    max_sessions_per_client: int = Field(20, ge=1)
+    shutdown_grace: float = Field(10.0, ge=0)
+    reference_prefix: str = "SUP"
+    subject_tag: str = "[{reference}]"
+
+    @field_validator("subject_tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        if "{reference}" not in v:
+            raise ValueError("must contain {reference}")
+        try:
+            v.format(reference="SUP-0000-0000")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"invalid format: {exc}") from None
+        return v
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.support_address, *[a for a in self.extra_addresses if a != self.support_address])
+
+
+class OutboundSettings(_Section):
+    relay_host: str = "127.0.0.1"
+    relay_port: int = Field(25, ge=1, le=65535)
+    relay_username: str | None = None
+    relay_password: str | None = None
+    relay_starttls: bool = False
+    from_address: Address = "support@example.com"
+    from_name: str = "Support"
+    bounce_address: str = ""  # "" sends with the null reverse-path <> (RFC 3834)
+    message_id_domain: str = ""  # default: the from_address domain
+    timeout: float = Field(30.0, gt=0)
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_cap_seconds: float = Field(3600.0, gt=0)
+
+    @field_validator("bounce_address")
+    @classmethod
+    def _bounce(cls, v: str) -> str:
+        return _address(v) if v else ""
+
+
+class IrtSettings(_Section):
+    lead_email: Address = "irt-lead@example.com"
+    slack_user: str | None = None
+
+
+class RulesSettings(_Section):
+    path: str | None = None  # default: the rules shipped with intake
+
+
+class PolicySettings(_Section):
+    default_severity: int = Field(3, ge=1, le=4)
+    templates: str | None = None  # a directory with <language>/<name>.txt; default: shipped ones
+
+
+class OrganisationSettings(_Section):
+    domains: list[str] = Field(default_factory=list)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # "json": one JSON object per line
+
+
+class SlackSettings(_Section):
+    enabled: bool = False
+    mode: Literal["http", "socket"] = "http"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(3000, ge=0, le=65535)
+    events_path: str = "/slack/events"
+    api_url: str = "https://slack.com/api/"  # the Web API base URL; tests point it at a local stand-in
+    # Secrets: from the file, or SLACK_BOT_TOKEN / SLACK_SIGNING_SECRET / SLACK_APP_TOKEN.
+    bot_token: SecretStr | None = None
+    signing_secret: SecretStr | None = None
+    app_token: SecretStr | None = None
+    channels: dict[str, str] = Field(default_factory=dict)  # channel id -> customer organisation
+    staff_users: list[str] = Field(default_factory=list)  # support team members' user ids
+    home_team: str | None = None  # our workspace id: in a Slack Connect channel its members are staff
+    timeout: float = Field(10.0, gt=0)
+
+    @field_validator("events_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        return v
+
+    @model_validator(mode="after")
+    def _secrets(self) -> SlackSettings:
+        if not self.enabled:
+            return self
+        missing = [] if self.bot_token else ["bot_token (or SLACK_BOT_TOKEN)"]
+        if self.mode == "http" and not self.signing_secret:
+            missing.append("signing_secret (or SLACK_SIGNING_SECRET)")
+        if self.mode == "socket":
+            if not self.app_token:
+                missing.append("app_token (or SLACK_APP_TOKEN)")
+            elif not self.app_token.get_secret_value().startswith("xapp-"):
+                raise ValueError("app_token must be an app-level token (xapp-...)")
+        if missing:
+            raise ValueError("Slack is enabled but these are not set: " + ", ".join(missing))
+        return self
+
+
+class Settings(_Section):
+    storage: StorageSettings = StorageSettings()
+    email: EmailSettings = EmailSettings()
+    outbound: OutboundSettings = OutboundSettings()
+    irt: IrtSettings = IrtSettings()
+    rules: RulesSettings = RulesSettings()
+    policy: PolicySettings = PolicySettings()
+    organisations: dict[str, OrganisationSettings] = Field(default_factory=dict)
+    slack: SlackSettings = SlackSettings()
+    log: LogSettings = LogSettings()
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *, environ: dict[str, str] | None = None) -> Settings:
+    """Read the TOML file named by ``path`` or $INTAKE_CONFIG; no file means all defaults."""
+    env = os.environ if environ is None else environ
+    chosen = path or env.get(ENV_CONFIG) or None
+    data = _read(Path(chosen)) if chosen else {}
+    # Slack secrets may come from the environment instead of the file.
+    slack = data.setdefault("slack", {})
+    if isinstance(slack, dict):
+        for key, var in (
+            ("bot_token", "SLACK_BOT_TOKEN"),
+            ("signing_secret", "SLACK_SIGNING_SECRET"),
+            ("app_token", "SLACK_APP_TOKEN"),
+        ):
+            if not slack.get(key) and env.get(var):
+                slack[key] = env[var]
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(chosen or "the built-in defaults"))) from None
+
+
+def _read(p: Path) -> dict[str, object]:
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {p} cannot be read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
+    return data

@@ -1,0 +1,174 @@
+"""An intake instance on loopback for end-to-end tests: real listener, real store, real relay.
+
+``running_intake`` builds intake from real settings (SQLite in a temporary directory unless a
+URL is given), starts the SMTP/LMTP listener on a free port and the outbox dispatcher on the
+test's own loop, and points outgoing mail at the relay stand-in. ``Harness.send`` delivers
+bytes with aiosmtplib, as an MTA would, and returns the final reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from adapters import bootstrap
+from adapters.settings import Settings
+from storage.repository import SqlUnitOfWork
+from tests.conftest import free_port
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+
+@dataclass
+class Harness:
+    app: bootstrap.App
+    port: int
+    dispatcher_task: asyncio.Task[None]
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    async def send(
+        self,
+        raw: bytes | EmailMessage,
+        *,
+        mail_from: str = "alice@acme.com",
+        rcpt: tuple[str, ...] = ("support@example.com",),
+    ) -> Reply:
+        data = raw.as_bytes() if isinstance(raw, EmailMessage) else raw
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, timeout=30)
+        await client.connect()
+        try:
+            _, text = await client.sendmail(mail_from, list(rcpt), data)
+            return Reply(250, text)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            first = exc.recipients[0]
+            return Reply(first.code, first.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            return Reply(exc.code, exc.message)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.quit()
+
+    def read(self, fn: Any) -> Any:
+        return self.app.store.run_sync(fn)
+
+    def tickets(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.read(lambda uow: uow.list_tickets())
+        return rows
+
+    def detail(self, reference: str) -> dict[str, Any]:
+        d: dict[str, Any] | None = self.read(lambda uow: uow.ticket_detail(reference))
+        assert d is not None, f"no ticket {reference}"
+        return d
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = self.read(lambda uow: SqlUnitOfWork.stats(uow))
+        return s
+
+    async def outbox_settled(self, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """Wait until nothing in the outbox is pending; returns the stats."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            s = self.stats()
+            if s["outbox"]["pending"] == 0:
+                return s
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"outbox still pending after {timeout}s: {s}")
+            self.app.dispatcher.wake()
+            await asyncio.sleep(0.05)
+
+
+def settings_for(tmp: Path, *, relay_port: int, db_url: str | None = None, extra: str = "") -> Settings:
+    text = f"""
+[storage]
+url = "{db_url or f"sqlite:///{tmp}/intake.db"}"
+[email]
+listen_host = "127.0.0.1"
+listen_port = {free_port()}
+support_address = "support@example.com"
+extra_addresses = ["billing@example.com"]
+hostname = "intake.test"
+shutdown_grace = 2.0
+[outbound]
+relay_host = "127.0.0.1"
+relay_port = {relay_port}
+from_address = "support@example.com"
+retry_base_seconds = 0.2
+retry_cap_seconds = 0.5
+timeout = 5
+[irt]
+lead_email = "irt-lead@example.com"
+[organisations.acme]
+domains = ["acme.com"]
+"""
+    data = tomllib.loads(text)
+    if extra:
+        _merge(data, tomllib.loads(extra))
+    return Settings.model_validate(data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+@contextlib.asynccontextmanager
+async def running_intake(settings: Settings, **build_kw: Any) -> AsyncIterator[Harness]:
+    app = bootstrap.build(settings, **build_kw)
+    app.dispatcher.idle_poll = 0.2
+    await bootstrap.start(app)
+    task = asyncio.create_task(app.dispatcher.run())
+    assert app.email_listener is not None
+    try:
+        yield Harness(app=app, port=app.email_listener.port, dispatcher_task=task)
+    finally:
+        await bootstrap.stop(app, task)
+
+
+def mail(
+    *,
+    subject: str = "Printer on fire",
+    body: str = "Hello,\nour printer is on fire since this morning.\n",
+    sender: str = "Alice Example <alice@acme.com>",
+    to: str = "support@example.com",
+    cc: str | None = None,
+    message_id: str | None = None,
+    in_reply_to: str | None = None,
+    references: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = sender
+    m["To"] = to
+    if cc:
+        m["Cc"] = cc
+    m["Subject"] = subject
+    m["Date"] = format_datetime(datetime(2026, 11, 21, 9, 30, tzinfo=UTC))
+    m["Message-ID"] = message_id or make_msgid(domain="acme.com")
+    if in_reply_to:
+        m["In-Reply-To"] = in_reply_to
+    if references:
+        m["References"] = references
+    for k, v in (headers or {}).items():
+        m[k] = v
+    m.set_content(body)
+    return m
