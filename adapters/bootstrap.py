@@ -17,6 +17,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
@@ -29,7 +30,7 @@ from intake.policy import Policy
 from intake.ports import Clock, EmailSender, Recorder
 from intake.reference import References
 from intake.rules import RuleSet
-from intake.service import IntakeService, SystemClock
+from intake.service import IntakeService, Limits, SystemClock
 from storage import schema
 from storage.store import SqlStore
 
@@ -59,6 +60,20 @@ def make_outbound(settings: Settings) -> Outbound:
     )
 
 
+def make_limits(settings: Settings) -> Limits:
+    lim, em = settings.limits, settings.email
+    require = em.require_authentication if em.require_authentication is not None else bool(em.trusted_authserv_ids)
+    return Limits(
+        acks_per_sender=lim.acks_per_sender,
+        ack_period=timedelta(minutes=lim.ack_period_minutes),
+        tickets_per_sender=lim.tickets_per_sender,
+        ticket_period=timedelta(minutes=lim.ticket_period_minutes),
+        irt_alerts_per_hour=lim.irt_alerts_per_hour,
+        trusted_authserv_ids=tuple(em.trusted_authserv_ids),
+        require_authentication=require,
+    )
+
+
 def load_rules(settings: Settings) -> RuleSet:
     return RuleSet.load(settings.rules.path) if settings.rules.path else RuleSet.default()
 
@@ -73,6 +88,7 @@ class App:
     email_listener: EmailListener | None = None
     slack_listener: Any | None = None  # adapters.slack.listener.SlackListener when enabled
     chat_sender: Any | None = None  # adapters.slack.sender.SlackChatSender when enabled
+    web: Any | None = None  # adapters.web.WebServer when enabled
 
 
 def build(
@@ -137,6 +153,7 @@ def build(
         references=References(settings.email.reference_prefix),
         irt_email=settings.irt.lead_email,
         irt_chat_user=settings.irt.slack_user if settings.slack.enabled else None,
+        limits=make_limits(settings),
         clock=clock,
         recorder=recorder,
         on_commit=dispatcher.wake,
@@ -180,9 +197,17 @@ async def start(app: App) -> None:
         slack = SlackListener(service=app.service, settings=app.settings.slack)
         await slack.start()
         app.slack_listener = slack
+    if app.settings.web.enabled:
+        from adapters.web import WebServer
+
+        web = WebServer(app)
+        await web.start()
+        app.web = web
 
 
 async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> None:
+    if app.web is not None:
+        await app.web.stop()
     if app.slack_listener is not None:
         await app.slack_listener.stop()
     if app.email_listener is not None:
@@ -218,6 +243,8 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     )
     if app.slack_listener is not None:
         ready(f"intake Slack events: {app.slack_listener.describe()}")
+    if app.web is not None:
+        ready(f"intake triage page: {app.web.describe()}")
     try:
         await stopping.wait()
     finally:

@@ -76,6 +76,11 @@ class EmailSettings(_Section):
     shutdown_grace: float = Field(10.0, ge=0)
     reference_prefix: str = "SUP"
     subject_tag: str = "[{reference}]"
+    # authserv-ids of our own MTA's Authentication-Results headers (copies from outside are ignored).
+    trusted_authserv_ids: list[str] = Field(default_factory=list)
+    # Acknowledge only authenticated senders or known customers. Default: on when
+    # trusted_authserv_ids is set.
+    require_authentication: bool | None = None
 
     @field_validator("subject_tag")
     @classmethod
@@ -131,6 +136,16 @@ class OrganisationSettings(_Section):
     domains: list[str] = Field(default_factory=list)
 
 
+class LimitSettings(_Section):
+    """What one sender (the From address) can make intake do; counted in the database."""
+
+    acks_per_sender: int = Field(5, ge=1)
+    ack_period_minutes: int = Field(60, ge=1)
+    tickets_per_sender: int = Field(10, ge=1)
+    ticket_period_minutes: int = Field(60, ge=1)
+    irt_alerts_per_hour: int = Field(20, ge=1)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"  # "json": one JSON object per line
@@ -176,6 +191,23 @@ class SlackSettings(_Section):
         return self
 
 
+class WebSettings(_Section):
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"  # loopback unless configured
+    listen_port: int = Field(8025, ge=0, le=65535)
+    # Either a bearer token (also accepted as ?token=) or basic-auth credentials; one is required.
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    public_url: str = ""  # how people reach the page (used in alert texts); default http://host:port
+
+    @model_validator(mode="after")
+    def _auth(self) -> WebSettings:
+        if self.enabled and not self.token and not (self.username and self.password):
+            raise ValueError("the triage page needs web.token or web.username and web.password")
+        return self
+
+
 class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     email: EmailSettings = EmailSettings()
@@ -185,6 +217,8 @@ class Settings(_Section):
     policy: PolicySettings = PolicySettings()
     organisations: dict[str, OrganisationSettings] = Field(default_factory=dict)
     slack: SlackSettings = SlackSettings()
+    web: WebSettings = WebSettings()
+    limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
 
 

@@ -36,12 +36,14 @@ TEMPLATE_FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
                 "cc_note",
                 "missing_details",
                 "support_address",
+                "limit_note",
             }
         ),
         frozenset({"reference"}),
     ),
     "security-note": (frozenset({"reference"}), frozenset()),
     "cc-note": (frozenset({"support_address"}), frozenset()),
+    "limit-note": (frozenset(), frozenset()),
     "missing-details": (frozenset({"items"}), frozenset({"items"})),
     "irt-alert": (
         frozenset({"reference", "customer", "requester", "channel", "subject", "received_at", "evidence", "excerpt"}),
@@ -153,6 +155,7 @@ def render_acknowledgement(
     ticket: TicketFacts,
     missing: Sequence[str],
     support_in_cc_only: bool,
+    last_before_limit: bool = False,
 ) -> OutgoingEmail:
     level = policy.level(ticket.severity)
     tag = outbound.subject_tag.format(reference=ticket.reference)
@@ -178,6 +181,7 @@ def render_acknowledgement(
         cc_note=cc_note,
         missing_details=missing_text,
         support_address=message.recipient or outbound.primary_address,
+        limit_note=templates.render("limit-note") if last_before_limit else "",
     )
     refs = tuple(message.references[-10:]) + ((message.message_id,) if message.message_id else ())
     return OutgoingEmail(

@@ -41,6 +41,7 @@ class Route(StrEnum):
     REFERENCE = "reference"  # joined by the reference in its subject / text
     HEADER = "header"  # joined by In-Reply-To / References
     THREAD = "thread"  # joined by its chat thread (Slack thread_ts)
+    FLOOD = "flood"  # joined the sender's latest ticket: too many new tickets from one sender
     DUPLICATE = "duplicate"  # a redelivery; nothing changed
     IGNORED = "ignored"  # not for a ticket (a staff message outside any ticket's thread)
 

@@ -150,8 +150,9 @@ class UnitOfWork(Protocol):
     def index_message_id(self, ticket_id: int, message_id: str, *, ours: bool) -> None: ...
     def enqueue(self, entry: OutboxEntry) -> int: ...
     def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]: ...
-    def count_outbox_since(self, *, kind: str, recipient: str, since: datetime) -> int: ...
+    def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int: ...
     def count_tickets_since(self, *, requester: str, since: datetime) -> int: ...
+    def latest_ticket_of(self, requester: str) -> TicketFacts | None: ...
     # Outbox dispatch
     def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]: ...
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
@@ -182,17 +183,48 @@ class Clock(Protocol):
     def now(self) -> datetime: ...
 
 
+LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(slots=True)
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        self.n += 1
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+
 @dataclass(slots=True)
 class Recorder:
-    """Counters the core moves; adapters expose them (metrics). Plain data, no I/O."""
+    """Counters and latency histograms the core moves; adapters expose them (metrics).
+
+    Keys are tuples: the metric name then its label values, e.g. ("messages", "email", "new").
+    Plain data, no I/O.
+    """
 
     counts: dict[tuple[str, ...], int] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
 
     def inc(self, *key: str, by: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + by
 
     def get(self, *key: str) -> int:
         return self.counts.get(key, 0)
+
+    def observe(self, name: str, seconds: float) -> None:
+        hist = self.histograms.get(name)
+        if hist is None:
+            hist = self.histograms[name] = Histogram()
+        hist.observe(seconds)
 
 
 def payload_recipient(payload: Any) -> str:

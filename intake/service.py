@@ -11,20 +11,29 @@ HTTP 200) only after :meth:`receive` returned, that is after the commit.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from intake.acknowledgement import (
     Outbound,
     Templates,
+    new_message_id,
     render_acknowledgement,
     render_chat_acknowledgement,
     render_irt_alert,
     render_irt_chat_alert,
 )
-from intake.hygiene import Automation, AutomationKind, bounced_message_ids, detect_automation
-from intake.model import Direction, InboundMessage, Route, RuleHit, Severity, Verdict
+from intake.hygiene import (
+    AuthVerdict,
+    Automation,
+    AutomationKind,
+    authentication,
+    bounced_message_ids,
+    detect_automation,
+)
+from intake.model import Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity, Verdict
 from intake.policy import Policy, missing_details
 from intake.ports import (
     Clock,
@@ -44,6 +53,11 @@ from intake.rules import RuleSet
 log = logging.getLogger("intake.service")
 
 
+def _period(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    return f"{minutes // 60} hour(s)" if minutes % 60 == 0 else f"{minutes} minutes"
+
+
 def thread_id(thread_key: str) -> str:
     """How a chat thread is indexed beside Message-IDs: one lookup finds either."""
     return f"thread:{thread_key}"
@@ -52,6 +66,21 @@ def thread_id(thread_key: str) -> str:
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """How much automatic mail one sender can cause, and when senders must be authenticated."""
+
+    acks_per_sender: int = 5
+    ack_period: timedelta = timedelta(hours=1)
+    tickets_per_sender: int = 10
+    ticket_period: timedelta = timedelta(hours=1)
+    irt_alerts_per_hour: int = 20
+    trusted_authserv_ids: tuple[str, ...] = ()
+    # No acknowledgement to a sender that neither authenticated (SPF / aligned DKIM per a trusted
+    # Authentication-Results) nor is a known customer: forged senders must not get backscatter.
+    require_authentication: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +109,7 @@ class IntakeService:
     references: References
     irt_email: str | None = None
     irt_chat_user: str | None = None  # the IRT lead's Slack user id, for direct messages
+    limits: Limits = field(default_factory=Limits)
     clock: Clock = field(default_factory=SystemClock)
     recorder: Recorder = field(default_factory=Recorder)
     on_commit: Callable[[], None] | None = None  # wakes the outbox dispatcher
@@ -93,7 +123,9 @@ class IntakeService:
         )
 
     async def receive(self, message: InboundMessage) -> Receipt:
+        started = time.perf_counter()
         verdict = self.classify(message)
+        self.recorder.observe("classification", time.perf_counter() - started)
         automation = detect_automation(message, loop_token=self.outbound.loop_token)
         bounced = bounced_message_ids(message) if automation and automation.kind is AutomationKind.BOUNCE else ()
         cited = self.references.find(message.subject)
@@ -105,10 +137,23 @@ class IntakeService:
             message, organisation=message.organisation or self.policy.organisation_of(message.sender)
         )
 
-        def unit(uow: UnitOfWork) -> Receipt:
-            return self._unit(uow, message, verdict, automation, bounced, cited, received_at, missing)
+        auth = (
+            authentication(message, trusted_authserv_ids=self.limits.trusted_authserv_ids)
+            if self.limits.require_authentication and message.channel == "email"
+            else None
+        )
 
-        receipt = await self.store.transact(unit)
+        def unit(uow: UnitOfWork) -> Receipt:
+            return self._unit(uow, message, verdict, automation, bounced, cited, received_at, missing, auth)
+
+        stored = time.perf_counter()
+        try:
+            receipt = await self.store.transact(unit)
+        except Exception:
+            self.recorder.inc("messages", str(message.channel), "failed")
+            raise
+        finally:
+            self.recorder.observe("storage", time.perf_counter() - stored)
         self.recorder.inc("messages", str(message.channel), receipt.route.value)
         if receipt.created:
             self.recorder.inc("tickets_created", str(message.channel))
@@ -134,6 +179,7 @@ class IntakeService:
         cited: Sequence[Found],
         now: datetime,
         missing: Sequence[str],
+        auth: AuthVerdict | None = None,
     ) -> Receipt:
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
@@ -173,8 +219,13 @@ class IntakeService:
 
         if message.staff:
             return self._staff_reply(uow, message, placement, now)
+        if placement.ticket is None and message.sender and not message.chat_channel:
+            placement = self._flood_placement(uow, message, placement, now)
+        last_before_limit = False
         if placement.ticket is None:
-            ticket, ack_note = self._open_ticket(uow, message, verdict, automation, placement, now)
+            ticket, ack_note, last_before_limit = self._open_ticket(
+                uow, message, verdict, automation, placement, now, auth
+            )
             created = True
         else:
             ticket = self._update_ticket(uow, placement.ticket, message, verdict, now)
@@ -234,6 +285,7 @@ class IntakeService:
                 ticket=ticket,
                 missing=missing,
                 support_in_cc_only=support_in_cc_only,
+                last_before_limit=last_before_limit,
             )
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=now))
             uow.index_message_id(ticket.id, email.message_id, ours=True)
@@ -316,7 +368,8 @@ class IntakeService:
         automation: Automation | None,
         placement: Placement,
         now: datetime,
-    ) -> tuple[TicketFacts, str]:
+        auth: AuthVerdict | None,
+    ) -> tuple[TicketFacts, str, bool]:
         severity = verdict.severity or self.policy.default_severity
         if verdict.security:
             severity = Severity.S1
@@ -324,6 +377,17 @@ class IntakeService:
         # conflict that makes the store run this unit again with a fresh reference.
         reference = self.references.new()
         why_not = self._why_not_acknowledge(message, automation)
+        if why_not is None and auth is not None and not auth.authenticated:
+            known = self.policy.organisation_of(message.sender) or uow.is_known_participant(message.sender)
+            if not known:
+                why_not = f"sender not authenticated ({auth.reason}) and not a known customer"
+        last_before_limit = False
+        if why_not is None and not message.chat_channel:
+            lim = self.limits
+            sent = uow.count_outbox_since(kind="acknowledgement", recipient=message.sender, since=now - lim.ack_period)
+            if sent >= lim.acks_per_sender:
+                why_not = f"flood limit: {sent} acknowledgements to this sender within {_period(lim.ack_period)}"
+            last_before_limit = sent == lim.acks_per_sender - 1
         notes = [*placement.remarks, *(f"{r.why}; opened as a new ticket" for r in placement.refusals)]
         if message.parse_problem:
             notes.append(f"the message could not be parsed fully: {message.parse_problem}")
@@ -347,7 +411,24 @@ class IntakeService:
                 evidence=verdict.hits,
             )
         )
-        return ticket, why_not or "queued"
+        return ticket, why_not or "queued", last_before_limit
+
+    def _flood_placement(
+        self, uow: UnitOfWork, message: InboundMessage, placement: Placement, now: datetime
+    ) -> Placement:
+        """Past the new-ticket limit, a sender's messages join their latest ticket, silently."""
+        lim = self.limits
+        opened = uow.count_tickets_since(requester=message.sender, since=now - lim.ticket_period)
+        if opened < lim.tickets_per_sender:
+            return placement
+        latest = uow.latest_ticket_of(message.sender)
+        if latest is None:
+            return placement
+        note = (
+            f"flood limit: {opened} new tickets from {message.sender} within {_period(lim.ticket_period)}; "
+            f"added to their latest ticket {latest.reference}"
+        )
+        return Placement(Route.FLOOD, latest, note, placement.refusals, placement.remarks)
 
     def _update_ticket(
         self, uow: UnitOfWork, ticket: TicketFacts, message: InboundMessage, verdict: Verdict, now: datetime
@@ -392,6 +473,37 @@ class IntakeService:
     ) -> bool:
         if not self.irt_email:
             uow.update_ticket(ticket.id, TicketChange(add_notes=("security incident: no IRT lead address configured",)))
+            return False
+        hour_ago = now - timedelta(hours=1)
+        paged = uow.count_outbox_since(kind="irt-alert", recipient=self.irt_email, since=hour_ago)
+        if paged >= self.limits.irt_alerts_per_hour:
+            uow.update_ticket(
+                ticket.id,
+                TicketChange(
+                    add_notes=(f"IRT alert ceiling reached ({paged} alerts in the last hour): not paged",),
+                    updated_at=now,
+                ),
+            )
+            if uow.count_outbox_since(kind="irt-summary", recipient=self.irt_email, since=hour_ago) == 0:
+                summary = OutgoingEmail(
+                    to=(self.irt_email,),
+                    subject=f"[SECURITY] IRT alert ceiling reached: {paged} alerts in the last hour",
+                    body=(
+                        f"intake has sent {paged} security alerts in the last hour, its configured ceiling.\n"
+                        "Further suspected incidents in this hour are marked Severity 1 on their tickets but\n"
+                        "not paged one by one. See them with: intake tickets list\n"
+                        f"The first one not paged: {ticket.reference}\n"
+                    ),
+                    message_id=new_message_id(ticket.reference, self.outbound.message_id_domain),
+                    from_address=self.outbound.from_address,
+                    from_name=self.outbound.from_name + " (intake)",
+                    envelope_from=self.outbound.envelope_from,
+                    headers=(
+                        ("Auto-Submitted", "auto-generated"),
+                        (self.outbound.loop_header, self.outbound.loop_token),
+                    ),
+                )
+                uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-summary", payload=summary, created_at=now))
             return False
         alert = render_irt_alert(
             templates=self.templates,

@@ -284,14 +284,24 @@ class SqlUnitOfWork:
             )
         return ids
 
-    def count_outbox_since(self, *, kind: str, recipient: str, since: datetime) -> int:
-        return int(
+    def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int:
+        q = select(func.count()).select_from(outbox).where(outbox.c.kind == kind, outbox.c.created_at >= since)
+        if recipient is not None:
+            q = q.where(outbox.c.recipient == recipient)
+        return int(self.conn.execute(q).scalar_one())
+
+    def latest_ticket_of(self, requester: str) -> TicketFacts | None:
+        row = (
             self.conn.execute(
-                select(func.count())
-                .select_from(outbox)
-                .where(outbox.c.kind == kind, outbox.c.recipient == recipient, outbox.c.created_at >= since)
-            ).scalar_one()
+                select(*_TICKET_COLS)
+                .where(ticket.c.requester == requester)
+                .order_by(ticket.c.created_at.desc(), ticket.c.id.desc())
+                .limit(1)
+            )
+            .mappings()
+            .first()
         )
+        return self._facts(row) if row is not None else None
 
     def count_tickets_since(self, *, requester: str, since: datetime) -> int:
         return int(

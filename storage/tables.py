@@ -39,12 +39,13 @@ def _json() -> Any:
 
 class TicketRow(SQLModel, table=True):
     __tablename__ = "ticket"
+    __table_args__ = (Index("ix_ticket_requester_created", "requester", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     reference: str = Field(max_length=40, unique=True)
     subject: str = Field(sa_column=Column(Text, nullable=False))
     channel: str = Field(max_length=16)
-    requester: str = Field(max_length=320, index=True)
+    requester: str = Field(max_length=320)
     requester_name: str = Field(default="", max_length=200)
     organisation: str | None = Field(default=None, max_length=200)
     severity: int
@@ -108,7 +109,10 @@ class MessageIdRow(SQLModel, table=True):
 
 class OutboxRow(SQLModel, table=True):
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_recent", "kind", "recipient", "created_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 23:32:15.103323
+Create Date: 2026-11-21 23:47:52.069780
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sqlmodel
 from alembic import op
 
 import storage.tables
+
 
 revision = "0001"
 down_revision = None
@@ -45,7 +46,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("reference"),
     )
     with op.batch_alter_table("ticket", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_ticket_requester"), ["requester"], unique=False)
+        batch_op.create_index("ix_ticket_requester_created", ["requester", "created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_ticket_thread_key"), ["thread_key"], unique=False)
 
     op.create_table(
@@ -120,6 +121,7 @@ def upgrade() -> None:
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.create_index("ix_outbox_due", ["status", "next_attempt_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_outbox_message_id"), ["message_id"], unique=False)
+        batch_op.create_index("ix_outbox_recent", ["kind", "recipient", "created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_outbox_ticket_id"), ["ticket_id"], unique=False)
 
     op.create_table(
@@ -146,6 +148,7 @@ def downgrade() -> None:
     op.drop_table("participant")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_outbox_ticket_id"))
+        batch_op.drop_index("ix_outbox_recent")
         batch_op.drop_index(batch_op.f("ix_outbox_message_id"))
         batch_op.drop_index("ix_outbox_due")
 
@@ -157,7 +160,7 @@ def downgrade() -> None:
     op.drop_table("message")
     with op.batch_alter_table("ticket", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ticket_thread_key"))
-        batch_op.drop_index(batch_op.f("ix_ticket_requester"))
+        batch_op.drop_index("ix_ticket_requester_created")
 
     op.drop_table("ticket")
     # ### end Alembic commands ###

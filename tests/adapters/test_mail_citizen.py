@@ -1,0 +1,178 @@
+"""A good mail citizen: flood limits, no backscatter, our own loops, IRT alert ceiling, once-only alerts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from intake.reference import References
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail, running_intake, settings_for
+
+REFS = References()
+BREACH = "We think there was a data breach: unauthorized access to our admin account last night."
+
+
+def ref_of(text: str) -> str:
+    return next(f.reference for f in REFS.find(text) if f.reference)
+
+
+async def test_acknowledgements_per_sender_are_limited_with_one_last_notice(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    extra = "[limits]\nacks_per_sender = 3\ntickets_per_sender = 100\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        for i in range(6):
+            assert (await h.send(mail(subject=f"problem {i}"))).code == 250
+        await h.outbox_settled()
+        acks = await smtp_relay.wait_for(3)
+        assert "last automatic reply" in acks[2].message.get_content()
+        assert "last automatic reply" not in acks[0].message.get_content()
+        tickets = h.tickets()
+        assert len(tickets) == 6  # still stored, each its own ticket
+        suppressed = [t for t in tickets if t["ack_status"].startswith("suppressed: flood limit")]
+        assert len(suppressed) == 3
+        # Another sender is not affected.
+        await h.send(mail(sender="bob@acme.com"))
+        await smtp_relay.wait_for(4)
+
+
+async def test_new_tickets_per_sender_are_limited(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    extra = "[limits]\ntickets_per_sender = 2\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        refs = [ref_of((await h.send(mail(sender="flood@acme.com", subject=f"spam {i}"))).text) for i in range(5)]
+        assert len(set(refs)) == 2  # the flood became two tickets' worth of noise
+        assert refs[2:] == [refs[1]] * 3
+        detail = h.detail(refs[1])
+        assert [m["route"] for m in detail["messages"]] == ["new", "flood", "flood", "flood"]
+        assert "flood limit" in detail["messages"][1]["route_note"]
+        await h.outbox_settled()
+        await smtp_relay.wait_for(2)  # no acknowledgement for the flood
+
+
+async def test_reply_to_is_not_identity(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    extra = "[limits]\nacks_per_sender = 1\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        await h.send(mail(sender="eve@acme.com", headers={"Reply-To": "a@acme.com"}))
+        await h.send(mail(sender="eve@acme.com", headers={"Reply-To": "b@acme.com"}))
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)  # the limit counts the From address, whatever Reply-To says
+        assert ack.rcpt_tos == ("eve@acme.com",)
+
+
+AUTH = '[email]\ntrusted_authserv_ids = ["mx.example.com"]\n'
+
+
+async def test_no_backscatter_to_forged_senders(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=AUTH)) as h:
+        # Unauthenticated stranger: a ticket, no acknowledgement, and the ticket says why.
+        r1 = await h.send(mail(sender="forged@victim.example"))
+        # A forged Authentication-Results from outside (wrong authserv-id) counts for nothing.
+        r2 = await h.send(
+            mail(
+                sender="forged2@victim.example",
+                headers={"Authentication-Results": "evil.example; spf=pass smtp.mailfrom=victim.example"},
+            )
+        )
+        # SPF pass reported by our own MTA: acknowledged.
+        r3 = await h.send(
+            mail(
+                sender="real@partner.example",
+                headers={"Authentication-Results": "mx.example.com; spf=pass smtp.mailfrom=partner.example"},
+            )
+        )
+        # A known customer organisation (configured domain) is acknowledged without authentication.
+        r4 = await h.send(mail(sender="alice@acme.com"))
+        await h.outbox_settled()
+        acks = await smtp_relay.wait_for(2)
+        assert sorted(a.rcpt_tos[0] for a in acks) == ["alice@acme.com", "real@partner.example"]
+        for r in (r1, r2):
+            status = h.detail(ref_of(r.text))["ack_status"]
+            assert status.startswith("suppressed: sender not authenticated"), status
+        assert h.detail(ref_of(r3.text))["ack_status"] == "queued"
+        assert h.detail(ref_of(r4.text))["ack_status"] == "queued"
+
+
+async def test_an_earlier_participant_counts_as_known(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=AUTH)) as h:
+        authed = {"Authentication-Results": "mx.example.com; dkim=pass header.d=partner.example"}
+        await h.send(mail(sender="carol@partner.example", headers=authed))
+        await h.outbox_settled()
+        await smtp_relay.wait_for(1)
+        # Later, her mail arrives without a usable Authentication-Results: she is a known participant.
+        await h.send(mail(sender="carol@partner.example", subject="another thing"))
+        await h.outbox_settled()
+        await smtp_relay.wait_for(2)
+
+
+async def test_our_own_loop_marker_is_never_acknowledged(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        await h.send(mail())
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        # Our acknowledgement comes back (a forwarding loop): stored, not acknowledged.
+        reply = await h.send(ack.content, mail_from="alice@acme.com")
+        assert reply.code == 250
+        await asyncio.sleep(0.3)
+        await smtp_relay.wait_for(1)
+        # Mail "from" our own support address is never answered either.
+        await h.send(mail(sender="support@example.com", subject="hello"), mail_from="support@example.com")
+        await asyncio.sleep(0.3)
+        await smtp_relay.wait_for(1)
+
+
+async def test_security_alert_once_per_ticket_and_raised_by_follow_up(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        ref = ref_of((await h.send(mail(subject="Export is slow", message_id="<s1@acme.com>"))).text)
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        assert h.detail(ref)["severity"] == 3
+        # A follow-up newly reports a breach: Severity 1, alert once.
+        await h.send(mail(subject=f"Re: Export is slow [{ref}]", body=BREACH))
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(2)
+        alert = msgs[1]
+        assert alert.rcpt_tos == ("irt-lead@example.com",)
+        assert ref in alert.message["Subject"] and "SECURITY" in alert.message["Subject"]
+        body = alert.message.get_content()
+        assert "unauthorized access" in body.lower() and "intake tickets show " + ref in body
+        detail = h.detail(ref)
+        assert detail["severity"] == 1 and detail["security"]
+        # More matching follow-ups, and a reply quoting our Severity 1 words: no new page.
+        await h.send(mail(subject=f"Re: [{ref}]", body="Also: ransomware note found on one server."))
+        quoted = "Thanks.\n\n> " + ack.message.get_content().replace("\n", "\n> ")
+        await h.send(mail(subject=f"Re: [{ref}]", body=quoted, in_reply_to=ack.message["Message-ID"]))
+        await h.outbox_settled()
+        await asyncio.sleep(0.3)
+        await smtp_relay.wait_for(2)
+        # Severity is never lowered by a quiet follow-up.
+        await h.send(mail(subject=f"Re: [{ref}]", body="All good now, thanks."))
+        assert h.detail(ref)["severity"] == 1
+
+
+async def test_new_security_ticket_acknowledges_severity_1_and_alerts(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        reply = await h.send(mail(subject="Posible brecha de seguridad", body="Hubo acceso no autorizado a la cuenta."))
+        ref = ref_of(reply.text)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(2)
+        ack = next(m for m in msgs if m.rcpt_tos == ("alice@acme.com",))
+        alert = next(m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",))
+        assert "Severity 1" in ack.message.get_content()
+        assert "Incident Response Team" in ack.message.get_content()
+        assert ref in alert.message["Subject"]
+        [t] = h.tickets()
+        assert t["severity"] == 1 and t["security"]
+
+
+async def test_irt_alert_ceiling_sends_one_summary(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    extra = "[limits]\nirt_alerts_per_hour = 2\nacks_per_sender = 100\ntickets_per_sender = 100\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        for i in range(5):
+            await h.send(mail(sender=f"user{i}@acme.com", subject=f"data breach {i}", body=BREACH))
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(5 + 3)  # five acknowledgements, two alerts, one summary
+        to_irt = [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]
+        assert len(to_irt) == 3
+        assert sum("ceiling reached" in m.message["Subject"] for m in to_irt) == 1
+        assert all(t["security"] and t["severity"] == 1 for t in h.tickets())
