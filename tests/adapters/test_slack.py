@@ -1,0 +1,552 @@
+"""Slack intake end to end: signed Events API posts in, a real store, replies to a fake Slack API.
+
+Everything runs on loopback: intake's own aiohttp endpoint, the fake Web API and Socket Mode
+server of ``tests.adapters.fake_slack`` (the real slack_sdk clients reach it through
+``api_url``), and the SMTP relay stand-in for the IRT email alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from adapters.settings import SlackSettings
+from adapters.slack.listener import Ignored, SlackListener, slack_to_text, split_quotes, to_inbound
+from adapters.slack.sender import SlackChatSender
+from intake.errors import PermanentSendError, TransientSendError
+from intake.model import OutgoingChat
+from intake.reference import References
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.fake_slack import (
+    APP_TOKEN,
+    BOT_ID,
+    BOT_TOKEN,
+    BOT_USER,
+    SIGNING_SECRET,
+    TEAM,
+    Answer,
+    FakeSlack,
+    envelope,
+    message_event,
+    new_ts,
+    signed_post,
+)
+from tests.adapters.harness import Harness, mail, running_intake, settings_for
+
+REFS = References()
+CHANNEL = "C0123ABCD"
+IRT_USER = "U0IRTLEAD"
+
+
+def ref_in(text: str) -> str:
+    found = [f.reference for f in REFS.find(text) if f.reference]
+    assert found, text
+    return found[0]
+
+
+def slack_toml(fake: FakeSlack, extra: str = "") -> str:
+    return f"""
+[slack]
+enabled = true
+mode = "http"
+listen_host = "127.0.0.1"
+listen_port = 0
+events_path = "/slack/events"
+api_url = "{fake.api_url}"
+bot_token = "{BOT_TOKEN}"
+signing_secret = "{SIGNING_SECRET}"
+staff_users = ["U0STAFF"]
+home_team = "T0HOME"
+timeout = 5
+[slack.channels]
+{CHANNEL} = "acme"
+C0SHARED1 = "acme"
+[irt]
+slack_user = "{IRT_USER}"
+{extra}
+"""
+
+
+@dataclass
+class Slack:
+    """Slack's side of the conversation with a running intake."""
+
+    h: Harness
+    fake: FakeSlack
+    http: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        listener = self.h.app.slack_listener
+        return f"http://127.0.0.1:{listener.port}/slack/events"
+
+    async def post(self, payload: dict[str, Any] | str, **kw: Any) -> Answer:
+        return await signed_post(self.http, self.url, payload, **kw)
+
+    async def say(self, text: str, **kw: Any) -> tuple[dict[str, Any], Answer]:
+        """Post a new message event; returns the envelope and intake's answer."""
+        env = message_event(text=text, **kw)
+        return env, await self.post(env)
+
+    async def settled(self) -> None:
+        await self.h.outbox_settled()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    server = FakeSlack()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def slack_intake(
+    tmp_path: Path, relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession, extra: str = ""
+) -> AsyncIterator[Slack]:
+    settings = settings_for(tmp_path, relay_port=relay.port, extra=slack_toml(fake, extra))
+    async with running_intake(settings) as h:
+        assert isinstance(h.app.slack_listener, SlackListener)
+        yield Slack(h, fake, http)
+
+
+@pytest.fixture
+async def slack(tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession):  # type: ignore[no-untyped-def]
+    async with slack_intake(tmp_path, smtp_relay, fake, http) as s:
+        yield s
+
+
+# -- the Events API endpoint -------------------------------------------------------------------
+
+
+async def test_url_verification_and_start_up(slack: Slack) -> None:
+    answer = await slack.post({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+                               "type": "url_verification"})  # fmt: skip
+    assert answer.status == 200
+    assert answer.json() == {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
+    listener = slack.h.app.slack_listener
+    assert listener.port > 0 and str(listener.port) in listener.describe()
+    # auth.test ran once, at start-up, with the bot token; it taught us our own ids.
+    [auth] = [c for c in slack.fake.calls if c.method == "auth.test"]
+    assert auth.headers["authorization"] == f"Bearer {BOT_TOKEN}"
+    assert listener.identity.bot_user_id == BOT_USER and listener.identity.bot_id == BOT_ID
+    assert BOT_TOKEN not in repr(slack.h.app.chat_sender)
+
+
+async def test_new_message_opens_a_ticket_and_replies_in_its_thread(
+    slack: Slack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    env, answer = await slack.say(
+        "Hi <@U0INTAKE>, the <https://app.example.com/d/7|revenue dashboard> shows no data since 10:30 &amp; "
+        "exports fail for <!here>\n&gt; yesterday it worked"
+    )
+    assert answer.status == 200
+    ts = env["event"]["ts"]
+    [t] = slack.h.tickets()
+    assert t["channel"] == "slack" and t["requester"] == "U0ALICE" and t["organisation"] == "acme"
+    assert t["message_count"] == 1
+    [reply] = await slack.fake.wait_posts(1)
+    assert reply.params["channel"] == CHANNEL and reply.params["thread_ts"] == ts
+    assert t["reference"] in reply.params["text"]
+    assert reply.headers["authorization"] == f"Bearer {BOT_TOKEN}"
+    [m] = slack.h.detail(t["reference"])["messages"]
+    assert m["route"] == "new" and m["external_id"] == f"{TEAM}/{CHANNEL}/{ts}"
+    assert m["new_text"] == (
+        "Hi @U0INTAKE, the revenue dashboard (https://app.example.com/d/7) shows no data since 10:30 & "
+        "exports fail for @here"
+    )
+    assert m["body"].endswith("> yesterday it worked")
+    await slack.settled()
+    assert slack.h.detail(t["reference"])["outbox"][0]["status"] == "sent"
+    # Secrets never reach the logs, at any level.
+    for secret in (BOT_TOKEN, SIGNING_SECRET):
+        assert secret not in caplog.text
+
+
+async def test_thread_reply_joins_without_a_second_reply(slack: Slack) -> None:
+    env, _ = await slack.say("Our nightly sync fails with error E1042")
+    root = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    _, answer = await slack.say("It failed again tonight", thread_ts=root, user="U0BOB")
+    assert answer.status == 200
+    [t] = slack.h.tickets()
+    assert t["message_count"] == 2
+    assert [m["route"] for m in slack.h.detail(t["reference"])["messages"]] == ["new", "thread"]
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)  # still the one acknowledgement
+
+
+async def test_reply_in_a_thread_that_is_no_ticket_yet_is_answered_at_its_root(slack: Slack) -> None:
+    # Staff start a thread (no ticket); a customer answers in it: a new ticket, whose reply must
+    # go to the thread's root (Slack: "avoid using a reply's ts value; use its parent instead").
+    announcement, _ = await slack.say("Maintenance tonight at 22:00 UTC", user="U0STAFF")
+    root = announcement["event"]["ts"]
+    _, answer = await slack.say("Will the API be down too? Our sync runs at 22:30", thread_ts=root)
+    assert answer.status == 200
+    [ack] = await slack.fake.wait_posts(1)
+    assert ack.params["thread_ts"] == root
+    _, _ = await slack.say("Also the webhooks?", thread_ts=root, user="U0BOB")
+    [t] = slack.h.tickets()
+    assert t["message_count"] == 2
+    await slack.settled()
+    await slack.fake.wait_posts(1)
+
+
+async def test_top_level_message_citing_the_reference_joins(slack: Slack) -> None:
+    await slack.say("The export button does nothing")
+    [ack] = await slack.fake.wait_posts(1)
+    ref = ref_in(ack.params["text"])
+    _, answer = await slack.say(f"Any news on {ref}? Still broken.", user="U0CAROL")
+    assert answer.status == 200
+    [t] = slack.h.tickets()
+    assert t["reference"] == ref and t["message_count"] == 2
+    assert slack.h.detail(ref)["messages"][1]["route"] == "reference"
+    await slack.settled()
+    await slack.fake.wait_posts(1)
+
+
+async def test_retries_and_replays_are_answered_200_without_effect(slack: Slack) -> None:
+    env = message_event(text="Login page times out for everyone in our team")
+    first = await slack.post(env)
+    retry = await slack.post(env, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    replay = await slack.post(json.dumps(env), timestamp=int(time.time()) - 200)  # within the 5-minute window
+    assert (first.status, retry.status, replay.status) == (200, 200, 200)
+    [t] = slack.h.tickets()
+    assert t["message_count"] == 1
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)
+
+
+async def test_stale_or_badly_signed_requests_get_401(slack: Slack) -> None:
+    env = message_event(text="please help")
+    stale = await slack.post(env, timestamp=int(time.time()) - 301)
+    forged = await slack.post(env, secret="not-the-signing-secret")
+    unsigned = await slack.http.post(slack.url, json=env)
+    assert (stale.status, forged.status, unsigned.status) == (401, 401, 401)
+    assert slack.h.stats()["tickets"] == 0
+
+
+async def test_edits_deletions_joins_bots_and_other_channels_are_ignored(slack: Slack) -> None:
+    env, _ = await slack.say("Reports are empty")
+    ts = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    edited = {"type": "message", "text": "Reports are empty (edited)", "user": "U0ALICE", "ts": ts}
+    events = [
+        message_event(text="", subtype="message_changed", user=None, message=edited, previous_message={"ts": ts}),
+        message_event(text="", subtype="message_deleted", user=None, deleted_ts=ts, previous_message={"ts": ts}),
+        message_event(text="<@U0NEW> has joined the channel", user="U0NEW", subtype="channel_join"),
+        message_event(text="Build #42 failed: data breach drill", user="U0JENKINS", bot_id="B0JENKINS"),
+        message_event(text="Deploy finished", user=None, subtype="bot_message", bot_id="B0DEPLOY"),
+        message_event(text="Thanks, we have opened ticket SUP for this", user=BOT_USER, bot_id=BOT_ID),
+        message_event(text="our own user id, no bot_id", user=BOT_USER),
+        message_event(text="We have an outage", channel="C0NOTOURS"),
+        envelope({"type": "reaction_added", "user": "U0ALICE", "reaction": "eyes",
+                  "item": {"type": "message", "channel": CHANNEL, "ts": ts}, "event_ts": new_ts()}),
+        envelope({"type": "member_joined_channel", "user": BOT_USER, "channel": CHANNEL, "event_ts": new_ts()}),
+        {"token": "x", "type": "app_rate_limited", "team_id": TEAM, "minute_rate_limited": 1518467820,
+         "api_app_id": "A0FAKE"},
+    ]  # fmt: skip
+    answers = [await slack.post(e) for e in events]
+    assert [a.status for a in answers] == [200] * len(events)
+    [t] = slack.h.tickets()
+    assert t["message_count"] == 1 and slack.h.stats()["messages"] == 1
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)  # an edit never re-acknowledges
+
+
+async def test_rate_limited_reply_is_delivered_once_after_retry_after(slack: Slack) -> None:
+    slack.fake.fail_next("chat.postMessage", status=429, error="ratelimited", retry_after=1)
+    env, answer = await slack.say("Can't invite new users")
+    assert answer.status == 200
+    await slack.settled()
+    [reply] = await slack.fake.wait_posts(1)
+    assert reply.params["thread_ts"] == env["event"]["ts"]
+    tries = [c for c in slack.fake.calls if c.method == "chat.postMessage"]
+    assert [c.status for c in tries] == [429, 200]
+    [note] = slack.h.detail(slack.h.tickets()[0]["reference"])["outbox"]
+    assert note["status"] == "sent" and note["attempts"] == 2
+    assert (note["sent_at"] - note["created_at"]).total_seconds() >= 0.9  # honoured Retry-After: 1
+
+
+async def test_security_message_pages_the_irt_lead_once(slack: Slack, smtp_relay: RelayStandIn) -> None:
+    text = "we found unauthorized access to our account, possible data breach"
+    env, answer = await slack.say(text)
+    assert answer.status == 200
+    [t] = slack.h.tickets()
+    assert t["severity"] == 1 and t["security"]
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    assert t["reference"] in dm.params["text"] and not dm.params.get("thread_ts")
+    [ack] = await slack.fake.wait_posts(1, channel=CHANNEL)
+    assert ack.params["thread_ts"] == env["event"]["ts"]
+    [alert] = await smtp_relay.wait_for(1)
+    assert alert.rcpt_tos == ("irt-lead@example.com",) and t["reference"] in alert.message["Subject"]
+    # A follow-up in the thread does not page again.
+    await slack.say("also the audit log shows a data breach", thread_ts=env["event"]["ts"])
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+    await smtp_relay.wait_for(1)
+    # Same words by email: the same decision (adapters translate, the core decides).
+    await slack.h.send(mail(subject="", body=text + "\n", sender="dan@acme.com"))
+    by_email = [x for x in slack.h.tickets() if x["channel"] == "email"]
+    assert [(x["severity"], x["security"]) for x in by_email] == [(1, True)]
+
+
+async def test_storage_failure_answers_5xx_and_the_retry_is_stored_once(
+    tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
+) -> None:
+    async with slack_intake(tmp_path, smtp_relay, fake, http, extra="[storage]\nlock_timeout = 0.3\n") as slack:
+        env = message_event(text="SSO login loops forever")
+        # Another process holds the write lock: a real database failure, not a mock.
+        blocker = sqlite3.connect(tmp_path / "intake.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            failed = await slack.post(env)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert failed.status == 503 and "sqlite" not in failed.text.lower()
+        assert slack.h.stats()["tickets"] == 0 and slack.h.stats()["messages"] == 0
+        retry = await slack.post(env, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_error"})
+        again = await slack.post(env, headers={"X-Slack-Retry-Num": "2", "X-Slack-Retry-Reason": "http_error"})
+        assert (retry.status, again.status) == (200, 200)
+        assert slack.h.stats()["tickets"] == 1 and slack.h.stats()["messages"] == 1
+        await slack.settled()
+        await fake.wait_posts(1)
+
+
+async def test_staff_replies_are_recorded_not_acknowledged(slack: Slack) -> None:
+    env, _ = await slack.say("Our SAML certificate expires tomorrow, what do we do?")
+    root = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    _, a1 = await slack.say("Looking into it now", user="U0STAFF", thread_ts=root)
+    # In a Slack Connect channel, a member of our home workspace is staff too.
+    _, a2 = await slack.say("Upload the new one under Settings > SSO", user="U0HOMEMATE", user_team="T0HOME",
+                            ext_shared=True, thread_ts=root)  # fmt: skip
+    # A staff message outside any ticket opens nothing.
+    _, a3 = await slack.say("Morning all, maintenance window tonight at 22:00", user="U0STAFF")
+    assert (a1.status, a2.status, a3.status) == (200, 200, 200)
+    [t] = slack.h.tickets()
+    msgs = slack.h.detail(t["reference"])["messages"]
+    assert [(m["sender"], m["direction"]) for m in msgs] == [
+        ("U0ALICE", "inbound"), ("U0STAFF", "staff"), ("U0HOMEMATE", "staff")
+    ]  # fmt: skip
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)
+
+
+class Failing:
+    """The real service behind a switch that makes ``receive`` raise (a bug, not a storage failure)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.recorder = real.recorder
+        self.failing = True
+
+    async def receive(self, message: Any) -> Any:
+        if self.failing:
+            raise RuntimeError("secret internal detail")
+        return await self.real.receive(message)
+
+
+async def test_unexpected_error_answers_500_neutrally_and_keeps_serving(slack: Slack) -> None:
+    listener = slack.h.app.slack_listener
+    listener.service = failing = Failing(listener.service)
+    env, answer = await slack.say("help")
+    assert answer.status == 500 and "secret" not in answer.text and "RuntimeError" not in answer.text
+    failing.failing = False
+    assert (await slack.post(env, headers={"X-Slack-Retry-Num": "1"})).status == 200
+    assert slack.h.stats()["tickets"] == 1
+
+
+# -- Socket Mode --------------------------------------------------------------------------------
+
+
+def socket_settings(fake: FakeSlack) -> SlackSettings:
+    return SlackSettings(
+        enabled=True,
+        mode="socket",
+        api_url=fake.api_url,
+        bot_token=SecretStr(BOT_TOKEN),
+        app_token=SecretStr(APP_TOKEN),
+        channels={CHANNEL: "acme"},
+    )
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_socket_mode_acks_only_what_is_stored(slack: Slack, tmp_path: Path) -> None:
+    fake = slack.fake
+    failing = Failing(slack.h.app.service)
+    failing.failing = False
+    listener = SlackListener(service=failing, settings=socket_settings(fake), ping_interval=0.5)  # type: ignore[arg-type]
+    await listener.start()
+    try:
+        peer = await fake.wait_peer(1)
+        [opened] = [c for c in fake.calls if c.method == "apps.connections.open"]
+        assert opened.headers["authorization"] == f"Bearer {APP_TOKEN}"
+        assert listener.port == 0 and "Socket Mode" in listener.describe()
+        env = message_event(text="Socket mode: the importer is stuck")
+        await fake.push_event(peer, env, envelope_id="env-1")
+        await wait_until(lambda: len(peer.acks) == 1)
+        assert peer.acks == [{"envelope_id": "env-1"}]
+        [t] = slack.h.tickets()
+        assert t["organisation"] == "acme"
+        await fake.wait_posts(1)
+        # A failure to store sends no ack, so Slack redelivers; the redelivery is stored once.
+        failing.failing = True
+        env2 = message_event(text="Socket mode: second problem")
+        await fake.push_event(peer, env2, envelope_id="env-2")
+        await asyncio.sleep(0.3)
+        assert len(peer.acks) == 1 and len(slack.h.tickets()) == 1
+        failing.failing = False
+        await fake.push_event(peer, env2, envelope_id="env-3", retry_attempt=1)
+        await wait_until(lambda: len(peer.acks) == 2)
+        assert len(slack.h.tickets()) == 2
+    finally:
+        await listener.stop()
+
+
+async def test_socket_mode_watchdog_replaces_a_silently_dead_client(slack: Slack) -> None:
+    fake = slack.fake
+    listener = SlackListener(
+        service=slack.h.app.service,
+        settings=socket_settings(fake),
+        ping_interval=0.3,
+        watchdog_interval=0.1,
+        grace=0.3,
+    )
+    await listener.start()
+    try:
+        await fake.wait_peer(1)
+        assert await listener.socket_problem() is None
+        # The known failure: the client's receive and monitor loops are gone, the socket looks
+        # open, nothing arrives and nothing reconnects (slack-sdk #1110, #1446).
+        client = listener._socket.client
+        client.message_receiver.cancel()
+        client.current_session_monitor.cancel()
+        second = await fake.wait_peer(2, timeout=5)
+        assert listener.reconnects == 1
+        env = message_event(text="Socket mode: after the reconnect")
+        await fake.push_event(second, env, envelope_id="env-after")
+        await wait_until(lambda: len(second.acks) == 1)
+        assert len(slack.h.tickets()) == 1
+    finally:
+        await listener.stop()
+
+
+# -- the sender, against the fake API ----------------------------------------------------------
+
+
+async def test_sender_maps_slack_failures(fake: FakeSlack) -> None:
+    sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2)
+    note = OutgoingChat(channel=CHANNEL, text="hello", thread_ts="1700000000.000100")
+    try:
+        await sender.send(note)
+        [ok] = fake.posts()
+        assert ok.params == {"channel": CHANNEL, "text": "hello", "thread_ts": "1700000000.000100",
+                             "unfurl_links": False, "unfurl_media": False}  # fmt: skip
+        cases: list[tuple[int, str, float | None, type[Exception]]] = [
+            (429, "ratelimited", 7, TransientSendError),
+            (200, "channel_not_found", None, PermanentSendError),
+            (200, "not_in_channel", None, PermanentSendError),
+            (200, "is_archived", None, PermanentSendError),
+            (200, "invalid_auth", None, TransientSendError),  # an operator fixes the token; keep the note
+            (200, "account_inactive", None, TransientSendError),
+            (500, "internal_error", None, TransientSendError),
+            (503, "service_unavailable", None, TransientSendError),
+        ]
+        for status, error, retry_after, kind in cases:
+            fake.fail_next("chat.postMessage", status=status, error=error, retry_after=retry_after)
+            with pytest.raises(kind) as caught:
+                await sender.send(note)
+            assert error in str(caught.value) and BOT_TOKEN not in str(caught.value)
+            if status == 429:
+                assert caught.value.retry_after == 7  # type: ignore[attr-defined]
+    finally:
+        await sender.close()
+    # Nothing listening: a network error is transient, and names no token.
+    port = fake.port
+    await fake.stop()
+    down = SlackChatSender(token=BOT_TOKEN, api_url=f"http://127.0.0.1:{port}/api/", timeout=2)
+    try:
+        with pytest.raises(TransientSendError) as caught:
+            await down.send(note)
+        assert BOT_TOKEN not in str(caught.value)
+    finally:
+        await down.close()
+
+
+# -- translation (pure) ------------------------------------------------------------------------
+
+
+def test_slack_markup_to_plain_text() -> None:
+    assert slack_to_text("<@U1> and <@U2|bob> in <#C1|general>") == "@U1 and @bob in #general"
+    assert slack_to_text("<!here> <!channel> <!subteam^S1|@oncall>") == "@here @channel @oncall"
+    assert slack_to_text("<https://x.test/a?b=1&amp;c=2|the docs> <https://y.test>") == (
+        "the docs (https://x.test/a?b=1&c=2) https://y.test"
+    )
+    assert slack_to_text("<mailto:a@acme.com|a@acme.com> 1 &lt; 2 &amp;&amp; 3 &gt; 2") == "a@acme.com 1 < 2 && 3 > 2"
+    assert slack_to_text("<!date^1392734382^{date_num}|2014-02-18>") == "2014-02-18"
+    new, quoted = split_quotes("see below\n&gt; old line one\n&gt; old line two\nmy answer")
+    assert (new, quoted) == ("see below\nmy answer", "old line one\nold line two")
+    assert split_quotes("intro\n&gt;&gt;&gt; all of\nthis is quoted") == ("intro", "all of\nthis is quoted")
+
+
+def test_to_inbound_fields() -> None:
+    settings = socket_settings(FakeSlack())
+    settings = settings.model_copy(update={"staff_users": ["U0STAFF"], "home_team": "T0HOME"})
+    env = message_event(text="hi <@U9>", ts="1700000000.000200", thread_ts="1700000000.000100",
+                        user_profile={"display_name": "Alice", "real_name": "Alice A."},
+                        files=[{"name": "trace.har", "mimetype": "application/json", "size": 1234}])  # fmt: skip
+    m = to_inbound(env, settings=settings, bot_user_id=BOT_USER)
+    assert not isinstance(m, Ignored)
+    assert (m.sender, m.sender_name, m.subject, m.body, m.new_text) == ("U0ALICE", "Alice", "", "hi @U9", "hi @U9")
+    assert m.recipient == f"slack:{TEAM}/{CHANNEL}" and m.organisation == "acme" and not m.staff
+    assert m.chat_channel == CHANNEL and m.chat_ts == "1700000000.000200"
+    assert m.chat_thread_ts == "1700000000.000100"
+    assert m.thread_key == f"{TEAM}/{CHANNEL}/1700000000.000100"
+    assert m.external_id == f"{TEAM}/{CHANNEL}/1700000000.000200" and m.event_id == env["event_id"]
+    assert m.date is not None and m.date.timestamp() == pytest.approx(1700000000.0002)
+    assert [(a.filename, a.size, a.kept) for a in m.attachments] == [("trace.har", 1234, False)]
+    raw = json.loads(m.raw)
+    assert raw["event"]["ts"] == "1700000000.000200" and "token" not in raw
+    top = to_inbound(message_event(text="x", ts="1700000000.000300"), settings=settings)
+    assert not isinstance(top, Ignored)
+    assert top.chat_thread_ts is None and top.thread_key == f"{TEAM}/{CHANNEL}/1700000000.000300"
+    # Our home workspace in a Slack Connect channel is staff; the same team elsewhere is not.
+    shared = message_event(text="x", user="U0HOME1", user_team="T0HOME", ext_shared=True)
+    own_ws = message_event(text="x", user="U0HOME1", user_team="T0HOME", ext_shared=False)
+    assert to_inbound(shared, settings=settings).staff  # type: ignore[union-attr]
+    assert not to_inbound(own_ws, settings=settings).staff  # type: ignore[union-attr]
