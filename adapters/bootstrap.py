@@ -23,14 +23,15 @@ from typing import Any
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
 from adapters.email.sender import SmtpRelaySender
 from adapters.settings import Settings
-from intake.acknowledgement import Outbound, Templates
+from intake.acknowledgement import Outbound, TemplateBook
 from intake.dispatch import Dispatcher
 from intake.model import Severity
-from intake.policy import Policy
+from intake.policy import DEFAULT_CHAIN, DEFAULT_LEVELS, Level, Plan, Policy, Step
 from intake.ports import Clock, EmailSender, Recorder
 from intake.reference import References
 from intake.rules import RuleSet
-from intake.service import IntakeService, Limits, SystemClock
+from intake.service import DEFAULT_ESCALATION_PHRASES, IntakeService, Limits, SystemClock, Team
+from intake.sla import SlaWatcher
 from storage import schema
 from storage.store import SqlStore
 
@@ -38,9 +39,43 @@ log = logging.getLogger("intake")
 
 
 def make_policy(settings: Settings) -> Policy:
+    pol = settings.policy
+    levels = (
+        tuple(
+            Level(
+                Severity(lvl.severity),
+                lvl.name,
+                lvl.definition,
+                {name: timedelta(minutes=m) for name, m in lvl.targets.items()},
+            )
+            for lvl in sorted(pol.levels, key=lambda x: x.severity)
+        )
+        if pol.levels
+        else DEFAULT_LEVELS
+    )
+    chain = (
+        tuple(Step(st.name, st.contact or "") for st in settings.escalation.chain)
+        if settings.escalation.chain
+        else tuple(Step(n) for n in DEFAULT_CHAIN)
+    )
     return Policy(
-        default_severity=Severity(settings.policy.default_severity),
+        levels=levels,
+        default_severity=Severity(pol.default_severity),
         organisations={name: tuple(d.lower() for d in org.domains) for name, org in settings.organisations.items()},
+        plans={name: Plan(name, frozenset(p.channels)) for name, p in settings.plans.items()},
+        organisation_plans={name: org.plan for name, org in settings.organisations.items() if org.plan},
+        default_plan=pol.default_plan,
+        chain=chain,
+        escalation_cooldown=timedelta(minutes=pol.escalation_cooldown_minutes),
+        about_to_miss=timedelta(minutes=pol.about_to_miss_minutes),
+    )
+
+
+def make_team(settings: Settings) -> Team:
+    return Team(
+        triage_email=settings.triage.email,
+        triage_chat=settings.triage.slack_channel if settings.slack.enabled else None,
+        staff_addresses=frozenset(settings.staff.addresses),
     )
 
 
@@ -85,6 +120,7 @@ class App:
     service: IntakeService
     dispatcher: Dispatcher
     recorder: Recorder
+    sla: SlaWatcher
     email_listener: EmailListener | None = None
     slack_listener: Any | None = None  # adapters.slack.listener.SlackListener when enabled
     chat_sender: Any | None = None  # adapters.slack.sender.SlackChatSender when enabled
@@ -106,7 +142,12 @@ def build(
     clock = clock or SystemClock()
     recorder = Recorder()
     rules = load_rules(settings)
-    templates = Templates.load(settings.policy.templates)
+    templates = TemplateBook.load(settings.policy.templates, default=settings.policy.default_language)
+    detector = None
+    if settings.policy.detect_language and len(templates.languages) > 1:
+        from adapters.language import LinguaDetector
+
+        detector = LinguaDetector(templates.languages)
     store = SqlStore(
         settings.storage.url, max_batch=settings.storage.max_batch, lock_timeout=settings.storage.lock_timeout
     )
@@ -144,19 +185,35 @@ def build(
         backoff_base=ob.retry_base_seconds,
         backoff_cap=ob.retry_cap_seconds,
     )
+    policy = make_policy(settings)
+    outbound = make_outbound(settings)
+    team = make_team(settings)
     service = IntakeService(
         store=store,
         rules=rules,
-        policy=make_policy(settings),
+        policy=policy,
         templates=templates,
-        outbound=make_outbound(settings),
+        outbound=outbound,
         references=References(settings.email.reference_prefix),
         irt_email=settings.irt.lead_email,
         irt_chat_user=settings.irt.slack_user if settings.slack.enabled else None,
         limits=make_limits(settings),
+        team=team,
+        detector=detector,
+        escalation_phrases=(*DEFAULT_ESCALATION_PHRASES, *settings.policy.escalation_phrases),
         clock=clock,
         recorder=recorder,
         on_commit=dispatcher.wake,
+    )
+    sla = SlaWatcher(
+        store=store,
+        policy=policy,
+        templates=templates,
+        outbound=outbound,
+        clock=clock,
+        triage_email=team.triage_email,
+        triage_chat=team.triage_chat,
+        recorder=recorder,
     )
     return App(
         settings=settings,
@@ -164,6 +221,7 @@ def build(
         service=service,
         dispatcher=dispatcher,
         recorder=recorder,
+        sla=sla,
         chat_sender=chat_sender,
     )
 
@@ -234,6 +292,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
             pass
     await start(app)
     dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
+    sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
     em = app.settings.email
     ready(
@@ -249,7 +308,9 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         await stopping.wait()
     finally:
         log.info("shutting down")
+        app.sla.stop()
         await stop(app, dispatcher_task)
+        await asyncio.wait_for(sla_task, timeout=5.0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(sig)

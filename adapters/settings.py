@@ -127,13 +127,69 @@ class RulesSettings(_Section):
     path: str | None = None  # default: the rules shipped with intake
 
 
+class LevelSettings(_Section):
+    severity: int = Field(ge=1, le=4)
+    name: str
+    definition: str = ""
+    # Target name -> minutes from when the customer wrote; the first is the initial response.
+    targets: dict[str, int] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, minutes in v.items():
+            if minutes <= 0:
+                raise ValueError(f"target {name!r} must be a positive number of minutes")
+        return v
+
+
 class PolicySettings(_Section):
     default_severity: int = Field(3, ge=1, le=4)
     templates: str | None = None  # a directory with <language>/<name>.txt; default: shipped ones
+    default_language: str = "en"
+    detect_language: bool = True
+    default_plan: str = "standard"
+    about_to_miss_minutes: int = Field(10, ge=1)
+    escalation_cooldown_minutes: int = Field(60, ge=0)
+    escalation_phrases: list[str] = Field(default_factory=list)  # added to the built-in ones
+    # Replaces the built-in CaliberMind table when given (all four severities).
+    levels: list[LevelSettings] = Field(default_factory=list)
+
+    @field_validator("levels")
+    @classmethod
+    def _all_four(cls, v: list[LevelSettings]) -> list[LevelSettings]:
+        if v and sorted(lvl.severity for lvl in v) != [1, 2, 3, 4]:
+            raise ValueError("give each severity 1, 2, 3 and 4 exactly once")
+        return v
+
+
+class PlanSettings(_Section):
+    channels: list[Literal["email", "slack"]] = Field(default_factory=lambda: ["email"])
 
 
 class OrganisationSettings(_Section):
     domains: list[str] = Field(default_factory=list)
+    plan: str | None = None
+    slack_channels: list[str] = Field(default_factory=list)
+
+
+class TriageSettings(_Section):
+    email: Address | None = None
+    slack_channel: str | None = None
+
+
+class StepSettings(_Section):
+    name: str
+    contact: Address | None = None
+
+
+class EscalationSettings(_Section):
+    # Default: the HotSchedules chain, Tier I -> ... -> COO, with no contact addresses.
+    chain: list[StepSettings] = Field(default_factory=list)
+
+
+class StaffSettings(_Section):
+    addresses: list[Address] = Field(default_factory=list)  # their email replies are staff replies
 
 
 class LimitSettings(_Section):
@@ -216,10 +272,31 @@ class Settings(_Section):
     rules: RulesSettings = RulesSettings()
     policy: PolicySettings = PolicySettings()
     organisations: dict[str, OrganisationSettings] = Field(default_factory=dict)
+    plans: dict[str, PlanSettings] = Field(
+        default_factory=lambda: {
+            "standard": PlanSettings(channels=["email"]),
+            "managed": PlanSettings(channels=["email", "slack"]),
+        }
+    )
+    triage: TriageSettings = TriageSettings()
+    escalation: EscalationSettings = EscalationSettings()
+    staff: StaffSettings = StaffSettings()
     slack: SlackSettings = SlackSettings()
     web: WebSettings = WebSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
+
+
+def _check_references(settings: Settings) -> list[str]:
+    problems = []
+    for name, org in settings.organisations.items():
+        if org.plan and org.plan not in settings.plans:
+            problems.append(
+                f"  organisations.{name}.plan: unknown plan {org.plan!r} (plans: {', '.join(settings.plans)})"
+            )
+    if settings.policy.default_plan not in settings.plans:
+        problems.append(f"  policy.default_plan: unknown plan {settings.policy.default_plan!r}")
+    return problems
 
 
 def _describe(exc: ValidationError, source: str) -> str:
@@ -248,10 +325,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, environ: dict[s
         ):
             if not slack.get(key) and env.get(var):
                 slack[key] = env[var]
+    source = str(chosen or "the built-in defaults")
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(chosen or "the built-in defaults"))) from None
+        raise ConfigError(_describe(exc, source)) from None
+    problems = _check_references(settings)
+    if problems:
+        raise ConfigError("\n".join([f"invalid configuration in {source}:", *problems]))
+    return settings
 
 
 def _read(p: Path) -> dict[str, object]:

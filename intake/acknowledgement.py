@@ -1,7 +1,9 @@
-"""What intake writes back: the customer's acknowledgement and the IRT lead's alert.
+"""What intake writes: acknowledgements, escalation replies, IRT alerts, triage and SLA notices.
 
-Texts live in template files (``intake/data/templates/<language>/*.txt``, ``$name``
-placeholders) so a team can edit them; :class:`Templates` checks at start-up that every file
+Texts live in template files, one folder per language (``intake/data/templates/<lang>/``,
+``$name`` placeholders), so a team can edit them and add languages. Customer-facing texts must
+exist in every language folder; staff-facing ones (alerts, triage, SLA, escalation contact)
+only in the default language. :meth:`TemplateBook.load` checks at start-up that every file
 exists and uses only the placeholders it is given, so a typo stops start-up instead of a
 customer receiving ``$refrence``.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -19,54 +22,54 @@ from string import Template
 from intake.errors import ConfigError
 from intake.headers import clean_header_text
 from intake.model import InboundMessage, OutgoingChat, OutgoingEmail, RuleHit, Severity
-from intake.policy import MISSING_LABELS, Policy, describe_target
+from intake.policy import MISSING_LABELS, Plan, Policy, describe_target
 from intake.ports import TicketFacts
 
-# Template name -> placeholders it may use (and must use, for the starred ones).
-TEMPLATE_FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
-    "acknowledgement": (
-        frozenset(
-            {
-                "name",
-                "reference",
-                "severity",
-                "severity_definition",
-                "response_target",
-                "security_note",
-                "cc_note",
-                "missing_details",
-                "support_address",
-                "limit_note",
-            }
-        ),
-        frozenset({"reference"}),
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    allowed: frozenset[str]
+    required: frozenset[str] = frozenset()
+    customer: bool = True  # needed in every language
+
+
+def _spec(allowed: str, required: str = "", *, customer: bool = True) -> Spec:
+    return Spec(frozenset(allowed.split()), frozenset(required.split()), customer)
+
+
+TEMPLATES: Mapping[str, Spec] = {
+    "acknowledgement": _spec(
+        "name reference severity severity_definition response_target security_note entitlement_note cc_note "
+        "missing_details support_address limit_note",
+        "reference",
     ),
-    "security-note": (frozenset({"reference"}), frozenset()),
-    "cc-note": (frozenset({"support_address"}), frozenset()),
-    "limit-note": (frozenset(), frozenset()),
-    "missing-details": (frozenset({"items"}), frozenset({"items"})),
-    "irt-alert": (
-        frozenset({"reference", "customer", "requester", "channel", "subject", "received_at", "evidence", "excerpt"}),
-        frozenset({"reference"}),
+    "security-note": _spec("reference"),
+    "cc-note": _spec("support_address"),
+    "limit-note": _spec(""),
+    "entitlement-note": _spec("plan channels channel"),
+    "missing-details": _spec("items", "items"),
+    "chat-acknowledgement": _spec(
+        "reference severity severity_definition response_target alert_note security_note entitlement_note "
+        "missing_details",
+        "reference",
     ),
-    "chat-acknowledgement": (
-        frozenset(
-            {
-                "reference",
-                "severity",
-                "severity_definition",
-                "response_target",
-                "alert_note",
-                "security_note",
-                "missing_details",
-            }
-        ),
-        frozenset({"reference"}),
+    "chat-alert-note": _spec("support_address"),
+    "escalation-customer": _spec("name reference step contact_line", "reference step"),
+    "chat-escalation": _spec("reference step", "reference step"),
+    "irt-alert": _spec(
+        "reference customer requester channel subject received_at evidence excerpt", "reference", customer=False
     ),
-    "chat-alert-note": (frozenset({"support_address"}), frozenset()),
-    "irt-chat-alert": (
-        frozenset({"reference", "customer", "requester", "channel", "subject", "rules", "excerpt"}),
-        frozenset({"reference"}),
+    "irt-chat-alert": _spec("reference customer requester channel subject rules excerpt", "reference", customer=False),
+    "triage": _spec(
+        "security_banner reference severity channel customer plan requester subject response_due excerpt",
+        "reference",
+        customer=False,
+    ),
+    "escalation-contact": _spec(
+        "reference step previous customer requester severity subject excerpt", "reference step", customer=False
+    ),
+    "sla-notice": _spec(
+        "what reference severity target due customer requester subject", "reference what", customer=False
     ),
 }
 
@@ -75,43 +78,119 @@ _RE_PREFIX = re.compile(r"^\s*(?:(?:re|aw|sv|vs|antw|r|rif|tr|fw|fwd|wg|rv|enc)\
 
 
 class Templates:
-    def __init__(self, texts: Mapping[str, Template]) -> None:
-        self._texts = dict(texts)
+    """The templates of one language (staff-facing ones come from the default language)."""
 
-    @classmethod
-    def load(cls, directory: str | Path | None = None, language: str = "en") -> Templates:
-        base = (
-            Path(directory) / language
-            if directory
-            else Path(str(resources.files("intake").joinpath("data", "templates", language)))
-        )
-        texts: dict[str, Template] = {}
-        for name, (allowed, required) in TEMPLATE_FIELDS.items():
-            path = base / f"{name}.txt"
-            try:
-                source = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"template {path}: cannot be read ({exc.strerror or exc})") from exc
-            tpl = Template(source)
-            if not tpl.is_valid():
-                raise ConfigError(f"template {path}: invalid placeholder syntax (a lone '$'? write '$$')")
-            used = set(tpl.get_identifiers())
-            unknown = used - allowed
-            if unknown:
-                raise ConfigError(
-                    f"template {path}: unknown placeholder(s) {', '.join('$' + u for u in sorted(unknown))}; "
-                    f"known: {', '.join('$' + a for a in sorted(allowed))}"
-                )
-            absent = required - used
-            if absent:
-                raise ConfigError(
-                    f"template {path}: missing required placeholder(s) {', '.join('$' + a for a in sorted(absent))}"
-                )
-            texts[name] = tpl
-        return cls(texts)
+    def __init__(
+        self,
+        language: str,
+        texts: Mapping[str, Template],
+        labels: Mapping[str, str],
+        levels: Mapping[int, tuple[str, str]] | None = None,
+    ) -> None:
+        self.language = language
+        self._texts = dict(texts)
+        self.labels = dict(labels)
+        self.levels = dict(levels or {})
 
     def render(self, template: str, /, **values: str) -> str:
         return self._texts[template].substitute(values)
+
+    def level_text(self, policy: Policy, severity: Severity) -> tuple[str, str]:
+        """(name, definition) of a severity level, translated when this language says so."""
+        if int(severity) in self.levels:
+            return self.levels[int(severity)]
+        lvl = policy.level(severity)
+        return lvl.name, lvl.definition
+
+    @classmethod
+    def load(cls, directory: str | Path | None = None, language: str = "en") -> Templates:
+        return TemplateBook.load(directory).get(language)
+
+
+class TemplateBook:
+    """Every language's templates; ``get`` falls back to the default language."""
+
+    def __init__(self, by_language: Mapping[str, Templates], default: str = "en") -> None:
+        self.by_language = dict(by_language)
+        self.default = default
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.by_language)
+
+    def get(self, language: str | None) -> Templates:
+        return self.by_language.get(language or self.default) or self.by_language[self.default]
+
+    @classmethod
+    def load(cls, directory: str | Path | None = None, default: str = "en") -> TemplateBook:
+        base = Path(directory) if directory else Path(str(resources.files("intake").joinpath("data", "templates")))
+        if not base.is_dir():
+            raise ConfigError(f"template directory {base} does not exist")
+        languages = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if default not in languages:
+            raise ConfigError(f"template directory {base} has no '{default}' folder (the default language)")
+        defaults = _load_language(base / default, staff=True)
+        book: dict[str, Templates] = {}
+        for lang in [default, *(x for x in languages if x != default)]:
+            own = defaults if lang == default else _load_language(base / lang, staff=False)
+            texts = {**{k: v for k, v in defaults[0].items() if not TEMPLATES[k].customer}, **own[0]}
+            book[lang] = Templates(lang, texts, own[1], own[2])
+        return cls(book, default)
+
+
+def _load_language(
+    folder: Path, *, staff: bool
+) -> tuple[dict[str, Template], dict[str, str], dict[int, tuple[str, str]]]:
+    texts: dict[str, Template] = {}
+    for name, spec in TEMPLATES.items():
+        if not spec.customer and not staff:
+            continue
+        path = folder / f"{name}.txt"
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"template {path}: cannot be read ({exc.strerror or exc})") from exc
+        tpl = Template(source)
+        if not tpl.is_valid():
+            raise ConfigError(f"template {path}: invalid placeholder syntax (a lone '$'? write '$$')")
+        used = set(tpl.get_identifiers())
+        unknown = used - spec.allowed
+        if unknown:
+            raise ConfigError(
+                f"template {path}: unknown placeholder(s) {', '.join('$' + u for u in sorted(unknown))}; "
+                f"known: {', '.join('$' + a for a in sorted(spec.allowed)) or 'none'}"
+            )
+        absent = spec.required - used
+        if absent:
+            raise ConfigError(
+                f"template {path}: missing required placeholder(s) {', '.join('$' + a for a in sorted(absent))}"
+            )
+        texts[name] = tpl
+    labels = _key_values(folder / "missing-labels.txt", set(MISSING_LABELS), required=True)
+    levels_raw = _key_values(folder / "levels.txt", {"1", "2", "3", "4"}, required=False)
+    levels: dict[int, tuple[str, str]] = {}
+    for key, value in levels_raw.items():
+        name, _, definition = value.partition("|")
+        levels[int(key)] = (name.strip(), definition.strip())
+    return texts, labels, levels
+
+
+def _key_values(path: Path, keys: set[str], *, required: bool) -> dict[str, str]:
+    if not path.exists():
+        if required:
+            raise ConfigError(f"template {path}: missing (lines of 'key: text' for {', '.join(sorted(keys))})")
+        return {}
+    out: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, text = line.partition(":")
+        if not sep or key.strip() not in keys or not text.strip():
+            raise ConfigError(f"template {path}, line {n}: expected 'key: text' with key one of {sorted(keys)}")
+        out[key.strip()] = text.strip()
+    if required and set(out) != keys:
+        raise ConfigError(f"template {path}: missing key(s) {', '.join(sorted(keys - set(out)))}")
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +210,35 @@ class Outbound:
     def primary_address(self) -> str:
         return self.support_addresses[0] if self.support_addresses else self.from_address
 
+    def staff_email(self, *, to: str, subject: str, body: str, reference: str) -> OutgoingEmail:
+        """A note to our own people (IRT, triage, escalation contacts): marked auto-generated."""
+        return OutgoingEmail(
+            to=(to,),
+            subject=clean_header_text(subject, max_length=200),
+            body=body,
+            message_id=new_message_id(reference, self.message_id_domain),
+            from_address=self.from_address,
+            from_name=self.from_name + " (intake)",
+            envelope_from=self.envelope_from,
+            headers=(("Auto-Submitted", "auto-generated"), (self.loop_header, self.loop_token)),
+        )
+
+    def reply(self, *, message: InboundMessage, subject: str, body: str, reference: str) -> OutgoingEmail:
+        """An automatic reply to a customer's message, threaded under it (RFC 3834 marked)."""
+        refs = tuple(message.references[-10:]) + ((message.message_id,) if message.message_id else ())
+        return OutgoingEmail(
+            to=(message.sender,),
+            subject=subject,
+            body=body,
+            message_id=new_message_id(reference, self.message_id_domain),
+            from_address=message.recipient or self.from_address,
+            from_name=self.from_name,
+            envelope_from=self.envelope_from,
+            in_reply_to=message.message_id or None,
+            references=refs,
+            headers=(AUTO_SUBMITTED, (self.loop_header, self.loop_token), ("Precedence", "auto_reply")),
+        )
+
 
 def new_message_id(reference: str, domain: str) -> str:
     """Our Message-IDs name the ticket and carry 64 random bits, so they cannot be guessed."""
@@ -139,11 +247,25 @@ def new_message_id(reference: str, domain: str) -> str:
 
 def reply_subject(subject: str, tag: str) -> str:
     base = clean_header_text(subject, max_length=160)
-    if tag.lower() in base.lower():
-        core = _RE_PREFIX.sub("", base)
-        return f"Re: {core}" if core else tag
     core = _RE_PREFIX.sub("", base)
+    if tag.lower() in base.lower():
+        return f"Re: {core}" if core else tag
     return f"Re: {core} {tag}" if core else f"Your support request {tag}"
+
+
+def _missing_text(templates: Templates, missing: Sequence[str]) -> str:
+    if not missing:
+        return ""
+    items = "\n".join(f"  - {templates.labels.get(m, MISSING_LABELS[m])}" for m in missing)
+    return templates.render("missing-details", items=items)
+
+
+def _entitlement_text(templates: Templates, plan: Plan | None, channel: str) -> str:
+    if plan is None or channel in plan.channels:
+        return ""
+    return templates.render(
+        "entitlement-note", plan=plan.name, channels=" / ".join(sorted(plan.channels)), channel=channel
+    )
 
 
 def render_acknowledgement(
@@ -156,46 +278,103 @@ def render_acknowledgement(
     missing: Sequence[str],
     support_in_cc_only: bool,
     last_before_limit: bool = False,
+    plan: Plan | None = None,
 ) -> OutgoingEmail:
-    level = policy.level(ticket.severity)
+    name, definition = templates.level_text(policy, ticket.severity)
     tag = outbound.subject_tag.format(reference=ticket.reference)
-    security_note = templates.render("security-note", reference=ticket.reference) if ticket.security else ""
-    cc_note = (
-        templates.render("cc-note", support_address=message.recipient or outbound.primary_address)
-        if support_in_cc_only
-        else ""
-    )
-    missing_text = (
-        templates.render("missing-details", items="\n".join(f"  - {MISSING_LABELS[m]}" for m in missing))
-        if missing
-        else ""
-    )
+    support = message.recipient or outbound.primary_address
     body = templates.render(
         "acknowledgement",
-        name=clean_header_text(message.sender_name, max_length=80) or "there",
+        name=_greeting_name(message),
         reference=ticket.reference,
-        severity=level.name,
-        severity_definition=level.definition,
-        response_target=describe_target(level.initial_response),
-        security_note=security_note,
-        cc_note=cc_note,
-        missing_details=missing_text,
-        support_address=message.recipient or outbound.primary_address,
+        severity=name,
+        severity_definition=definition,
+        response_target=describe_target(policy.level(ticket.severity).initial_response, templates.language),
+        security_note=templates.render("security-note", reference=ticket.reference) if ticket.security else "",
+        entitlement_note=_entitlement_text(templates, plan, str(message.channel)),
+        cc_note=templates.render("cc-note", support_address=support) if support_in_cc_only else "",
+        missing_details=_missing_text(templates, missing),
+        support_address=support,
         limit_note=templates.render("limit-note") if last_before_limit else "",
     )
-    refs = tuple(message.references[-10:]) + ((message.message_id,) if message.message_id else ())
-    return OutgoingEmail(
-        to=(message.sender,),
-        subject=reply_subject(message.subject, tag),
-        body=body,
-        message_id=new_message_id(ticket.reference, outbound.message_id_domain),
-        from_address=message.recipient or outbound.from_address,
-        from_name=outbound.from_name,
-        envelope_from=outbound.envelope_from,
-        in_reply_to=message.message_id or None,
-        references=refs,
-        headers=(AUTO_SUBMITTED, (outbound.loop_header, outbound.loop_token), ("Precedence", "auto_reply")),
+    return outbound.reply(
+        message=message, subject=reply_subject(message.subject, tag), body=body, reference=ticket.reference
     )
+
+
+def render_chat_acknowledgement(
+    *,
+    templates: Templates,
+    outbound: Outbound,
+    policy: Policy,
+    message: InboundMessage,
+    ticket: TicketFacts,
+    missing: Sequence[str],
+    plan: Plan | None = None,
+) -> OutgoingChat:
+    """The in-thread reply to a new chat ticket (Slack: ``thread_ts`` = the message's ts)."""
+    name, definition = templates.level_text(policy, ticket.severity)
+    alert_note = (
+        templates.render("chat-alert-note", support_address=outbound.primary_address) + "\n"
+        if ticket.severity <= Severity.S2
+        else ""
+    )
+    security_note = (
+        templates.render("security-note", reference=ticket.reference).strip() + "\n" if ticket.security else ""
+    )
+    text = templates.render(
+        "chat-acknowledgement",
+        reference=ticket.reference,
+        severity=name,
+        severity_definition=definition,
+        response_target=describe_target(policy.level(ticket.severity).initial_response, templates.language),
+        alert_note=alert_note,
+        security_note=security_note,
+        entitlement_note=_entitlement_text(templates, plan, str(message.channel)).strip(),
+        missing_details=_missing_text(templates, missing),
+    )
+    assert message.chat_channel is not None
+    # A reply in a thread that is not a ticket yet is answered at the thread's root.
+    return OutgoingChat(channel=message.chat_channel, text=text, thread_ts=message.chat_thread_ts or message.chat_ts)
+
+
+def render_escalation_reply(
+    *, templates: Templates, outbound: Outbound, message: InboundMessage, reference: str, step: str, contact: str
+) -> OutgoingEmail | OutgoingChat:
+    """Tells the customer who now has their ticket."""
+    if message.chat_channel:
+        text = templates.render("chat-escalation", reference=reference, step=step)
+        return OutgoingChat(
+            channel=message.chat_channel, text=text, thread_ts=message.chat_thread_ts or message.chat_ts
+        )
+    body = templates.render(
+        "escalation-customer",
+        name=_greeting_name(message),
+        reference=reference,
+        step=step,
+        contact_line=f"({contact})\n" if contact else "",
+    )
+    tag = outbound.subject_tag.format(reference=reference)
+    return outbound.reply(message=message, subject=reply_subject(message.subject, tag), body=body, reference=reference)
+
+
+def _greeting_name(message: InboundMessage) -> str:
+    """ " Alice" or "": templates write "Hello$name," so that no name reads "Hello,"."""
+    name = clean_header_text(message.sender_name, max_length=80)
+    return f" {name}" if name else ""
+
+
+def _excerpt(message: InboundMessage, limit: int = 800, prefix: str = "  > ") -> str:
+    src = (message.new_text or message.body).strip()
+    return "\n".join(prefix + line for line in src[:limit].splitlines()[:15]) or prefix + "(empty)"
+
+
+def _customer(ticket: TicketFacts, message: InboundMessage) -> str:
+    return ticket.organisation or message.sender_domain or "unknown"
+
+
+def _requester(message: InboundMessage) -> str:
+    return f"{message.sender_name} <{message.sender}>" if message.sender_name else message.sender
 
 
 def _evidence_lines(hits: Sequence[RuleHit]) -> str:
@@ -216,73 +395,22 @@ def render_irt_alert(
     hits: Sequence[RuleHit],
     received_at: str,
 ) -> OutgoingEmail:
-    excerpt_src = (message.new_text or message.body).strip()
-    excerpt = "\n".join("  > " + line for line in excerpt_src[:800].splitlines()[:15])
     body = templates.render(
         "irt-alert",
         reference=ticket.reference,
-        customer=ticket.organisation or message.sender_domain or "unknown",
-        requester=f"{message.sender_name} <{message.sender}>" if message.sender_name else message.sender,
+        customer=_customer(ticket, message),
+        requester=_requester(message),
         channel=str(message.channel),
         subject=clean_header_text(message.subject),
         received_at=received_at,
         evidence=_evidence_lines(hits),
-        excerpt=excerpt or "  (empty)",
+        excerpt=_excerpt(message),
     )
     subject = f"[SECURITY] {Severity.S1.label} suspected incident {ticket.reference}: " + clean_header_text(
         message.subject or "(no subject)", max_length=120
     )
-    return OutgoingEmail(
-        to=(to,),
-        subject=subject,
-        body=body,
-        message_id=new_message_id(ticket.reference, outbound.message_id_domain),
-        from_address=outbound.from_address,
-        from_name=outbound.from_name + " (intake)",
-        envelope_from=outbound.envelope_from,
-        headers=(
-            ("Auto-Submitted", "auto-generated"),
-            (outbound.loop_header, outbound.loop_token),
-            ("X-Priority", "1"),
-        ),
-    )
-
-
-def render_chat_acknowledgement(
-    *,
-    templates: Templates,
-    outbound: Outbound,
-    policy: Policy,
-    message: InboundMessage,
-    ticket: TicketFacts,
-    missing: Sequence[str],
-) -> OutgoingChat:
-    """The in-thread reply to a new chat ticket (Slack: ``thread_ts`` = the message's ts)."""
-    level = policy.level(ticket.severity)
-    alert_note = (
-        templates.render("chat-alert-note", support_address=outbound.primary_address) + "\n"
-        if ticket.severity <= Severity.S2
-        else ""
-    )
-    missing_text = (
-        templates.render("missing-details", items="\n".join(f"  - {MISSING_LABELS[m]}" for m in missing))
-        if missing
-        else ""
-    )
-    text = templates.render(
-        "chat-acknowledgement",
-        reference=ticket.reference,
-        severity=level.name,
-        severity_definition=level.definition,
-        response_target=describe_target(level.initial_response),
-        alert_note=alert_note,
-        security_note=templates.render("security-note", reference=ticket.reference).strip() + "\n"
-        if ticket.security
-        else "",
-        missing_details=missing_text,
-    )
-    assert message.chat_channel is not None
-    return OutgoingChat(channel=message.chat_channel, text=text, thread_ts=message.chat_ts)
+    email = outbound.staff_email(to=to, subject=subject, body=body, reference=ticket.reference)
+    return replace(email, headers=(*email.headers, ("X-Priority", "1")))
 
 
 def render_irt_chat_alert(
@@ -294,7 +422,7 @@ def render_irt_chat_alert(
     text = templates.render(
         "irt-chat-alert",
         reference=ticket.reference,
-        customer=ticket.organisation or message.sender_domain or "unknown",
+        customer=_customer(ticket, message),
         requester=message.sender_name or message.sender,
         channel=str(message.channel),
         subject=clean_header_text(message.subject) or "(none)",
@@ -302,3 +430,69 @@ def render_irt_chat_alert(
         excerpt="> " + excerpt.replace("\n", "\n> ") if excerpt else "",
     )
     return OutgoingChat(channel=user, text=text)
+
+
+def render_triage(
+    *, templates: Templates, policy: Policy, message: InboundMessage, ticket: TicketFacts, plan: Plan
+) -> tuple[str, str]:
+    """(subject, text) of the new-ticket announcement to the support team."""
+    banner = "*** SUSPECTED SECURITY INCIDENT ***\n" if ticket.security else ""
+    text = templates.render(
+        "triage",
+        security_banner=banner,
+        reference=ticket.reference,
+        severity=policy.level(ticket.severity).name,
+        channel=str(message.channel),
+        customer=_customer(ticket, message),
+        plan=plan.name,
+        requester=_requester(message) or "(unknown)",
+        subject=clean_header_text(message.subject) or "(no subject)",
+        response_due=ticket.response_due.isoformat(timespec="minutes"),
+        excerpt=_excerpt(message, limit=500),
+    )
+    sec = "[SECURITY] " if ticket.security else ""
+    subject = f"{sec}New ticket {ticket.reference} ({policy.level(ticket.severity).name}): " + clean_header_text(
+        message.subject or "(no subject)", max_length=100
+    )
+    return subject, text
+
+
+def render_escalation_contact(
+    *, templates: Templates, policy: Policy, message: InboundMessage, ticket: TicketFacts, step: str, previous: str
+) -> tuple[str, str]:
+    text = templates.render(
+        "escalation-contact",
+        reference=ticket.reference,
+        step=step,
+        previous=previous,
+        customer=_customer(ticket, message),
+        requester=_requester(message),
+        severity=policy.level(ticket.severity).name,
+        subject=clean_header_text(ticket.subject) or "(no subject)",
+        excerpt=_excerpt(message),
+    )
+    return f"Escalated to {step}: {ticket.reference} " + clean_header_text(ticket.subject, max_length=100), text
+
+
+def render_sla_notice(
+    *,
+    templates: Templates,
+    policy: Policy,
+    what: str,
+    ticket: TicketFacts,
+    requester: str,
+    target: str,
+    due: datetime,
+) -> tuple[str, str]:
+    text = templates.render(
+        "sla-notice",
+        what=what,
+        reference=ticket.reference,
+        severity=policy.level(ticket.severity).name,
+        target=target.replace("_", " "),
+        due=due.isoformat(timespec="minutes"),
+        customer=ticket.organisation or ticket.requester.rpartition("@")[2] or "unknown",
+        requester=requester,
+        subject=clean_header_text(ticket.subject) or "(no subject)",
+    )
+    return f"{what}: {ticket.reference} {target.replace('_', ' ')} due {due.isoformat(timespec='minutes')}", text

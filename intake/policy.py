@@ -101,12 +101,50 @@ PUBLIC_MAIL_DOMAINS: frozenset[str] = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """A support plan and the channels it is entitled to (CaliberMind: Slack is for managed plans)."""
+
+    name: str
+    channels: frozenset[str]
+
+
+DEFAULT_PLANS: Mapping[str, Plan] = {
+    "standard": Plan("standard", frozenset({"email"})),
+    "managed": Plan("managed", frozenset({"email", "slack"})),
+}
+
+# The HotSchedules escalation process: Tier I -> ... -> COO.
+DEFAULT_CHAIN: tuple[str, ...] = (
+    "Tier I",
+    "Tier II",
+    "Tier III",
+    "Support Manager",
+    "Customer Success Manager",
+    "Director, Customer Support",
+    "VP, Customer Support",
+    "COO",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str
+    contact: str = ""  # an email address, or "" when the step has no contact of its own
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     levels: tuple[Level, ...] = DEFAULT_LEVELS
     default_severity: Severity = Severity.S3
     public_mail_domains: frozenset[str] = PUBLIC_MAIL_DOMAINS
-    # Organisation name -> its mail domains (issue: customers and plans extend this).
+    # Organisation name -> its mail domains.
     organisations: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    plans: Mapping[str, Plan] = field(default_factory=lambda: dict(DEFAULT_PLANS))
+    organisation_plans: Mapping[str, str] = field(default_factory=dict)  # organisation -> plan name
+    default_plan: str = "standard"
+    chain: tuple[Step, ...] = tuple(Step(n) for n in DEFAULT_CHAIN)
+    escalation_cooldown: timedelta = timedelta(hours=1)
+    about_to_miss: timedelta = timedelta(minutes=10)  # lead time of the "about to miss" notice
 
     def level(self, severity: Severity) -> Level:
         for lvl in self.levels:
@@ -116,6 +154,10 @@ class Policy:
 
     def due(self, severity: Severity, since: datetime) -> datetime:
         return since + self.level(severity).initial_response
+
+    def deadlines(self, severity: Severity, since: datetime) -> dict[str, datetime]:
+        """Every target the policy names for this severity, as due times from ``since``."""
+        return {name: since + delta for name, delta in self.level(severity).targets.items()}
 
     def organisation_of(self, address: str) -> str | None:
         """The configured organisation an address belongs to (by domain or parent domain)."""
@@ -129,9 +171,22 @@ class Policy:
     def is_public_domain(self, domain: str) -> bool:
         return domain.lower() in self.public_mail_domains
 
+    def plan_of(self, organisation: str | None) -> Plan:
+        name = self.organisation_plans.get(organisation or "", self.default_plan)
+        return self.plans.get(name) or Plan(name, frozenset({"email"}))
 
-def describe_target(delta: timedelta) -> str:
-    """'30 minutes', '1 hour', '8 hours', '2 days'."""
+    def entitled(self, organisation: str | None, channel: str) -> bool:
+        return channel in self.plan_of(organisation).channels
+
+
+_UNITS = {
+    "en": {"day": ("day", "days"), "hour": ("hour", "hours"), "minute": ("minute", "minutes")},
+    "es": {"day": ("día", "días"), "hour": ("hora", "horas"), "minute": ("minuto", "minutos")},
+}
+
+
+def describe_target(delta: timedelta, language: str = "en") -> str:
+    """'30 minutes', '1 hour', '8 hours', '2 days' (or in Spanish: '30 minutos', '1 hora')."""
     minutes = int(delta.total_seconds() // 60)
     if minutes % (24 * 60) == 0 and minutes >= 48 * 60:
         n, unit = minutes // (24 * 60), "day"
@@ -139,7 +194,8 @@ def describe_target(delta: timedelta) -> str:
         n, unit = minutes // 60, "hour"
     else:
         n, unit = minutes, "minute"
-    return f"{n} {unit}{'' if n == 1 else 's'}"
+    one, many = _UNITS.get(language, _UNITS["en"])[unit]
+    return f"{n} {one if n == 1 else many}"
 
 
 # --- "How to Report a Problem": which details a message lacks -------------------------------

@@ -9,7 +9,7 @@ is one unit of work, and a database session never appears in a core signature.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -47,6 +47,12 @@ class TicketFacts:
     response_due: datetime
     participants: frozenset[str] = frozenset()
     thread_key: str | None = None
+    plan: str = "standard"
+    language: str = "en"
+    targets: Mapping[str, datetime] = field(default_factory=dict)
+    responded_at: datetime | None = None
+    escalation_step: int = 0
+    escalated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +86,9 @@ class NewTicket:
     ack_status: str = "queued"  # or why no acknowledgement was sent
     notes: tuple[str, ...] = ()
     evidence: tuple[RuleHit, ...] = ()
+    plan: str = "standard"
+    language: str = "en"
+    targets: Mapping[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +102,12 @@ class TicketChange:
     add_notes: tuple[str, ...] = ()
     add_evidence: tuple[RuleHit, ...] = ()
     updated_at: datetime | None = None
+    targets: Mapping[str, datetime] | None = None
+    responded_at: datetime | None = None
+    escalation_step: int | None = None
+    escalated_at: datetime | None = None
+    sla_warned_at: datetime | None = None
+    sla_missed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +150,21 @@ class SendResult:
     retry_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlaCandidate:
+    """An open, unanswered ticket whose first-response target is near or past."""
+
+    ticket: TicketFacts
+    warned_at: datetime | None
+    missed_at: datetime | None
+
+
+class LanguageDetector(Protocol):
+    def detect(self, text: str) -> str | None:
+        """ISO 639-1 code of the text's language among those we have templates for, or None."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """Storage operations available inside one transaction. All synchronous, all in the
     same transaction: if the unit raises, none of its writes remain."""
@@ -153,6 +183,7 @@ class UnitOfWork(Protocol):
     def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int: ...
     def count_tickets_since(self, *, requester: str, since: datetime) -> int: ...
     def latest_ticket_of(self, requester: str) -> TicketFacts | None: ...
+    def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]: ...
     # Outbox dispatch
     def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]: ...
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...

@@ -1,10 +1,11 @@
 """The intake service: one inbound message in, one committed unit of work out.
 
 Every channel adapter calls :meth:`IntakeService.receive` with an :class:`InboundMessage`.
-The pure work (keyword rules, automation checks, finding references) happens first, on the
-caller's loop; then one unit of work runs inside one transaction of the store: deduplicate,
-place the message (``intake.routing``), open or update the ticket, store the message, queue
-the acknowledgement and the IRT alert in the outbox. The caller answers its peer (SMTP 250,
+The pure work (keyword rules, automation checks, references, language, the report checklist)
+happens first, on the caller's loop, into an :class:`Assessment`. Then one unit of work runs
+inside one transaction of the store: deduplicate, place the message (``intake.routing``),
+open or update the ticket, store the message, queue the acknowledgement, the triage notice,
+the IRT alert and escalation notes in the outbox. The caller answers its peer (SMTP 250,
 HTTP 200) only after :meth:`receive` returned, that is after the commit.
 """
 
@@ -18,12 +19,14 @@ from datetime import UTC, datetime, timedelta
 
 from intake.acknowledgement import (
     Outbound,
-    Templates,
-    new_message_id,
+    TemplateBook,
     render_acknowledgement,
     render_chat_acknowledgement,
+    render_escalation_contact,
+    render_escalation_reply,
     render_irt_alert,
     render_irt_chat_alert,
+    render_triage,
 )
 from intake.hygiene import (
     AuthVerdict,
@@ -33,10 +36,11 @@ from intake.hygiene import (
     bounced_message_ids,
     detect_automation,
 )
-from intake.model import Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity, Verdict
-from intake.policy import Policy, missing_details
+from intake.model import Direction, InboundMessage, OutgoingChat, Route, RuleHit, Severity, Verdict
+from intake.policy import Plan, Policy, missing_details
 from intake.ports import (
     Clock,
+    LanguageDetector,
     NewMessage,
     NewTicket,
     OutboxEntry,
@@ -48,9 +52,34 @@ from intake.ports import (
 )
 from intake.reference import Found, References
 from intake.routing import Placement, place
-from intake.rules import RuleSet
+from intake.rules import PhraseMatcher, RuleSet
 
 log = logging.getLogger("intake.service")
+
+# Both policies let a customer ask for escalation at any time; configuration adds phrases.
+DEFAULT_ESCALATION_PHRASES: tuple[str, ...] = (
+    "please escalate",
+    "escalate this",
+    "escalate the ticket",
+    "escalate this ticket",
+    "escalate my ticket",
+    "escalate the issue",
+    "escalate to your manager",
+    "i want to escalate",
+    "we want to escalate",
+    "request an escalation",
+    "requesting escalation",
+    "escalation please",
+    "speak to a manager",
+    "speak with a manager",
+    "escalar",
+    "escalen",
+    "escalarlo",
+    "escalar el ticket",
+    "solicito escalar",
+    "hablar con un supervisor",
+    "hablar con el gerente",
+)
 
 
 def _period(delta: timedelta) -> str:
@@ -84,6 +113,33 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Team:
+    """Where the support team wants to hear about things."""
+
+    triage_email: str | None = None
+    triage_chat: str | None = None  # a Slack channel id
+    staff_addresses: frozenset[str] = frozenset()  # their replies by email are staff replies
+    escalation_contacts: tuple[str, ...] = ()  # one per step of the policy's chain ("" = none)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assessment:
+    """Everything decided about a message before the transaction (pure, on the caller's loop)."""
+
+    verdict: Verdict
+    automation: Automation | None
+    bounced: tuple[str, ...]
+    cited: tuple[Found, ...]
+    received_at: datetime
+    missing: tuple[str, ...]
+    auth: AuthVerdict | None
+    language: str
+    organisation: str | None
+    plan: Plan
+    escalation: str | None  # the phrase that asked for escalation
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Receipt:
     """What happened to one message; adapters turn it into their protocol's answer."""
 
@@ -97,6 +153,7 @@ class Receipt:
     ack_note: str  # "queued", or why no acknowledgement was sent
     alerted: bool  # this message queued the IRT alert
     note: str  # why the message went where it went
+    escalated_to: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -104,15 +161,19 @@ class IntakeService:
     store: Store
     rules: RuleSet
     policy: Policy
-    templates: Templates
+    templates: TemplateBook
     outbound: Outbound
     references: References
     irt_email: str | None = None
     irt_chat_user: str | None = None  # the IRT lead's Slack user id, for direct messages
     limits: Limits = field(default_factory=Limits)
+    team: Team = field(default_factory=Team)
+    detector: LanguageDetector | None = None
+    escalation_phrases: Sequence[str] = DEFAULT_ESCALATION_PHRASES
     clock: Clock = field(default_factory=SystemClock)
     recorder: Recorder = field(default_factory=Recorder)
     on_commit: Callable[[], None] | None = None  # wakes the outbox dispatcher
+    _escalation: PhraseMatcher | None = None
 
     def classify(self, message: InboundMessage) -> Verdict:
         return self.rules.classify(
@@ -122,33 +183,54 @@ class IntakeService:
             attachments=[a.filename for a in message.attachments if a.filename],
         )
 
-    async def receive(self, message: InboundMessage) -> Receipt:
+    def language_of(self, message: InboundMessage) -> str:
+        default = self.templates.default
+        if self.detector is None:
+            return default
+        text = f"{message.subject}\n{message.new_text or message.body}".strip()[:2000]
+        lang = self.detector.detect(text) if text else None
+        return lang if lang in self.templates.languages else default
+
+    def escalation_requested(self, message: InboundMessage) -> str | None:
+        if self._escalation is None:
+            self._escalation = PhraseMatcher(list(self.escalation_phrases))
+        found = self._escalation.find(message.new_text[:20_000])
+        return self.escalation_phrases[found[0].index] if found else None
+
+    def assess(self, message: InboundMessage) -> Assessment:
         started = time.perf_counter()
         verdict = self.classify(message)
         self.recorder.observe("classification", time.perf_counter() - started)
         automation = detect_automation(message, loop_token=self.outbound.loop_token)
         bounced = bounced_message_ids(message) if automation and automation.kind is AutomationKind.BOUNCE else ()
         cited = self.references.find(message.subject)
-        if message.thread_key is None and not cited and message.channel != "email":
+        if message.chat_thread_ts is None and not cited and message.channel != "email":
             cited = self.references.find(message.body[:2000])
-        received_at = self.clock.now()
-        # Pure work stays out of the transaction: the writer thread only does database work.
-        missing = missing_details(
-            message, organisation=message.organisation or self.policy.organisation_of(message.sender)
-        )
-
+        organisation = message.organisation or self.policy.organisation_of(message.sender)
         auth = (
             authentication(message, trusted_authserv_ids=self.limits.trusted_authserv_ids)
             if self.limits.require_authentication and message.channel == "email"
             else None
         )
+        return Assessment(
+            verdict=verdict,
+            automation=automation,
+            bounced=tuple(bounced),
+            cited=tuple(cited),
+            received_at=self.clock.now(),
+            missing=missing_details(message, organisation=organisation),
+            auth=auth,
+            language=self.language_of(message),
+            organisation=organisation,
+            plan=self.policy.plan_of(organisation),
+            escalation=self.escalation_requested(message) if automation is None else None,
+        )
 
-        def unit(uow: UnitOfWork) -> Receipt:
-            return self._unit(uow, message, verdict, automation, bounced, cited, received_at, missing, auth)
-
+    async def receive(self, message: InboundMessage) -> Receipt:
+        a = self.assess(message)  # pure work stays out of the transaction
         stored = time.perf_counter()
         try:
-            receipt = await self.store.transact(unit)
+            receipt = await self.store.transact(lambda uow: self._unit(uow, message, a))
         except Exception:
             self.recorder.inc("messages", str(message.channel), "failed")
             raise
@@ -163,24 +245,14 @@ class IntakeService:
             self.recorder.inc("acknowledgements_queued")
         elif receipt.route is not Route.DUPLICATE:
             self.recorder.inc("acknowledgements_suppressed", receipt.ack_note.split(":")[0])
-        if self.on_commit is not None and (receipt.acknowledged or receipt.alerted):
+        if self.on_commit is not None:
             self.on_commit()
         return receipt
 
     # -- the unit of work: runs inside the store's transaction ----------------------------
 
-    def _unit(
-        self,
-        uow: UnitOfWork,
-        message: InboundMessage,
-        verdict: Verdict,
-        automation: Automation | None,
-        bounced: Sequence[str],
-        cited: Sequence[Found],
-        now: datetime,
-        missing: Sequence[str],
-        auth: AuthVerdict | None = None,
-    ) -> Receipt:
+    def _unit(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Receipt:
+        now = a.received_at
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
             return Receipt(
@@ -195,47 +267,26 @@ class IntakeService:
                 alerted=False,
                 note="duplicate of a message already stored",
             )
-
-        by_reference: dict[str, TicketFacts] = {}
-        for found in cited:
-            if found.reference and found.reference not in by_reference:
-                ticket = uow.ticket_by_reference(found.reference)
-                if ticket is not None:
-                    by_reference[found.reference] = ticket
-        ids = tuple(dict.fromkeys((*message.related_ids, *bounced)))
-        known = uow.tickets_by_message_ids(ids) if ids else []
-        by_thread = None
-        if message.thread_key:
-            in_thread = uow.tickets_by_message_ids([thread_id(message.thread_key)])
-            by_thread = in_thread[0].ticket if in_thread else None
-        placement = place(
-            message,
-            policy=self.policy,
-            cited=cited,
-            by_reference=by_reference,
-            known_ids=known,
-            by_thread=by_thread,
-        )
-
-        if message.staff:
+        placement = self._place(uow, message, a)
+        staff = message.staff or message.sender in self.team.staff_addresses
+        if staff and (placement.ticket is not None or message.staff):
             return self._staff_reply(uow, message, placement, now)
         if placement.ticket is None and message.sender and not message.chat_channel:
             placement = self._flood_placement(uow, message, placement, now)
+
         last_before_limit = False
+        escalated_to: str | None = None
         if placement.ticket is None:
-            ticket, ack_note, last_before_limit = self._open_ticket(
-                uow, message, verdict, automation, placement, now, auth
-            )
+            ticket, ack_note, last_before_limit = self._open_ticket(uow, message, a, placement)
             created = True
         else:
-            ticket = self._update_ticket(uow, placement.ticket, message, verdict, now)
+            ticket = self._update_ticket(uow, placement.ticket, message, a.verdict, now)
             ack_note = "follow-up on an existing ticket"
             created = False
         if message.sender:
             uow.add_participant(ticket.id, message.sender)
         if message.thread_key:
             uow.index_message_id(ticket.id, thread_id(message.thread_key), ours=False)
-
         uow.add_message(
             NewMessage(
                 ticket_id=ticket.id,
@@ -244,8 +295,8 @@ class IntakeService:
                 route=placement.route,
                 route_note=placement.note,
                 received_at=now,
-                hits=verdict.hits,
-                automation=automation.reason if automation else None,
+                hits=a.verdict.hits,
+                automation=a.automation.reason if a.automation else None,
             )
         )
         if message.message_id:
@@ -255,46 +306,20 @@ class IntakeService:
                 refusal.ticket.id,
                 TicketChange(add_notes=(f"{refusal.why}; it went to {ticket.reference} instead",), updated_at=now),
             )
-        if bounced:
-            hit = uow.mark_undeliverable(bounced, automation.reason if automation else "bounce")
-            if hit:
-                uow.update_ticket(
-                    ticket.id,
-                    TicketChange(add_notes=("a bounce reports our outgoing message(s) undeliverable",), updated_at=now),
-                )
-
-        acknowledged = False
-        if created and ack_note == "queued" and message.chat_channel:
-            chat = render_chat_acknowledgement(
-                templates=self.templates,
-                outbound=self.outbound,
-                policy=self.policy,
-                message=message,
-                ticket=ticket,
-                missing=missing,
+        if a.bounced and uow.mark_undeliverable(a.bounced, a.automation.reason if a.automation else "bounce"):
+            uow.update_ticket(
+                ticket.id,
+                TicketChange(add_notes=("a bounce reports our outgoing message(s) undeliverable",), updated_at=now),
             )
-            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=chat, created_at=now))
-            acknowledged = True
-        elif created and ack_note == "queued":
-            support_in_cc_only = message.recipient in message.cc and message.recipient not in message.to
-            email = render_acknowledgement(
-                templates=self.templates,
-                outbound=self.outbound,
-                policy=self.policy,
-                message=self._without_foreign_tags(message, cited, ticket.reference),
-                ticket=ticket,
-                missing=missing,
-                support_in_cc_only=support_in_cc_only,
-                last_before_limit=last_before_limit,
-            )
-            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=now))
-            uow.index_message_id(ticket.id, email.message_id, ours=True)
-            acknowledged = True
 
-        alerted = False
-        if verdict.security and not ticket.alerted:
-            alerted = self._alert(uow, message, ticket, verdict.hits, now)
-
+        acknowledged = created and ack_note == "queued"
+        if acknowledged:
+            self._acknowledge(uow, message, a, ticket, last_before_limit)
+        if created and a.automation is None:
+            self._announce(uow, message, ticket, a.plan, now)
+        if not created and a.escalation:
+            escalated_to = self._escalate(uow, message, a, ticket, now)
+        alerted = a.verdict.security and not ticket.alerted and self._alert(uow, message, ticket, a.verdict.hits, now)
         return Receipt(
             route=placement.route,
             ticket_id=ticket.id,
@@ -306,6 +331,24 @@ class IntakeService:
             ack_note=ack_note,
             alerted=alerted,
             note=placement.note,
+            escalated_to=escalated_to,
+        )
+
+    def _place(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Placement:
+        by_reference: dict[str, TicketFacts] = {}
+        for found in a.cited:
+            if found.reference and found.reference not in by_reference:
+                ticket = uow.ticket_by_reference(found.reference)
+                if ticket is not None:
+                    by_reference[found.reference] = ticket
+        ids = tuple(dict.fromkeys((*message.related_ids, *a.bounced)))
+        known = uow.tickets_by_message_ids(ids) if ids else []
+        by_thread = None
+        if message.thread_key:
+            in_thread = uow.tickets_by_message_ids([thread_id(message.thread_key)])
+            by_thread = in_thread[0].ticket if in_thread else None
+        return place(
+            message, policy=self.policy, cited=a.cited, by_reference=by_reference, known_ids=known, by_thread=by_thread
         )
 
     def _why_not_acknowledge(self, message: InboundMessage, automation: Automation | None) -> str | None:
@@ -346,7 +389,10 @@ class IntakeService:
                 received_at=now,
             )
         )
-        uow.update_ticket(ticket.id, TicketChange(updated_at=now))
+        if message.message_id:
+            uow.index_message_id(ticket.id, message.message_id, ours=False)
+        # The first staff reply is the first response the policy's clock measures.
+        uow.update_ticket(ticket.id, TicketChange(updated_at=now, responded_at=ticket.responded_at or now))
         return Receipt(
             route=placement.route,
             ticket_id=ticket.id,
@@ -361,26 +407,19 @@ class IntakeService:
         )
 
     def _open_ticket(
-        self,
-        uow: UnitOfWork,
-        message: InboundMessage,
-        verdict: Verdict,
-        automation: Automation | None,
-        placement: Placement,
-        now: datetime,
-        auth: AuthVerdict | None,
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, placement: Placement
     ) -> tuple[TicketFacts, str, bool]:
-        severity = verdict.severity or self.policy.default_severity
-        if verdict.security:
+        now = a.received_at
+        severity = a.verdict.severity or self.policy.default_severity
+        if a.verdict.security:
             severity = Severity.S1
         # 35 random bits: a collision is improbable, and the unique constraint turns one into a
         # conflict that makes the store run this unit again with a fresh reference.
         reference = self.references.new()
-        why_not = self._why_not_acknowledge(message, automation)
-        if why_not is None and auth is not None and not auth.authenticated:
-            known = self.policy.organisation_of(message.sender) or uow.is_known_participant(message.sender)
-            if not known:
-                why_not = f"sender not authenticated ({auth.reason}) and not a known customer"
+        why_not = self._why_not_acknowledge(message, a.automation)
+        if why_not is None and a.auth is not None and not a.auth.authenticated:
+            if not (a.organisation or uow.is_known_participant(message.sender)):
+                why_not = f"sender not authenticated ({a.auth.reason}) and not a known customer"
         last_before_limit = False
         if why_not is None and not message.chat_channel:
             lim = self.limits
@@ -391,8 +430,11 @@ class IntakeService:
         notes = [*placement.remarks, *(f"{r.why}; opened as a new ticket" for r in placement.refusals)]
         if message.parse_problem:
             notes.append(f"the message could not be parsed fully: {message.parse_problem}")
+        if not self.policy.entitled(a.organisation, str(message.channel)):
+            notes.append(f"the {a.plan.name} plan does not include {message.channel}; taken in all the same")
         if why_not:
             notes.append(f"no acknowledgement sent: {why_not}")
+        targets = self.policy.deadlines(severity, now)
         ticket = uow.create_ticket(
             NewTicket(
                 reference=reference,
@@ -400,18 +442,133 @@ class IntakeService:
                 channel=message.channel,
                 requester=message.sender,
                 requester_name=message.sender_name,
-                organisation=message.organisation or self.policy.organisation_of(message.sender),
+                organisation=a.organisation,
                 severity=severity,
-                security=verdict.security,
+                security=a.verdict.security,
                 created_at=now,
                 response_due=self.policy.due(severity, now),
                 thread_key=message.thread_key,
                 ack_status="queued" if why_not is None else f"suppressed: {why_not}",
                 notes=tuple(notes),
-                evidence=verdict.hits,
+                evidence=a.verdict.hits,
+                plan=a.plan.name,
+                language=a.language,
+                targets=targets,
             )
         )
         return ticket, why_not or "queued", last_before_limit
+
+    def _acknowledge(
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, ticket: TicketFacts, last_before_limit: bool
+    ) -> None:
+        templates = self.templates.get(a.language)
+        if message.chat_channel:
+            chat = render_chat_acknowledgement(
+                templates=templates,
+                outbound=self.outbound,
+                policy=self.policy,
+                message=message,
+                ticket=ticket,
+                missing=a.missing,
+                plan=a.plan,
+            )
+            uow.enqueue(
+                OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=chat, created_at=a.received_at)
+            )
+            return
+        email = render_acknowledgement(
+            templates=templates,
+            outbound=self.outbound,
+            policy=self.policy,
+            message=self._without_foreign_tags(message, a.cited, ticket.reference),
+            ticket=ticket,
+            missing=a.missing,
+            support_in_cc_only=message.recipient in message.cc and message.recipient not in message.to,
+            last_before_limit=last_before_limit,
+            plan=a.plan,
+        )
+        uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=a.received_at))
+        uow.index_message_id(ticket.id, email.message_id, ours=True)
+
+    def _announce(
+        self, uow: UnitOfWork, message: InboundMessage, ticket: TicketFacts, plan: Plan, now: datetime
+    ) -> None:
+        """Every new ticket is announced to the support team's triage address and channel."""
+        team = self.team
+        if not (team.triage_email or team.triage_chat):
+            return
+        subject, text = render_triage(
+            templates=self.templates.get(None), policy=self.policy, message=message, ticket=ticket, plan=plan
+        )
+        if team.triage_email:
+            email = self.outbound.staff_email(
+                to=team.triage_email, subject=subject, body=text, reference=ticket.reference
+            )
+            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=email, created_at=now))
+        if team.triage_chat:
+            chat = OutgoingChat(channel=team.triage_chat, text=text)
+            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=chat, created_at=now))
+
+    def _escalate(
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, ticket: TicketFacts, now: datetime
+    ) -> str | None:
+        """One step along the chain per request; repeated requests within the cooldown do not skip."""
+        chain = self.policy.chain
+        current = chain[min(ticket.escalation_step, len(chain) - 1)].name
+        if ticket.escalated_at is not None and now - ticket.escalated_at < self.policy.escalation_cooldown:
+            uow.update_ticket(
+                ticket.id,
+                TicketChange(
+                    add_notes=(f'escalation asked again ("{a.escalation}"); stays with {current} (cooldown)',),
+                    updated_at=now,
+                ),
+            )
+            return None
+        if ticket.escalation_step + 1 >= len(chain):
+            uow.update_ticket(
+                ticket.id,
+                TicketChange(add_notes=(f"escalation asked; already at the last step ({current})",), updated_at=now),
+            )
+            return None
+        step_no = ticket.escalation_step + 1
+        step = chain[step_no]
+        contact = step.contact or (
+            self.team.escalation_contacts[step_no] if step_no < len(self.team.escalation_contacts) else ""
+        )
+        uow.update_ticket(
+            ticket.id,
+            TicketChange(
+                escalation_step=step_no,
+                escalated_at=now,
+                add_notes=(f'escalated on the customer\'s request ("{a.escalation}"): {current} -> {step.name}',),
+                updated_at=now,
+            ),
+        )
+        templates = self.templates.get(a.language or ticket.language)
+        if contact:
+            subject, text = render_escalation_contact(
+                templates=self.templates.get(None),
+                policy=self.policy,
+                message=message,
+                ticket=ticket,
+                step=step.name,
+                previous=current,
+            )
+            note = self.outbound.staff_email(to=contact, subject=subject, body=text, reference=ticket.reference)
+            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation", payload=note, created_at=now))
+        if a.automation is None and (message.chat_channel or message.sender):
+            reply = render_escalation_reply(
+                templates=templates,
+                outbound=self.outbound,
+                message=message,
+                reference=ticket.reference,
+                step=step.name,
+                contact=contact,
+            )
+            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation-reply", payload=reply, created_at=now))
+            if not isinstance(reply, OutgoingChat):
+                uow.index_message_id(ticket.id, reply.message_id, ours=True)
+        return step.name
 
     def _flood_placement(
         self, uow: UnitOfWork, message: InboundMessage, placement: Placement, now: datetime
@@ -440,33 +597,22 @@ class IntakeService:
             severity = Severity.S1
         security = ticket.security or verdict.security
         due = ticket.response_due
-        if severity < ticket.severity:
+        targets = dict(ticket.targets)
+        if severity < ticket.severity:  # never lowered; raised targets can only come sooner
             due = min(due, self.policy.due(severity, now))
+            for name, when in self.policy.deadlines(severity, now).items():
+                targets[name] = min(targets.get(name, when), when)
         change = TicketChange(
             severity=severity if severity != ticket.severity else None,
             security=True if security and not ticket.security else None,
             response_due=due if due != ticket.response_due else None,
+            targets=targets if targets != dict(ticket.targets) else None,
             add_evidence=verdict.hits,
             add_notes=(f"raised to {severity.label} by a follow-up",) if severity < ticket.severity else (),
             updated_at=now,
         )
         uow.update_ticket(ticket.id, change)
-        return TicketFacts(
-            id=ticket.id,
-            reference=ticket.reference,
-            subject=ticket.subject,
-            channel=ticket.channel,
-            requester=ticket.requester,
-            organisation=ticket.organisation,
-            severity=severity,
-            security=security,
-            alerted=ticket.alerted,
-            status=ticket.status,
-            created_at=ticket.created_at,
-            response_due=due,
-            participants=ticket.participants,
-            thread_key=ticket.thread_key,
-        )
+        return replace(ticket, severity=severity, security=security, response_due=due, targets=targets)
 
     def _alert(
         self, uow: UnitOfWork, message: InboundMessage, ticket: TicketFacts, hits: Sequence[RuleHit], now: datetime
@@ -485,8 +631,8 @@ class IntakeService:
                 ),
             )
             if uow.count_outbox_since(kind="irt-summary", recipient=self.irt_email, since=hour_ago) == 0:
-                summary = OutgoingEmail(
-                    to=(self.irt_email,),
+                summary = self.outbound.staff_email(
+                    to=self.irt_email,
                     subject=f"[SECURITY] IRT alert ceiling reached: {paged} alerts in the last hour",
                     body=(
                         f"intake has sent {paged} security alerts in the last hour, its configured ceiling.\n"
@@ -494,30 +640,25 @@ class IntakeService:
                         "not paged one by one. See them with: intake tickets list\n"
                         f"The first one not paged: {ticket.reference}\n"
                     ),
-                    message_id=new_message_id(ticket.reference, self.outbound.message_id_domain),
-                    from_address=self.outbound.from_address,
-                    from_name=self.outbound.from_name + " (intake)",
-                    envelope_from=self.outbound.envelope_from,
-                    headers=(
-                        ("Auto-Submitted", "auto-generated"),
-                        (self.outbound.loop_header, self.outbound.loop_token),
-                    ),
+                    reference=ticket.reference,
                 )
                 uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-summary", payload=summary, created_at=now))
             return False
+        staff_templates = self.templates.get(None)
+        security_hits = [h for h in hits if "security" in h.tags] or list(hits)
         alert = render_irt_alert(
-            templates=self.templates,
+            templates=staff_templates,
             outbound=self.outbound,
             to=self.irt_email,
             message=message,
             ticket=ticket,
-            hits=[h for h in hits if "security" in h.tags] or list(hits),
+            hits=security_hits,
             received_at=now.isoformat(timespec="seconds"),
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
         if self.irt_chat_user:
             dm = render_irt_chat_alert(
-                templates=self.templates, user=self.irt_chat_user, message=message, ticket=ticket, hits=hits
+                templates=staff_templates, user=self.irt_chat_user, message=message, ticket=ticket, hits=security_hits
             )
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=dm, created_at=now))
         uow.update_ticket(ticket.id, TicketChange(alerted=True, updated_at=now))

@@ -23,6 +23,7 @@ from intake.ports import (
     OutboxEntry,
     OutboxItem,
     SendResult,
+    SlaCandidate,
     TicketChange,
     TicketFacts,
     payload_recipient,
@@ -43,6 +44,14 @@ _TICKET_COLS = (
     ticket.c.created_at,
     ticket.c.response_due,
     ticket.c.thread_key,
+    ticket.c.plan,
+    ticket.c.language,
+    ticket.c.targets,
+    ticket.c.responded_at,
+    ticket.c.escalation_step,
+    ticket.c.escalated_at,
+    ticket.c.sla_warned_at,
+    ticket.c.sla_missed_at,
 )
 
 
@@ -105,6 +114,12 @@ class SqlUnitOfWork:
             response_due=row["response_due"],
             participants=frozenset(parts),
             thread_key=row["thread_key"],
+            plan=row["plan"],
+            language=row["language"],
+            targets={k: datetime.fromisoformat(v) for k, v in (row["targets"] or {}).items()},
+            responded_at=row["responded_at"],
+            escalation_step=row["escalation_step"],
+            escalated_at=row["escalated_at"],
         )
 
     # -- lookups -----------------------------------------------------------------------------
@@ -166,6 +181,10 @@ class SqlUnitOfWork:
                 response_due=t.response_due,
                 notes=[_note(t.created_at, n) for n in t.notes],
                 evidence=[h.to_dict() for h in t.evidence],
+                plan=t.plan,
+                language=t.language,
+                targets={k: v.isoformat() for k, v in t.targets.items()},
+                escalation_step=0,
             ),
         )
         new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
@@ -185,6 +204,9 @@ class SqlUnitOfWork:
             response_due=t.response_due,
             participants=frozenset(),
             thread_key=t.thread_key,
+            plan=t.plan,
+            language=t.language,
+            targets=dict(t.targets),
         )
 
     def update_ticket(self, ticket_id: int, change: TicketChange) -> None:
@@ -199,6 +221,12 @@ class SqlUnitOfWork:
             values["response_due"] = change.response_due
         if change.updated_at is not None:
             values["updated_at"] = change.updated_at
+        if change.targets is not None:
+            values["targets"] = {k: v.isoformat() for k, v in change.targets.items()}
+        for name in ("responded_at", "escalation_step", "escalated_at", "sla_warned_at", "sla_missed_at"):
+            value = getattr(change, name)
+            if value is not None:
+                values[name] = value
         if change.add_notes or change.add_evidence:
             row = self.conn.execute(select(ticket.c.notes, ticket.c.evidence).where(ticket.c.id == ticket_id)).first()
             if row is not None:
@@ -311,6 +339,27 @@ class SqlUnitOfWork:
                 .where(ticket.c.requester == requester, ticket.c.created_at >= since)
             ).scalar_one()
         )
+
+    def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]:
+        rows = (
+            self.conn.execute(
+                select(*_TICKET_COLS)
+                .where(
+                    ticket.c.status == "open",
+                    ticket.c.responded_at.is_(None),
+                    ticket.c.response_due <= due_before,
+                    ticket.c.sla_missed_at.is_(None),
+                )
+                .order_by(ticket.c.response_due)
+                .limit(limit)
+            )
+            .mappings()
+            .all()
+        )
+        return [
+            SlaCandidate(ticket=self._facts(r), warned_at=r["sla_warned_at"], missed_at=r["sla_missed_at"])
+            for r in rows
+        ]
 
     # -- outbox dispatch ---------------------------------------------------------------------
 

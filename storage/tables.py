@@ -39,7 +39,10 @@ def _json() -> Any:
 
 class TicketRow(SQLModel, table=True):
     __tablename__ = "ticket"
-    __table_args__ = (Index("ix_ticket_requester_created", "requester", "created_at"),)
+    __table_args__ = (
+        Index("ix_ticket_requester_created", "requester", "created_at"),
+        Index("ix_ticket_open_due", "status", "response_due"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     reference: str = Field(max_length=40, unique=True)
@@ -59,6 +62,14 @@ class TicketRow(SQLModel, table=True):
     response_due: datetime = _ts(nullable=False)
     notes: list[Any] = _json()
     evidence: list[Any] = _json()
+    plan: str = Field(default="standard", max_length=64)
+    language: str = Field(default="en", max_length=8)
+    targets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    responded_at: datetime | None = _ts(nullable=True)
+    sla_warned_at: datetime | None = _ts(nullable=True)
+    sla_missed_at: datetime | None = _ts(nullable=True)
+    escalation_step: int = 0
+    escalated_at: datetime | None = _ts(nullable=True)
 
 
 class ParticipantRow(SQLModel, table=True):

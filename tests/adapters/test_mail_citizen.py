@@ -158,8 +158,9 @@ async def test_new_security_ticket_acknowledges_severity_1_and_alerts(tmp_path: 
         msgs = await smtp_relay.wait_for(2)
         ack = next(m for m in msgs if m.rcpt_tos == ("alice@acme.com",))
         alert = next(m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",))
-        assert "Severity 1" in ack.message.get_content()
-        assert "Incident Response Team" in ack.message.get_content()
+        # Written in Spanish, so answered in Spanish.
+        text = " ".join(ack.message.get_content().split())
+        assert "Severidad 1" in text and "Equipo de Respuesta a Incidentes (IRT)" in text
         assert ref in alert.message["Subject"]
         [t] = h.tickets()
         assert t["severity"] == 1 and t["security"]

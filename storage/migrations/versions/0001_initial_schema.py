@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 23:47:52.069780
+Create Date: 2026-11-21 23:52:57.260144
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sqlmodel
 from alembic import op
 
 import storage.tables
+
 
 revision = "0001"
 down_revision = None
@@ -41,10 +42,19 @@ def upgrade() -> None:
         sa.Column("response_due", storage.tables.UTCDateTime(), nullable=False),
         sa.Column("notes", sa.JSON(), nullable=False),
         sa.Column("evidence", sa.JSON(), nullable=False),
+        sa.Column("plan", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("language", sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
+        sa.Column("targets", sa.JSON(), nullable=False),
+        sa.Column("responded_at", storage.tables.UTCDateTime(), nullable=True),
+        sa.Column("sla_warned_at", storage.tables.UTCDateTime(), nullable=True),
+        sa.Column("sla_missed_at", storage.tables.UTCDateTime(), nullable=True),
+        sa.Column("escalation_step", sa.Integer(), nullable=False),
+        sa.Column("escalated_at", storage.tables.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("reference"),
     )
     with op.batch_alter_table("ticket", schema=None) as batch_op:
+        batch_op.create_index("ix_ticket_open_due", ["status", "response_due"], unique=False)
         batch_op.create_index("ix_ticket_requester_created", ["requester", "created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_ticket_thread_key"), ["thread_key"], unique=False)
 
@@ -160,6 +170,7 @@ def downgrade() -> None:
     with op.batch_alter_table("ticket", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ticket_thread_key"))
         batch_op.drop_index("ix_ticket_requester_created")
+        batch_op.drop_index("ix_ticket_open_due")
 
     op.drop_table("ticket")
     # ### end Alembic commands ###
