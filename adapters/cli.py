@@ -175,6 +175,8 @@ def _ticket_json(row: dict[str, Any]) -> dict[str, Any]:
         "updated_at": _iso(row.get("updated_at")),
         "response_due": _iso(row["response_due"]),
         "acknowledgement": row.get("ack_status"),
+        "plan": row.get("plan"),
+        "language": row.get("language"),
     }
 
 
@@ -306,6 +308,40 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
             elif n["status"] in ("failed", "undeliverable"):
                 extra = f" - {n['last_error']}"
             click.echo(f"  {n['kind']} to {n['recipient']}: {n['status']} after {n['attempts']} attempt(s){extra}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="An array of ticket objects with their targets.")
+@click.pass_context
+def sla(ctx: click.Context, as_json: bool) -> None:
+    """Open tickets by time left on their response clock, overdue first."""
+    store = _store(_settings(ctx))
+    rows = store.run_sync(lambda uow: uow.list_tickets(status="open"))
+    store.engine.dispose()
+    now = datetime.now(UTC)
+    rows = [r for r in rows if r.get("responded_at") is None]
+    rows.sort(key=lambda r: r["response_due"])
+    items = []
+    for r in rows:
+        item = _ticket_json(r)
+        item["seconds_left"] = int((r["response_due"] - now).total_seconds())
+        item["overdue"] = item["seconds_left"] < 0
+        item["targets"] = r.get("targets") or {}
+        items.append(item)
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        click.echo("no open tickets waiting for a first response")
+        return
+    click.echo(f"{'REFERENCE':<15} {'SEV':<4} {'TIME LEFT':>10}  {'DUE (UTC)':<17} {'CUSTOMER':<20} SUBJECT")
+    for t in items:
+        left = "OVERDUE " + _human_delta(-t["seconds_left"]) if t["overdue"] else _human_delta(t["seconds_left"])
+        due = (t["response_due"] or "")[:16].replace("T", " ")
+        customer = (t["organisation"] or t["requester"].rpartition("@")[2])[:20]
+        click.echo(
+            f"{t['reference']:<15} {t['severity']:<4} {left:>10}  {due:<17} {customer:<20} {(t['subject'] or '')[:50]}"
+        )
 
 
 @main.command()

@@ -45,6 +45,8 @@ class Placement:
 def entitlement(message: InboundMessage, ticket: TicketFacts, policy: Policy) -> str | None:
     """Why the sender may join ``ticket``, or None when they may not."""
     sender = message.sender
+    if message.staff:
+        return "support staff"
     if sender and sender in ticket.participants:
         return "participant of the ticket"
     org = message.organisation or (policy.organisation_of(sender) if sender else None)

@@ -227,6 +227,8 @@ class IntakeService:
         )
 
     async def receive(self, message: InboundMessage) -> Receipt:
+        if not message.staff and message.sender and message.sender in self.team.staff_addresses:
+            message = replace(message, staff=True)
         a = self.assess(message)  # pure work stays out of the transaction
         stored = time.perf_counter()
         try:
@@ -268,8 +270,9 @@ class IntakeService:
                 note="duplicate of a message already stored",
             )
         placement = self._place(uow, message, a)
-        staff = message.staff or message.sender in self.team.staff_addresses
-        if staff and (placement.ticket is not None or message.staff):
+        # Staff answering a ticket are recorded as staff replies; a staff member writing to
+        # support by email about something new is a customer like any other.
+        if message.staff and (placement.ticket is not None or message.chat_channel):
             return self._staff_reply(uow, message, placement, now)
         if placement.ticket is None and message.sender and not message.chat_channel:
             placement = self._flood_placement(uow, message, placement, now)

@@ -440,6 +440,11 @@ class SqlUnitOfWork:
                 ticket.c.updated_at,
                 ticket.c.response_due,
                 ticket.c.ack_status,
+                ticket.c.plan,
+                ticket.c.language,
+                ticket.c.targets,
+                ticket.c.responded_at,
+                ticket.c.escalation_step,
                 func.coalesce(counts.c.n, 0).label("message_count"),
             )
             .outerjoin(counts, counts.c.ticket_id == ticket.c.id)

@@ -1,0 +1,308 @@
+"""The support policy kept: targets, plans, response-clock notices, escalation, Spanish."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from adapters.bootstrap import build
+from adapters.cli import main
+from intake.acknowledgement import TemplateBook
+from intake.errors import ConfigError
+from intake.reference import References
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail, running_intake, settings_for
+
+REFS = References()
+
+
+class DrivenClock:
+    """Time driven by the test, not by sleeping."""
+
+    def __init__(self) -> None:
+        self.t = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.t
+
+    def advance(self, **kw: float) -> None:
+        self.t += timedelta(**kw)
+
+
+def ref_of(text: str) -> str:
+    return next(f.reference for f in REFS.find(text) if f.reference)
+
+
+MINDFUL = """
+[[policy.levels]]
+severity = 1
+name = "Critical"
+definition = "production software is down"
+targets = { response = 60, restore = 1440, resolve = 21600 }
+[[policy.levels]]
+severity = 2
+name = "High"
+targets = { response = 240, restore = 2880, resolve = 43200 }
+[[policy.levels]]
+severity = 3
+name = "Medium"
+targets = { response = 1440, restore = 2880, resolve = 43200 }
+[[policy.levels]]
+severity = 4
+name = "Low"
+targets = { response = 2880, restore = 5760 }
+"""
+
+
+async def test_every_target_of_a_custom_table_is_computed(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra=MINDFUL)
+    async with running_intake(settings, clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Reports are slow"))).text)
+        t = h.detail(ref)
+        assert t["severity"] == 3
+        assert t["targets"] == {
+            "response": (clock.t + timedelta(minutes=1440)).isoformat(),
+            "restore": (clock.t + timedelta(minutes=2880)).isoformat(),
+            "resolve": (clock.t + timedelta(minutes=43200)).isoformat(),
+        }
+        assert t["response_due"] == clock.t + timedelta(minutes=1440)
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        assert "Medium" in ack.message.get_content() and "1 day" not in ack.message.get_content()
+        # A breach raises it to the custom level 1 and brings every target closer.
+        clock.advance(minutes=10)
+        await h.send(mail(subject=f"Re: [{ref}]", body="We now suspect a data breach."))
+        t = h.detail(ref)
+        assert t["severity"] == 1
+        assert t["targets"]["response"] == (clock.t + timedelta(minutes=60)).isoformat()
+
+
+async def test_default_targets_are_the_calibermind_table(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port), clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Breach?", body="Our account was hacked."))).text)
+        assert h.detail(ref)["response_due"] == clock.t + timedelta(minutes=30)
+        ref3 = ref_of((await h.send(mail(subject="Typo on a page"))).text)
+        assert h.detail(ref3)["response_due"] == clock.t + timedelta(hours=8)
+
+
+PLANS = """
+[organisations.acme]
+domains = ["acme.com"]
+plan = "standard"
+[organisations.bigco]
+domains = ["bigco.example"]
+plan = "managed"
+"""
+
+
+async def test_entitlements_per_plan(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=PLANS)) as h:
+        r = await h.send(mail(sender="alice@acme.com"))
+        t = h.detail(ref_of(r.text))
+        assert t["plan"] == "standard"
+        r2 = await h.send(mail(sender="bob@bigco.example"))
+        assert h.detail(ref_of(r2.text))["plan"] == "managed"
+        r3 = await h.send(mail(sender="someone@unknown.example"))
+        assert h.detail(ref_of(r3.text))["plan"] == "standard"  # unknown senders: the default plan
+        await h.outbox_settled()
+        acks = await smtp_relay.wait_for(3)
+        # Email is covered by every plan: no entitlement note.
+        assert all("plan covers" not in a.message.get_content() for a in acks)
+
+
+async def test_unentitled_channel_is_taken_in_and_told(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    from intake.model import Channel, InboundMessage
+
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=PLANS)) as h:
+        msg = InboundMessage(
+            channel=Channel.SLACK,
+            sender="U1",
+            recipient="slack:T1/C1",
+            body="The sync job fails every night",
+            new_text="The sync job fails every night",
+            chat_channel="C1",
+            chat_ts="1700000000.000100",
+            thread_key="T1/C1/1700000000.000100",
+            external_id="T1/C1/1700000000.000100",
+            organisation="acme",
+        )
+        receipt = await h.app.service.receive(msg)
+        assert receipt.created and receipt.acknowledged
+        detail = h.detail(receipt.reference)
+        assert any("does not include slack" in n["text"] for n in detail["notes"])
+        payloads = h.read(lambda uow: uow.conn.exec_driver_sql("select payload from outbox").scalars().all())
+        text = json.loads(payloads[0])["text"] if isinstance(payloads[0], str) else payloads[0]["text"]
+        assert "standard plan covers support by email, not by slack" in " ".join(text.split())
+
+
+TRIAGE = '[triage]\nemail = "triage@example.com"\n[policy]\nabout_to_miss_minutes = 10\n'
+
+
+async def test_triage_notice_and_response_clock_notices_once_each(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=TRIAGE), clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Hacked?", body="I think our account was hacked."))).text)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(3)  # acknowledgement, IRT alert, triage notice
+        triage = [m for m in msgs if m.rcpt_tos == ("triage@example.com",)]
+        assert len(triage) == 1
+        body = triage[0].message.get_content()
+        assert body.startswith("*** SUSPECTED SECURITY INCIDENT ***") and ref in body and "plan: standard" in body
+        # 30-minute target: nothing at +5 min, "about to miss" at +21, "missed" at +31, once each.
+        for minutes, expected in ((5, 0), (16, 1), (1, 0), (9, 1), (30, 0)):
+            clock.advance(minutes=minutes)
+            assert await h.app.sla.run_once() == expected, minutes
+        await h.outbox_settled()
+        notes = [m for m in smtp_relay.messages if m.rcpt_tos == ("triage@example.com",)][1:]
+        assert [n.message["Subject"].split(":")[0] for n in notes] == [
+            "About to miss the response target",
+            "Response target missed",
+        ]
+
+
+async def test_a_staff_reply_stops_the_clock(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    extra = TRIAGE + '[staff]\naddresses = ["agent@example.com"]\n'
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra), clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Export broken"))).text)
+        clock.advance(minutes=5)
+        r = await h.send(mail(sender="agent@example.com", subject=f"Re: [{ref}]", body="Looking into it."))
+        assert ref in r.text
+        detail = h.detail(ref)
+        assert detail["responded_at"] == clock.t and detail["messages"][1]["direction"] == "staff"
+        clock.advance(hours=9)
+        assert await h.app.sla.run_once() == 0
+        runner = CliRunner()
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        out = runner.invoke(main, ["--config", str(cfg), "sla", "--json"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output) == []
+
+
+async def test_sla_lists_overdue_first(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port), clock=clock) as h:
+        clock.t = datetime.now(UTC) - timedelta(hours=2)
+        late = ref_of((await h.send(mail(subject="old one"))).text)  # S3, due in 8h from 2h ago
+        clock.t = datetime.now(UTC) - timedelta(hours=1)
+        overdue = ref_of((await h.send(mail(subject="hacked", body="account compromised"))).text)  # S1, 30 min
+        clock.t = datetime.now(UTC)
+        fresh = ref_of((await h.send(mail(subject="new one"))).text)
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        out = CliRunner().invoke(main, ["--config", str(cfg), "sla"])
+        assert out.exit_code == 0, out.output
+        lines = [line for line in out.output.splitlines()[1:] if line.strip()]
+        assert [line.split()[0] for line in lines] == [overdue, late, fresh]
+        assert "OVERDUE" in lines[0]
+
+
+ESCALATION = """
+[policy]
+escalation_cooldown_minutes = 60
+[[escalation.chain]]
+name = "Tier I"
+[[escalation.chain]]
+name = "Tier II"
+contact = "tier2@example.com"
+[[escalation.chain]]
+name = "Support Manager"
+contact = "manager@example.com"
+"""
+
+
+async def test_escalation_moves_one_step_and_notifies(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    clock = DrivenClock()
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra=ESCALATION)
+    async with running_intake(settings, clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Sync fails"))).text)
+        await h.outbox_settled()
+        await smtp_relay.wait_for(1)
+        clock.advance(minutes=5)
+        await h.send(mail(subject=f"Re: Sync fails [{ref}]", body="Still broken. Please escalate this."))
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(3)
+        to_tier2 = next(m for m in msgs if m.rcpt_tos == ("tier2@example.com",))
+        assert ref in to_tier2.message["Subject"] and "Tier I -> Tier II" in to_tier2.message.get_content()
+        to_customer = msgs[-1] if msgs[-1].rcpt_tos == ("alice@acme.com",) else msgs[-2]
+        assert "It is now with: Tier II" in to_customer.message.get_content()
+        assert h.detail(ref)["escalation_step"] == 1
+        # Asked again within the cooldown: no skipping.
+        clock.advance(minutes=10)
+        await h.send(mail(subject=f"Re: [{ref}]", body="please escalate!!"))
+        await h.outbox_settled()
+        await smtp_relay.wait_for(3)
+        assert h.detail(ref)["escalation_step"] == 1
+        # After the cooldown, one more step; at the end of the chain it stays.
+        clock.advance(minutes=61)
+        await h.send(mail(subject=f"Re: [{ref}]", body="Escalate this to your manager please."))
+        clock.advance(minutes=61)
+        await h.send(mail(subject=f"Re: [{ref}]", body="please escalate"))
+        await h.outbox_settled()
+        await smtp_relay.wait_for(5)
+        detail = h.detail(ref)
+        assert detail["escalation_step"] == 2
+        assert any("already at the last step" in n["text"] for n in detail["notes"])
+
+
+async def test_spanish_escalation_reply(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        ref = ref_of((await h.send(mail(subject="No funciona la exportación", body="Desde ayer no funciona."))).text)
+        await h.send(mail(subject=f"Re: [{ref}]", body="Por favor, necesito escalar el ticket, sigue sin funcionar."))
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(2)
+        assert "Nos pidió escalar el ticket" in " ".join(msgs[1].message.get_content().split())
+        assert "Tier II" in msgs[1].message.get_content()
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "expected"),
+    [
+        ("No puedo acceder", "Hola, desde esta mañana no puedo acceder a los informes. ¿Pueden ayudarme?", "es"),
+        ("Cannot log in", "Hello, since this morning I cannot open the reports. Can you help?", "en"),
+        ("Problema", "Buenos días, el panel de control muestra un error al guardar los turnos de la semana.", "es"),
+        ("Re: Problema", "Thanks, but the schedule still does not save. Any update on this?", "en"),
+    ],
+)
+async def test_acknowledgement_language(
+    tmp_path: Path, smtp_relay: RelayStandIn, subject: str, body: str, expected: str
+) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        await h.send(mail(subject=subject, body=body))
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        text = ack.message.get_content()
+        assert text.startswith("Hola") if expected == "es" else text.startswith("Hello"), text[:80]
+        assert h.tickets()[0]["language"] == expected
+
+
+def test_template_with_missing_placeholder_is_rejected_at_start_up(tmp_path: Path) -> None:
+    import shutil
+    from importlib import resources
+
+    src = Path(str(resources.files("intake").joinpath("data", "templates")))
+    dst = tmp_path / "templates"
+    shutil.copytree(src, dst)
+    ack = dst / "es" / "acknowledgement.txt"
+    ack.write_text(ack.read_text(encoding="utf-8").replace("$reference", "REF"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"es/acknowledgement.txt: missing required placeholder\(s\) \$reference"):
+        TemplateBook.load(dst)
+    ack.write_text("Hola $nombre", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"unknown placeholder\(s\) \$nombre"):
+        TemplateBook.load(dst)
+    (dst / "es" / "acknowledgement.txt").unlink()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        TemplateBook.load(dst)
+
+
+def test_start_up_names_the_bad_template_directory(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, relay_port=25, extra=f'[policy]\ntemplates = "{tmp_path}/nowhere"\n')
+    with pytest.raises(ConfigError, match="nowhere"):
+        build(settings)
