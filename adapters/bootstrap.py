@@ -149,7 +149,10 @@ def build(
 
         detector = LinguaDetector(templates.languages)
     store = SqlStore(
-        settings.storage.url, max_batch=settings.storage.max_batch, lock_timeout=settings.storage.lock_timeout
+        settings.storage.url,
+        max_batch=settings.storage.max_batch,
+        lock_timeout=settings.storage.lock_timeout,
+        commit_timeout=settings.storage.commit_timeout,
     )
     if create_tables:
         schema.upgrade(store.engine)

@@ -49,6 +49,8 @@ class StorageSettings(_Section):
     max_batch: int = Field(256, ge=1, le=10_000)
     # Seconds to wait for a database lock or connection before answering "try again" (451).
     lock_timeout: float = Field(5.0, gt=0, le=120)
+    # Seconds a message waits for its commit before the sender is told to retry (451 / 503).
+    commit_timeout: float = Field(10.0, gt=0, le=600)
 
     @field_validator("url")
     @classmethod

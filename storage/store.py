@@ -103,8 +103,17 @@ def _resolve(batch: list[tuple[asyncio.Future[Any], Any, BaseException | None]])
 class SqlStore:
     """Implements :class:`intake.ports.Store` over SQLite or PostgreSQL."""
 
-    def __init__(self, url: str, *, max_batch: int = 256, create: bool = False, lock_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch: int = 256,
+        create: bool = False,
+        lock_timeout: float = 5.0,
+        commit_timeout: float = 10.0,
+    ) -> None:
         self.url = normalise_url(url)
+        self.commit_timeout = commit_timeout
         self.engine = make_engine(self.url, lock_timeout=lock_timeout)
         self.max_batch = max_batch
         self._pending: list[_Job] = []
@@ -145,7 +154,13 @@ class SqlStore:
                 raise StorageUnavailableError("storage is shutting down")
             self._pending.append(_Job(work, fut, loop))
             self._cond.notify()
-        return await fut
+        try:
+            # shield: a caller that gives up must not cancel the future the writer will resolve.
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=self.commit_timeout)
+        except TimeoutError:
+            # The unit may still commit later (the database hangs); the sender retries and the
+            # retry finds it as a duplicate. Answering "try again" now beats hanging the session.
+            raise StorageUnavailableError(f"no commit within {self.commit_timeout:g}s") from None
 
     def run_sync(self, work: Callable[[SqlUnitOfWork], T]) -> T:
         """Run one unit in the calling thread (command-line tools, tests). Not for the loop."""
