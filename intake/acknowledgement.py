@@ -40,12 +40,13 @@ def _spec(allowed: str, required: str = "", *, customer: bool = True) -> Spec:
 TEMPLATES: Mapping[str, Spec] = {
     "acknowledgement": _spec(
         "name reference severity severity_definition response_target security_note entitlement_note cc_note "
-        "missing_details support_address limit_note",
+        "attachments_note missing_details support_address limit_note",
         "reference",
     ),
     "security-note": _spec("reference"),
     "cc-note": _spec("support_address"),
     "limit-note": _spec(""),
+    "attachments-note": _spec("files", "files"),
     "entitlement-note": _spec("plan channels channel"),
     "missing-details": _spec("items", "items"),
     "chat-acknowledgement": _spec(
@@ -260,6 +261,17 @@ def _missing_text(templates: Templates, missing: Sequence[str]) -> str:
     return templates.render("missing-details", items=items)
 
 
+def _attachments_text(templates: Templates, message: InboundMessage) -> str:
+    dropped = [a for a in message.attachments if not a.kept]
+    if not dropped:
+        return ""
+    files = "\n".join(
+        f"  - {clean_header_text(a.filename, max_length=120) or '(unnamed)'} ({a.size / 1_048_576:.1f} MB)"
+        for a in dropped
+    )
+    return templates.render("attachments-note", files=files)
+
+
 def _entitlement_text(templates: Templates, plan: Plan | None, channel: str) -> str:
     if plan is None or channel in plan.channels:
         return ""
@@ -293,6 +305,7 @@ def render_acknowledgement(
         security_note=templates.render("security-note", reference=ticket.reference) if ticket.security else "",
         entitlement_note=_entitlement_text(templates, plan, str(message.channel)),
         cc_note=templates.render("cc-note", support_address=support) if support_in_cc_only else "",
+        attachments_note=_attachments_text(templates, message),
         missing_details=_missing_text(templates, missing),
         support_address=support,
         limit_note=templates.render("limit-note") if last_before_limit else "",

@@ -30,6 +30,7 @@ its text. NUL characters are dropped from text (PostgreSQL cannot store them).
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import email
 import email.parser
 import email.utils
@@ -638,6 +639,58 @@ def _unparseable(raw: bytes, delivery: _Delivery, problem: str) -> InboundMessag
 
 
 def parse_email(
+    raw: bytes,
+    *,
+    recipient: str,
+    envelope_sender: str | None = None,
+    max_attachment_bytes: int | None = None,
+    max_attachments_total: int | None = None,
+) -> InboundMessage:
+    """Turn the bytes of one delivered email into an :class:`InboundMessage`. Never raises.
+
+    Attachments over the caps are not kept: their bytes are cut out of ``raw`` (each replaced
+    by a short text part that names it), so what is stored respects the caps.
+    """
+    message = _parse_email(
+        raw,
+        recipient=recipient,
+        envelope_sender=envelope_sender,
+        max_attachment_bytes=max_attachment_bytes,
+        max_attachments_total=max_attachments_total,
+    )
+    dropped = [a for a in message.attachments if not a.kept]
+    if not dropped:
+        return message
+    stripped = strip_attachments(message.raw, dropped)
+    return dataclasses.replace(message, raw=stripped) if stripped is not None else message
+
+
+def strip_attachments(raw: bytes, dropped: list[Attachment]) -> bytes | None:
+    """``raw`` with the payloads of the ``dropped`` attachments replaced by a note, or None."""
+    try:
+        msg = email.message_from_bytes(raw, policy=compat32)
+        todo = [(a.filename, a.content_type) for a in dropped]
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            key = (part.get_filename() or "", part.get_content_type())
+            if key not in todo:
+                continue
+            todo.remove(key)
+            size = next(a.size for a in dropped if (a.filename, a.content_type) == key)
+            for header in ("Content-Transfer-Encoding", "Content-Type"):
+                del part[header]
+            note = f"[attachment {key[0] or '(unnamed)'} ({key[1]}, {size} bytes) not kept: over the size limit]\n"
+            part.set_payload(note, charset="us-ascii" if note.isascii() else "utf-8")
+        out = io.BytesIO()
+        BytesGenerator(out, mangle_from_=False, policy=compat32).flatten(msg)
+        return out.getvalue()
+    except Exception:  # keeping the original bytes beats losing the message
+        log.warning("could not cut over-size attachments out of a message", exc_info=True)
+        return None
+
+
+def _parse_email(
     raw: bytes,
     *,
     recipient: str,

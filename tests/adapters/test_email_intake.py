@@ -382,3 +382,26 @@ def test_acknowledgement_headers_parse_cleanly() -> None:
     )
     m = message_from_bytes(raw, policy=email_policy.default)
     assert m["Auto-Submitted"] == "auto-replied" and m.defects == []
+
+
+async def test_an_attachment_over_the_cap_is_not_kept_and_the_customer_is_told(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    extra = "[email]\nmax_attachment_bytes = 100000\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        m = mail(subject="Logs attached")
+        m.add_attachment(b"x" * 300_000, maintype="application", subtype="zip", filename="huge-logs.zip")
+        m.add_attachment(b"small log line\n" * 10, maintype="text", subtype="plain", filename="small.txt")
+        reply = await h.send(m)
+        assert reply.code == 250
+        ref = ref_of(reply.text)
+        msg = h.detail(ref)["messages"][0]
+        kept = {a["filename"]: a["kept"] for a in msg["attachments"]}
+        assert kept == {"huge-logs.zip": False, "small.txt": True}
+        assert msg["raw_size"] < 100_000  # the big file's bytes were cut out of what is stored
+        raw = h.read(lambda uow: uow.raw_message(msg["id"]))
+        assert b"huge-logs.zip" in raw and b"not kept" in raw and b"small.txt" in raw
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        body = ack.message.get_content()
+        assert "huge-logs.zip" in body and "small.txt" not in body
