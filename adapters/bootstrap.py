@@ -167,6 +167,7 @@ def build(
         password=ob.relay_password,
         starttls=ob.relay_starttls,
         local_hostname=settings.email.hostname,
+        max_idle=4,  # reuse relay connections (closed at stop)
     )
     chat_sender = None
     if settings.slack.enabled:
@@ -281,6 +282,9 @@ async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> N
             dispatcher_task.cancel()
     if app.chat_sender is not None:
         await app.chat_sender.close()
+    close_email = getattr(app.dispatcher.email, "close", None)
+    if close_email is not None:
+        await close_email()
     await app.store.close()
 
 

@@ -424,6 +424,14 @@ class SqlUnitOfWork:
 
     def list_tickets(self, *, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         counts = select(message.c.ticket_id, func.count().label("n")).group_by(message.c.ticket_id).subquery()
+        ack = outbox.alias("ack")
+        last_ack = (
+            select(func.max(ack.c.id))
+            .where(ack.c.ticket_id == ticket.c.id, ack.c.kind == "acknowledgement")
+            .correlate(ticket)
+            .scalar_subquery()
+        )
+        ack_delivery = select(outbox.c.status).where(outbox.c.id == last_ack).scalar_subquery().label("ack_delivery")
         q = (
             select(
                 ticket.c.id,
@@ -440,6 +448,7 @@ class SqlUnitOfWork:
                 ticket.c.updated_at,
                 ticket.c.response_due,
                 ticket.c.ack_status,
+                ack_delivery,
                 ticket.c.plan,
                 ticket.c.language,
                 ticket.c.targets,

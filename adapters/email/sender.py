@@ -34,6 +34,7 @@ raw bytes anyway). Every line is at most 78 characters except an unbreakable Mes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -160,10 +161,12 @@ def build_message(email: OutgoingEmail, *, date: datetime | None = None) -> byte
 class SmtpRelaySender:
     """Delivers outgoing emails to one SMTP relay through aiosmtplib.
 
-    Every :meth:`send` opens a fresh connection (EHLO, optional STARTTLS and AUTH, one
-    transaction, QUIT): simple and robust, nothing to keep alive and no half-dead connection
-    after the relay restarts. Reusing one connection for a burst is a possible later
-    optimisation. ``local_hostname`` is the EHLO name; set it, or aiosmtplib asks
+    Connections are reused: after a successful transaction the connection goes back to a small
+    idle pool (``max_idle``), so a burst of acknowledgements costs one EHLO per connection, not
+    per message (a fresh connection per message was a large share of intake's CPU under load).
+    A reused connection that turns out dead (the relay restarted, or closed it for idling) is
+    replaced by a fresh one once, at once; any failure closes the connection it happened on.
+    ``local_hostname`` is the EHLO name; set it, or aiosmtplib asks
     ``socket.getfqdn()`` on every connection. ``starttls=True`` requires the upgrade (certificate
     verified); ``False`` never upgrades, not even when the relay offers it (aiosmtplib's own
     default would upgrade opportunistically). ``username``/``password`` log in after EHLO.
@@ -179,9 +182,12 @@ class SmtpRelaySender:
         password: str | None = None,
         starttls: bool = False,
         local_hostname: str | None = None,
+        max_idle: int = 0,
     ) -> None:
         self.host = host
         self.port = port
+        self.max_idle = max_idle
+        self._idle: list[aiosmtplib.SMTP] = []
         self.timeout = timeout
         self.starttls = starttls
         self.local_hostname = local_hostname
@@ -208,18 +214,8 @@ class SmtpRelaySender:
         except ValueError as exc:
             raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
 
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            timeout=self.timeout,
-            local_hostname=self.local_hostname,
-            start_tls=self.starttls,
-            username=self._username,
-            password=self._password,
-        )
         try:
-            async with client:
-                refused, _ = await client.sendmail(envelope_from, list(email.to), data)
+            refused = await self._transaction(envelope_from, list(email.to), data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             raise self._all_refused(email, exc) from exc
         except aiosmtplib.SMTPSenderRefused as exc:
@@ -248,6 +244,54 @@ class SmtpRelaySender:
                 ", ".join(f"{rcpt} ({reply.code})" for rcpt, reply in refused.items()),
             )
 
+    async def _transaction(self, sender: str, recipients: list[str], data: bytes) -> dict[str, object]:
+        while self._idle:
+            client = self._idle.pop()
+            if not client.is_connected:
+                continue
+            try:
+                refused, _ = await client.sendmail(sender, recipients, data)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                _drop(client)  # a stale pooled connection: try the next or a fresh one
+                continue
+            except BaseException:
+                _drop(client)
+                raise
+            self._release(client)
+            return dict(refused)
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+            start_tls=self.starttls,
+            username=self._username,
+            password=self._password,
+        )
+        try:
+            await client.connect()
+            refused, _ = await client.sendmail(sender, recipients, data)
+        except BaseException:
+            _drop(client)
+            raise
+        self._release(client)
+        return dict(refused)
+
+    def _release(self, client: aiosmtplib.SMTP) -> None:
+        if len(self._idle) < self.max_idle and client.is_connected:
+            self._idle.append(client)
+        else:
+            _drop(client)
+
+    async def close(self) -> None:
+        """QUIT the pooled connections (at shutdown)."""
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await asyncio.wait_for(client.quit(), timeout=2.0)
+            except Exception:  # the relay is gone already
+                _drop(client)
+
     def _refused(
         self, email: OutgoingEmail, stage: str, exc: aiosmtplib.SMTPResponseException
     ) -> TransientSendError | PermanentSendError:
@@ -267,6 +311,13 @@ class SmtpRelaySender:
         if codes and all(500 <= code <= 599 for code in codes):
             return PermanentSendError(text)
         return TransientSendError(text)
+
+
+def _drop(client: aiosmtplib.SMTP) -> None:
+    try:
+        client.close()
+    except Exception:  # already closed
+        pass
 
 
 def _set_text(msg: EmailMessage, name: str, text: str) -> None:
