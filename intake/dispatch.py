@@ -26,7 +26,7 @@ log = logging.getLogger("intake.dispatch")
 
 def backoff(attempts: int, *, base: float, cap: float) -> float:
     """Exponential back-off with jitter: base, 2 base, 4 base, ... up to cap seconds."""
-    delay = min(cap, base * (2 ** max(0, attempts - 1)))
+    delay: float = min(cap, base * 2.0 ** max(0, attempts - 1))
     return delay * random.uniform(0.8, 1.2)
 
 

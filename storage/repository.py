@@ -506,12 +506,12 @@ class SqlUnitOfWork:
     def stats(self) -> dict[str, Any]:
         n_tickets = self.conn.execute(select(func.count()).select_from(ticket)).scalar_one()
         n_messages = self.conn.execute(select(func.count()).select_from(message)).scalar_one()
-        by_status = dict(
-            self.conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all()  # type: ignore[arg-type]
-        )
-        by_kind = dict(
-            self.conn.execute(select(outbox.c.kind, func.count()).group_by(outbox.c.kind)).all()  # type: ignore[arg-type]
-        )
+        by_status: dict[str, int] = {
+            r[0]: r[1] for r in self.conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status))
+        }
+        by_kind: dict[str, int] = {
+            r[0]: r[1] for r in self.conn.execute(select(outbox.c.kind, func.count()).group_by(outbox.c.kind))
+        }
         oldest = self.conn.execute(
             select(func.min(outbox.c.created_at)).where(outbox.c.status == "pending")
         ).scalar_one_or_none()

@@ -222,8 +222,8 @@ class SqlStore:
         if elapsed > 1.0:
             log.warning("storage: a batch of %d unit(s) took %.2fs", len(batch), elapsed)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
-        for job, value, exc in outcomes:
-            by_loop.setdefault(job.loop, []).append((job.future, value, exc))
+        for job, value, failure in outcomes:
+            by_loop.setdefault(job.loop, []).append((job.future, value, failure))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, items)
