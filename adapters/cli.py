@@ -430,5 +430,9 @@ def rules_lint(ctx: click.Context, path: str | None) -> None:
     click.echo(f"{target}: ok; {summary}" if isinstance(summary, str) else f"{target}: ok")
 
 
+from adapters.demo import demo  # noqa: E402  (demo imports cli lazily, so there is no cycle)
+
+main.add_command(demo)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
