@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import socket
@@ -267,13 +269,21 @@ async def start(app: App) -> None:
         app.web = web
 
 
-async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> None:
+async def stop_listeners(app: App) -> None:
+    """Stop taking messages in: messages in flight finish or get 421 / no 200."""
     if app.web is not None:
         await app.web.stop()
+        app.web = None
     if app.slack_listener is not None:
         await app.slack_listener.stop()
+        app.slack_listener = None
     if app.email_listener is not None:
         await app.email_listener.stop(grace=app.settings.email.shutdown_grace)
+        app.email_listener = None
+
+
+async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> None:
+    await stop_listeners(app)
     app.dispatcher.stop()
     if dispatcher_task is not None:
         try:
@@ -298,7 +308,14 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     await start(app)
-    dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
+    worker: OutboxProcess | None = None
+    if app.settings.outbound.dispatcher == "process":
+        worker = OutboxProcess(app.settings)
+        worker.start()
+        app.service.on_commit = worker.wake
+        dispatcher_task = asyncio.create_task(worker.watch(), name="outbox-process")
+    else:
+        dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
     em = app.settings.email
@@ -316,6 +333,11 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     finally:
         log.info("shutting down")
         app.sla.stop()
+        if worker is not None:
+            await stop_listeners(app)
+            await worker.stop()
+            dispatcher_task.cancel()
+            dispatcher_task = None
         await stop(app, dispatcher_task)
         await asyncio.wait_for(sla_task, timeout=5.0)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -323,6 +345,95 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+
+
+class OutboxProcess:
+    """The outbox dispatcher in a child process, restarted if it dies.
+
+    Sending acknowledgements (building MIME, talking SMTP to the relay) costs about as much
+    CPU as taking a message in; in its own interpreter it runs on the machine's other core
+    instead of taking turns with the listener for one GIL. It shares nothing with the parent
+    but the database: entries are claimed with leases, so a crash of either loses nothing.
+    The parent wakes it through a pipe after each commit.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._reader: Any = None
+        self._writer: Any = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._reader, self._writer = self._ctx.Pipe(duplex=False)
+        self._proc = self._ctx.Process(
+            target=_dispatcher_main,
+            args=(self.settings, self._reader),  # pickled: secrets travel as they are
+            name="intake-outbox",
+            daemon=True,
+        )
+        self._proc.start()
+        log.info("outbox dispatcher process started (pid %s)", self._proc.pid)
+
+    def wake(self) -> None:
+        try:
+            self._writer.send_bytes(b".")
+        except (OSError, ValueError):  # the child is restarting; it polls anyway
+            pass
+
+    async def watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if self._proc is not None and not self._proc.is_alive() and not self._stopping:
+                log.error("outbox dispatcher process exited (%s); restarting it", self._proc.exitcode)
+                self.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._proc is None:
+            return
+        self._proc.terminate()  # SIGTERM: the child finishes its batch and exits
+        await asyncio.to_thread(self._proc.join, 15)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc = None
+
+
+def _dispatcher_main(settings: Settings, wake: Any) -> None:
+    """Entry point of the dispatcher process."""
+    logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s[outbox]: %(message)s")
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    app = build(settings, create_tables=False)
+    app.dispatcher.idle_poll = 1.0
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when to stop
+        loop.add_reader(wake.fileno(), lambda: (_drain(wake), app.dispatcher.wake()))
+        app.store.start()
+        task = asyncio.create_task(app.dispatcher.run())
+        await stopping.wait()
+        app.dispatcher.stop()
+        await asyncio.wait_for(task, timeout=10.0)
+        if app.chat_sender is not None:
+            await app.chat_sender.close()
+        close_email = getattr(app.dispatcher.email, "close", None)
+        if close_email is not None:
+            await close_email()
+        await app.store.close()
+
+    asyncio.run(main())
+
+
+def _drain(conn: Any) -> None:
+    try:
+        while conn.poll():
+            conn.recv_bytes()
+    except (EOFError, OSError):
+        pass
 
 
 def redact(url: str) -> str:

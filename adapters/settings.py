@@ -111,6 +111,9 @@ class OutboundSettings(_Section):
     bounce_address: str = ""  # "" sends with the null reverse-path <> (RFC 3834)
     message_id_domain: str = ""  # default: the from_address domain
     timeout: float = Field(30.0, gt=0)
+    # "process": the outbox is delivered by a child process (its own interpreter, so sending
+    # acknowledgements does not compete with intake for one GIL); "inline": on the serve loop.
+    dispatcher: Literal["process", "inline"] = "process"
     retry_base_seconds: float = Field(5.0, gt=0)
     retry_cap_seconds: float = Field(3600.0, gt=0)
 

@@ -187,7 +187,9 @@ class IntakeService:
         default = self.templates.default
         if self.detector is None:
             return default
-        text = f"{message.subject}\n{message.new_text or message.body}".strip()[:2000]
+        # A few hundred characters decide the language as well as the whole text, at a fraction
+        # of the cost (lingua is linear in the text: 4 KB took 1.4 ms).
+        text = f"{message.subject}\n{message.new_text or message.body}".strip()[:300]
         lang = self.detector.detect(text) if text else None
         return lang if lang in self.templates.languages else default
 

@@ -68,6 +68,17 @@ _FIND_DUPLICATE = (
 _TICKET_BY_ID = select(*_TICKET_COLS).where(ticket.c.id == bindparam("id"))
 _TICKET_BY_REFERENCE = select(*_TICKET_COLS).where(ticket.c.reference == bindparam("reference"))
 _PARTICIPANTS = select(participant.c.address).where(participant.c.ticket_id == bindparam("id"))
+_COUNT_OUTBOX_KIND = (
+    select(func.count())
+    .select_from(outbox)
+    .where(outbox.c.kind == bindparam("kind"), outbox.c.created_at >= bindparam("since"))
+)
+_COUNT_OUTBOX_TO = _COUNT_OUTBOX_KIND.where(outbox.c.recipient == bindparam("recipient"))
+_COUNT_TICKETS_OF = (
+    select(func.count())
+    .select_from(ticket)
+    .where(ticket.c.requester == bindparam("requester"), ticket.c.created_at >= bindparam("since"))
+)
 
 
 def _insert_ignore(dialect: str, table: Any) -> Insert:
@@ -313,10 +324,10 @@ class SqlUnitOfWork:
         return ids
 
     def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int:
-        q = select(func.count()).select_from(outbox).where(outbox.c.kind == kind, outbox.c.created_at >= since)
-        if recipient is not None:
-            q = q.where(outbox.c.recipient == recipient)
-        return int(self.conn.execute(q).scalar_one())
+        if recipient is None:
+            return int(self.conn.execute(_COUNT_OUTBOX_KIND, {"kind": kind, "since": since}).scalar_one())
+        params = {"kind": kind, "recipient": recipient, "since": since}
+        return int(self.conn.execute(_COUNT_OUTBOX_TO, params).scalar_one())
 
     def latest_ticket_of(self, requester: str) -> TicketFacts | None:
         row = (
@@ -332,13 +343,7 @@ class SqlUnitOfWork:
         return self._facts(row) if row is not None else None
 
     def count_tickets_since(self, *, requester: str, since: datetime) -> int:
-        return int(
-            self.conn.execute(
-                select(func.count())
-                .select_from(ticket)
-                .where(ticket.c.requester == requester, ticket.c.created_at >= since)
-            ).scalar_one()
-        )
+        return int(self.conn.execute(_COUNT_TICKETS_OF, {"requester": requester, "since": since}).scalar_one())
 
     def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]:
         rows = (
