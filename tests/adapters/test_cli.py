@@ -1,0 +1,83 @@
+"""The command line as a user types it: tickets list/show, rules check/lint, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from adapters.cli import main
+from intake.reference import References
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail, running_intake, settings_for
+
+REFS = References()
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+async def test_tickets_list_and_show_json(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        reply = await h.send(mail(subject="Data breach suspected", body="Our account was hacked last night."))
+        ref = next(f.reference for f in REFS.find(reply.text) if f.reference)
+        await h.send(mail(subject=f"Re: [{ref}]", body="More details: it started at 02:00 UTC."))
+        await h.outbox_settled()
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        code, out = cli("--config", str(cfg), "tickets", "list", "--json")
+        assert code == 0, out
+        [t] = json.loads(out)
+        for key in ("reference", "subject", "severity", "security", "channel", "requester", "status",
+                    "message_count", "created_at", "response_due"):  # fmt: skip
+            assert key in t, key
+        assert t["reference"] == ref and t["severity"] == 1 and t["security"] is True and t["message_count"] == 2
+        assert t["response_due"].endswith("+00:00")
+        code, out = cli("--config", str(cfg), "tickets", "show", ref.lower(), "--json")
+        assert code == 0, out
+        detail = json.loads(out)
+        assert [m["route"] for m in detail["messages"]] == ["new", "reference"]
+        assert detail["evidence"] and detail["evidence"][0]["rule"]
+        assert {o["kind"] for o in detail["outbox"]} == {"acknowledgement", "irt-alert"}
+        code, out = cli("--config", str(cfg), "tickets", "show", ref)
+        assert code == 0 and "SECURITY INCIDENT" in out and "route: reference" in out
+        code, out = cli("--config", str(cfg), "tickets", "list")
+        assert code == 0 and ref in out
+        # A mistyped reference is recognised as such.
+        typo = ref[:-1] + ("0" if ref[-1] != "0" else "1")
+        code, out = cli("--config", str(cfg), "tickets", "show", typo)
+        assert code == 2 and "not a valid reference" in out
+
+
+def test_rules_check_and_lint(tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(
+        mail(subject="Phishing", body="We received a phishing email and two users entered passwords.").as_bytes()
+    )
+    code, out = cli("rules", "check", str(eml), "--json")
+    assert code == 0, out
+    verdict = json.loads(out)
+    assert verdict["severity"] == 1 and verdict["security"] and verdict["hits"]
+    text = tmp_path / "t.txt"
+    text.write_text("Hello, the export button does nothing.\n\n> On Monday we wrote: data breach\n")
+    code, out = cli("rules", "check", str(text), "--json")
+    assert code == 0 and json.loads(out)["hits"] == []  # quoted text is not looked at
+    code, out = cli("rules", "lint")
+    assert code == 0 and "ok" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nname = "x"\nphrases = [""]\nseverity = 1\n')
+    code, out = cli("rules", "lint", str(bad))
+    assert code == 2 and "bad.toml" in out
+
+
+def test_invalid_configuration_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[email]\nlisten_port = 70000\nprotocol = "pop3"\n[nonsense]\nx = 1\n')
+    code, out = cli("--config", str(cfg), "stats")
+    assert code == 2
+    assert "email.listen_port" in out and "email.protocol" in out and "nonsense" in out
+    missing = cli("--config", str(tmp_path / "nope.toml"), "stats")
+    assert missing[0] == 2 and "does not exist" in missing[1]
