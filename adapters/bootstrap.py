@@ -129,6 +129,37 @@ class App:
     web: Any | None = None  # adapters.web.WebServer when enabled
 
 
+def build_service(
+    settings: Settings, *, store: Any, clock: Clock | None = None, recorder: Recorder | None = None
+) -> IntakeService:
+    """The core service from settings (rules, templates, policy, language detection).
+
+    Parsing workers build one with ``store=None`` to run :meth:`IntakeService.assess` only.
+    """
+    templates = TemplateBook.load(settings.policy.templates, default=settings.policy.default_language)
+    detector = None
+    if settings.policy.detect_language and len(templates.languages) > 1:
+        from adapters.language import LinguaDetector
+
+        detector = LinguaDetector(templates.languages)
+    return IntakeService(
+        store=store,
+        rules=load_rules(settings),
+        policy=make_policy(settings),
+        templates=templates,
+        outbound=make_outbound(settings),
+        references=References(settings.email.reference_prefix),
+        irt_email=settings.irt.lead_email,
+        irt_chat_user=settings.irt.slack_user if settings.slack.enabled else None,
+        limits=make_limits(settings),
+        team=make_team(settings),
+        detector=detector,
+        escalation_phrases=(*DEFAULT_ESCALATION_PHRASES, *settings.policy.escalation_phrases),
+        clock=clock or SystemClock(),
+        recorder=recorder or Recorder(),
+    )
+
+
 def build(
     settings: Settings,
     *,
@@ -143,19 +174,13 @@ def build(
     """
     clock = clock or SystemClock()
     recorder = Recorder()
-    rules = load_rules(settings)
-    templates = TemplateBook.load(settings.policy.templates, default=settings.policy.default_language)
-    detector = None
-    if settings.policy.detect_language and len(templates.languages) > 1:
-        from adapters.language import LinguaDetector
-
-        detector = LinguaDetector(templates.languages)
     store = SqlStore(
         settings.storage.url,
         max_batch=settings.storage.max_batch,
         lock_timeout=settings.storage.lock_timeout,
         commit_timeout=settings.storage.commit_timeout,
     )
+    service = build_service(settings, store=store, clock=clock, recorder=recorder)
     if create_tables:
         schema.upgrade(store.engine)
     else:
@@ -191,34 +216,15 @@ def build(
         backoff_base=ob.retry_base_seconds,
         backoff_cap=ob.retry_cap_seconds,
     )
-    policy = make_policy(settings)
-    outbound = make_outbound(settings)
-    team = make_team(settings)
-    service = IntakeService(
-        store=store,
-        rules=rules,
-        policy=policy,
-        templates=templates,
-        outbound=outbound,
-        references=References(settings.email.reference_prefix),
-        irt_email=settings.irt.lead_email,
-        irt_chat_user=settings.irt.slack_user if settings.slack.enabled else None,
-        limits=make_limits(settings),
-        team=team,
-        detector=detector,
-        escalation_phrases=(*DEFAULT_ESCALATION_PHRASES, *settings.policy.escalation_phrases),
-        clock=clock,
-        recorder=recorder,
-        on_commit=dispatcher.wake,
-    )
+    service.on_commit = dispatcher.wake
     sla = SlaWatcher(
         store=store,
-        policy=policy,
-        templates=templates,
-        outbound=outbound,
+        policy=service.policy,
+        templates=service.templates,
+        outbound=service.outbound,
         clock=clock,
-        triage_email=team.triage_email,
-        triage_chat=team.triage_chat,
+        triage_email=service.team.triage_email,
+        triage_chat=service.team.triage_chat,
         recorder=recorder,
     )
     return App(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from types import MappingProxyType
@@ -109,6 +109,13 @@ class InboundMessage:
         if not isinstance(self.headers, MappingProxyType):
             object.__setattr__(self, "headers", _frozen_headers(self.headers))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mapping proxy cannot be pickled; a plain dict travels and is frozen again on arrival
+        # (messages cross to and from parsing worker processes).
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["headers"] = dict(self.headers)
+        return (_inbound_from_dict, (values,))
+
     @property
     def dedup_key(self) -> str:
         """What makes two deliveries "the same message" (together with ``recipient``)."""
@@ -130,6 +137,10 @@ class InboundMessage:
             if mid:
                 seen.setdefault(mid, None)
         return tuple(seen)
+
+
+def _inbound_from_dict(values: dict[str, Any]) -> InboundMessage:
+    return InboundMessage(**values)
 
 
 @dataclass(frozen=True, slots=True)

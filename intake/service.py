@@ -228,10 +228,12 @@ class IntakeService:
             escalation=self.escalation_requested(message) if automation is None else None,
         )
 
-    async def receive(self, message: InboundMessage) -> Receipt:
+    async def receive(self, message: InboundMessage, assessment: Assessment | None = None) -> Receipt:
+        """Store one message. ``assessment`` when :meth:`assess` already ran (e.g. in a worker
+        process next to the parser); otherwise it runs here."""
         if not message.staff and message.sender and message.sender in self.team.staff_addresses:
             message = replace(message, staff=True)
-        a = self.assess(message)  # pure work stays out of the transaction
+        a = assessment or self.assess(message)  # pure work stays out of the transaction
         stored = time.perf_counter()
         try:
             receipt = await self.store.transact(lambda uow: self._unit(uow, message, a))
