@@ -427,7 +427,7 @@ def rules_lint(ctx: click.Context, path: str | None) -> None:
         summary = lint(target)
     except IntakeError as exc:
         _fail(exc)
-    click.echo(f"{target}: ok; {summary}" if isinstance(summary, str) else f"{target}: ok")
+    click.echo("\n".join(summary) if isinstance(summary, list) else f"{target}: ok; {summary}")
 
 
 from adapters.demo import demo  # noqa: E402  (demo imports cli lazily, so there is no cycle)

@@ -208,12 +208,16 @@ _RUN_FOLD = _RunFold()
 
 # The Latin-1 fast path of _fold: a byte table for the characters U+0000..U+00FF whose fold is
 # one Latin-1 character ("É" -> "e"), and str.replace first for the others, plus the
-# typographic marks that keep most Western mail out of Latin-1 (’ “ ” – — … € •).
+# typographic marks that keep most Western mail out of Latin-1 (’ “ ” – — … € •) and U+FFFD.
 _LATIN1_ODD = [chr(i) for i in range(256) if len(f := _fold_char(chr(i))) != 1 or ord(f) > 0xFF]
 _LATIN1_FOLD = bytes(
     ord(f) if (f := _fold_char(chr(i))) and len(f) == 1 and ord(f) <= 0xFF else 0x20 for i in range(256)
 )
-_REPLACED_FIRST = (*_LATIN1_ODD, *"\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u20ac\u2022\u2122\u200b")
+_REPLACED_FIRST = (
+    *_LATIN1_ODD,
+    *"\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u20ac\u2022\u2122\u200b",
+    "\ufffd",  # the replacement character: mail decoded leniently is full of it
+)
 
 
 def _fold(text: str) -> str:
