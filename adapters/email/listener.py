@@ -7,15 +7,36 @@ accepted recipient), the service stores them, and the receipts become reply code
 250 2.0.0                   stored (committed) - or already stored, for a redelivery
 451 4.3.0                   storage failed or an unexpected error: nothing half-stored, retry
 421 4.3.2 / 421 4.7.0       shutting down / too many connections: retry later
+421 4.4.2                   a time limit passed (silence, DATA phase, whole session); closed
 452 4.5.3                   too many recipients
+501 5.1.7                   reverse-path not valid UTF-8 or with control characters
 550 5.1.1                   not one of our support addresses
-552 5.3.4                   message bigger than ``max_message_bytes``
+552 5.3.4                   message bigger than ``max_message_bytes`` (at SIZE= or after DATA)
 ==========================  ===============================================================
 
 aiosmtpd answers an exception in a hook with a permanent ``500`` that carries the exception
 text; we never let one escape (the sender would give up and our internals would leak).
 LMTP owes one reply per recipient after DATA, which aiosmtpd does not do for you: the handler
 pushes the first n-1 replies itself and returns the last.
+
+Limits that aiosmtpd enforces itself, with its own texts: a command line over 512 bytes
+without its CRLF (``500 Command line too long``; the session goes on), a DATA line over 1001
+bytes with its CRLF (``500 Line too long (see RFC5321 4.5.3.1.6)`` after the final dot: the
+whole message is refused, and so is one written with bare LF, which is one long line to
+aiosmtpd), a command repeated past ``command_call_limit`` (``421 4.7.0 NOOP sent too many
+times``, closed), five unknown commands (``502 5.5.1``, closed) and only ``<CRLF>.<CRLF>``
+ending DATA (1.4.5+: no SMTP smuggling with a bare LF or CR; the would-be second message
+stays inside the first one's body).
+
+Time limits. aiosmtpd re-arms ``command_timeout`` after each complete command and not during
+DATA, and closes without a word when it runs out; so a client could keep a session for
+``command_timeout`` per command times the command budget (days), and a large message on a
+slow link was cut off ``command_timeout`` after the DATA command. Here ``command_timeout`` is
+silence: within DATA every chunk received re-arms it. ``data_timeout`` bounds one DATA phase
+(from the DATA command to the final dot) and ``session_timeout`` the whole connection; each
+ends the session with ``421 4.4.2``. Time our own handler spends storing is never counted
+against the client: the silence and DATA limits wait for it, and a session limit that passes
+meanwhile closes the session after the reply.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from adapters.email.parsing import parse_email
 from intake.errors import StorageUnavailableError
@@ -46,7 +68,14 @@ REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, please try again later"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_UNKNOWN_RECIPIENT = "550 5.1.1 <{address}>: not a support address here"
+REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_TOO_BIG = "552 5.3.4 Message too big: this server accepts at most {limit} bytes"
+REPLY_IDLE_TIMEOUT = "421 4.4.2 Timeout: nothing received for {seconds:g} s, closing connection"
+REPLY_DATA_TIMEOUT = "421 4.4.2 Timeout: the message took longer than {seconds:g} s to send, closing connection"
+REPLY_SESSION_TIMEOUT = "421 4.4.2 Session time limit of {seconds:g} s reached, closing connection"
+# aiosmtpd decodes command arguments as UTF-8 with surrogateescape: bytes that are not UTF-8
+# arrive as lone surrogates, which no database stores (nor NUL, in PostgreSQL).
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # Messages above this size are parsed in a worker thread so the loop keeps serving.
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
@@ -60,9 +89,13 @@ class ListenerConfig:
     max_recipients: int = 50
     max_attachment_bytes: int | None = None
     max_attachments_total: int | None = None
-    command_timeout: float = 300.0
+    command_timeout: float = 300.0  # silence: no complete command (outside DATA), no bytes (in DATA)
+    data_timeout: float = 600.0  # one DATA phase, from the DATA command to the final dot
+    session_timeout: float = 1800.0  # the whole connection, however busy
     max_sessions: int = 200
     max_sessions_per_client: int = 20
+    # Per session and command name; "*" for each other command. Past it: 421 and closed.
+    command_call_limit: dict[str, int] = field(default_factory=lambda: {"NOOP": 20, "RSET": 20, "*": 200})
 
 
 @dataclass(slots=True)
@@ -95,6 +128,10 @@ class IntakeHandler:
     ) -> str:
         if self.tracker.closing:
             return REPLY_SHUTTING_DOWN
+        if _UNSTORABLE.search(address):
+            # The reverse-path may become the requester (no usable From): refuse it now, as
+            # Postfix refuses malformed UTF-8, rather than answer 451 after DATA for ever.
+            return REPLY_BAD_SENDER
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -103,7 +140,8 @@ class IntakeHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if address.lower() not in self.addresses:
-            return REPLY_UNKNOWN_RECIPIENT.format(address=address.replace("\r", "").replace("\n", "")[:200])
+            # Echoed back: no control characters, and no lone surrogates (push() would raise).
+            return REPLY_UNKNOWN_RECIPIENT.format(address=_UNSTORABLE.sub("?", address)[:200])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address.lower())
@@ -199,11 +237,15 @@ class IntakeHandler:
 
 
 class _Limited:
-    """Mixed into aiosmtpd's SMTP/LMTP: session caps, clear 552 text, 421 on shutdown."""
+    """Mixed into aiosmtpd's SMTP/LMTP: session caps, time limits, clear 552 text, 421 on shutdown."""
 
     tracker: SessionTracker
     config: ListenerConfig
     _refused: bool = False
+    _in_data: bool = False  # between the DATA command and its reply
+    _expired: str | None = None  # a time limit passed while our handler was busy: close after the reply
+    _data_timer: asyncio.TimerHandle | None = None
+    _session_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -224,10 +266,14 @@ class _Limited:
         t.active.add(self)
         t.per_client[client] += 1
         super().connection_made(transport)  # type: ignore[misc]
+        self._session_timer = asyncio.get_running_loop().call_later(self.config.session_timeout, self._session_limit)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        for timer in (self._session_timer, self._data_timer):
+            if timer is not None:
+                timer.cancel()
         t = self.tracker
         if self in t.active:
             t.active.discard(self)
@@ -235,6 +281,53 @@ class _Limited:
             if t.per_client[self._client] <= 0:
                 del t.per_client[self._client]
         super().connection_lost(error)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd re-arms its timer per command only; inside DATA any bytes show the client is
+        # alive (a large message on a slow link), and data_timeout bounds the phase as a whole.
+        if self._in_data:
+            self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's silence timer ran out (it closes without a word; we say why)."""
+        if self in self.tracker.busy:
+            self._reset_timeout()  # type: ignore[attr-defined]  # our handler is the slow one
+            return
+        self._close_with(REPLY_IDLE_TIMEOUT.format(seconds=self.config.command_timeout))
+
+    def _session_limit(self) -> None:
+        reply = REPLY_SESSION_TIMEOUT.format(seconds=self.config.session_timeout)
+        if self in self.tracker.busy:
+            self._expired = reply  # the message is in: answer it, then close (smtp_DATA)
+            return
+        self._close_with(reply)
+
+    def _data_limit(self) -> None:
+        if self in self.tracker.busy:
+            return  # the final dot has arrived: the time since is ours, not the client's
+        self._close_with(REPLY_DATA_TIMEOUT.format(seconds=self.config.data_timeout))
+
+    def _close_with(self, reply: str) -> None:
+        transport = getattr(self, "transport", None)
+        if transport is None or transport.is_closing():
+            return
+        log.info("closing session of %s: %s", getattr(self, "_client", "?"), reply)
+        transport.write(reply.encode("ascii") + b"\r\n")
+        transport.close()  # flushes the reply first; connection_lost cancels the session task
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        timer = self._data_timer = asyncio.get_running_loop().call_later(self.config.data_timeout, self._data_limit)
+        try:
+            await super().smtp_DATA(arg)  # type: ignore[misc]
+        finally:
+            self._in_data = False
+            timer.cancel()
+            self._data_timer = None
+        if self._expired is not None:
+            self._close_with(self._expired)
 
     async def push(self, status: Any) -> None:
         # aiosmtpd's own texts for an over-size message (at SIZE= in MAIL, or during DATA).
@@ -281,7 +374,7 @@ class EmailListener:
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=self.config.command_timeout,
-            command_call_limit={"NOOP": 20, "RSET": 20, "*": 200},
+            command_call_limit=dict(self.config.command_call_limit),
             loop=asyncio.get_running_loop(),
         )
         proto.tracker = self.tracker

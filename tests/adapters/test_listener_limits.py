@@ -1,0 +1,581 @@
+"""The listener's hard limits, over real SMTP on loopback, each followed by proof it still serves.
+
+smtplib and aiosmtplib refuse to misbehave (they fold long lines, stop at SIZE, never trickle,
+never pipeline a smuggled transaction), so most of these tests speak SMTP through a raw
+asyncio socket (:class:`RawClient`). Limits that have a settings key go through the settings
+and the composition root, so the wiring is tested too; ``data_timeout`` and ``session_timeout``
+have none yet and run on a second listener built on the same service (:func:`extra_listener`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from adapters.email.listener import (
+    EmailListener,
+    IntakeHandler,
+    ListenerConfig,
+    SessionTracker,
+)
+from intake.model import InboundMessage
+from intake.service import Receipt
+from storage.tables import message as message_table
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import Harness, mail, running_intake, settings_for
+
+SUPPORT = "support@example.com"
+
+
+# ---------------------------------------------------------------------------------------------
+# A raw SMTP client: every byte is ours to choose
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str  # all lines of a multi-line reply, without the codes, joined by "\n"
+
+
+class RawClient:
+    """An SMTP client that sends exactly the bytes it is given and reads replies as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, *, source: str = "127.0.0.1") -> tuple[RawClient, Reply | None]:
+        """Connect from ``source`` (any 127.0.0.0/8 address is loopback); returns the greeting."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        client = cls(reader, writer)
+        return client, await client.reply()
+
+    async def reply(self, timeout: float = 5.0) -> Reply | None:  # noqa: ASYNC109
+        """The next reply, or None when the server closed the connection first."""
+        lines: list[bytes] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    line = await self.reader.readline()
+                except ConnectionResetError:
+                    line = b""
+                if not line:
+                    assert not lines, f"connection closed in the middle of a reply: {lines!r}"
+                    return None
+                assert re.match(rb"^[2-5]\d\d[ -]", line), f"not an SMTP reply line: {line!r}"
+                lines.append(line)
+                if line[3:4] == b" ":
+                    break
+        text = "\n".join(ln[4:].decode("utf-8", "replace").rstrip("\r\n") for ln in lines)
+        return Reply(int(lines[0][:3]), text)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str | bytes, timeout: float = 5.0) -> Reply | None:  # noqa: ASYNC109
+        await self.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.reply(timeout)
+
+    async def envelope(self, *, mail_from: str = "alice@acme.com", rcpt: tuple[str, ...] = (SUPPORT,)) -> None:
+        """MAIL and RCPT, each expected to be accepted (EHLO is the caller's)."""
+        for line in (f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpt)):
+            r = await self.cmd(line)
+            assert r is not None and r.code == 250, (line, r)
+
+    async def transaction(self, content: bytes, **envelope: Any) -> Reply | None:
+        """MAIL, RCPT, DATA and ``content`` (CRLF lines, no dot-stuffing needed) ending in CRLF.CRLF."""
+        await self.envelope(**envelope)
+        r = await self.cmd("DATA")
+        assert r is not None and r.code == 354, r
+        await self.write(content + b".\r\n")
+        return await self.reply()
+
+    async def closed(self, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
+        """Wait for the server to close the connection; returns whatever it sent before."""
+        async with asyncio.timeout(timeout):
+            rest = await self.reader.read()
+        return rest
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def message_bytes(subject: str = "Printer on fire", body: bytes = b"It burns.\r\n", **headers: str) -> bytes:
+    head = f"From: Alice <alice@acme.com>\r\nTo: {SUPPORT}\r\nSubject: {subject}\r\n"
+    head += "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def intake_with(tmp_path: Path, relay: RelayStandIn, email: str = "") -> AsyncIterator[Harness]:
+    extra = f"[email]\n{email}" if email else ""
+    async with running_intake(settings_for(tmp_path, relay_port=relay.port, extra=extra)) as h:
+        yield h
+
+
+@contextlib.asynccontextmanager
+async def extra_listener(
+    h: Harness, handler_cls: type[IntakeHandler] = IntakeHandler, **limits: Any
+) -> AsyncIterator[EmailListener]:
+    """A second listener on ``h``'s service with ListenerConfig fields the settings do not have."""
+    config = ListenerConfig(addresses=h.settings.email.addresses, hostname="intake.test", **limits)
+    listener = EmailListener(handler_cls(h.app.service, config, SessionTracker()), config, host="127.0.0.1", port=0)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.stop(grace=0.5)
+
+
+async def still_serving(h: Harness, port: int | None = None) -> None:
+    """A well-behaved client still gets its message stored, on a fresh connection."""
+    if port is None:
+        reply = await h.send(mail(subject="Still there?"))
+        assert reply.code == 250 and "stored as" in reply.text, reply
+        return
+    client, greeting = await RawClient.open(port)
+    try:
+        assert greeting is not None and greeting.code == 220
+        assert (await client.cmd("EHLO client.test")) is not None
+        r = await client.transaction(message_bytes("Still there?"))
+        assert r is not None and r.code == 250 and "stored as" in r.text, r
+    finally:
+        await client.close()
+
+
+def stored_count(h: Harness) -> int:
+    return int(h.stats()["messages"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Size
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_message_size_is_refused_at_mail_from_and_after_data(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with intake_with(tmp_path, smtp_relay, "max_message_bytes = 2048\n") as h:
+        client, _ = await RawClient.open(h.port)
+        ehlo = await client.cmd("EHLO client.test")
+        assert ehlo is not None and "SIZE 2048" in ehlo.text.splitlines()
+        # Declared too big: refused before a byte of content is sent.
+        r = await client.cmd(f"MAIL FROM:<alice@acme.com> SIZE={2048 + 1}")
+        assert r == Reply(552, "5.3.4 Message too big: this server accepts at most 2048 bytes")
+        # Declared small (or not at all) but too big after all: the answer follows the final dot.
+        r = await client.transaction(message_bytes(body=b"x" * 70 + b"\r\n") * 40)
+        assert r == Reply(552, "5.3.4 Message too big: this server accepts at most 2048 bytes")
+        assert stored_count(h) == 0
+        # The same session goes on: a message within the limit is stored.
+        r = await client.transaction(message_bytes())
+        assert r is not None and r.code == 250 and "stored as" in r.text
+        await client.close()
+        # A real client reads SIZE from EHLO and gives up at MAIL FROM.
+        big = mail(body="y" * 3000 + "\n")
+        assert (await h.send(big)).code == 552
+        assert stored_count(h) == 1
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipients
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    email = 'max_recipients = 2\nextra_addresses = ["billing@example.com", "sales@example.com"]\n'
+    async with intake_with(tmp_path, smtp_relay, email) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope(rcpt=(SUPPORT, "billing@example.com"))
+        assert await client.cmd("RCPT TO:<sales@example.com>") == Reply(452, "4.5.3 Too many recipients")
+        # An unknown address is refused for what it is, not counted.
+        r = await client.cmd("RCPT TO:<nobody@example.com>")
+        assert r is not None and r.code == 550
+        assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
+        await client.write(message_bytes() + b".\r\n")
+        r = await client.reply()
+        assert r is not None and r.code == 250
+        await client.close()
+        # One copy per accepted recipient; the refused one is the sender's to retry.
+        recipients = h.read(lambda uow: sorted(uow.conn.execute(select(message_table.c.recipient)).scalars()))
+        assert recipients == ["billing@example.com", SUPPORT]
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Line length
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_overlong_command_lines_get_500_and_the_session_goes_on(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("HELO client.test")
+        # aiosmtpd: 512 bytes without the CRLF is the most a command may have (RFC 5321 4.5.3.1.4).
+        assert await client.cmd(b"NOOP " + b"a" * 507) == Reply(250, "OK")
+        assert await client.cmd(b"NOOP " + b"a" * 508) == Reply(500, "Command line too long")
+        assert await client.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.com>") == Reply(500, "Command line too long")
+        # Longer than the stream's 1001-byte buffer: drained to the end of the line, same answer.
+        assert await client.cmd(b"RCPT TO:<" + b"b" * 5000 + b">") == Reply(500, "Command line too long")
+        # Nothing of the long lines leaked into the command stream.
+        r = await client.transaction(message_bytes())
+        assert r is not None and r.code == 250
+        await client.close()
+        await still_serving(h)
+
+
+async def test_overlong_data_line_refuses_the_message_and_the_session_goes_on(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        # RFC 5321 4.5.3.1.6: 1000 bytes with the CRLF. aiosmtpd takes one byte more.
+        r = await client.transaction(message_bytes(body=b"y" * 999 + b"\r\n"))
+        assert r is not None and r.code == 250
+        for size in (1000, 5000, 100_000):  # the last one far beyond the stream buffer
+            r = await client.transaction(message_bytes(body=b"z" * size + b"\r\n"))
+            assert r == Reply(500, "Line too long (see RFC5321 4.5.3.1.6)"), size
+        assert stored_count(h) == 1
+        # A message written with bare LF is one long "line" to aiosmtpd: refused the same way.
+        lf_only = message_bytes(body=b"a short line\n" * 100).replace(b"\r\n", b"\n") + b"\r\n"
+        assert await client.transaction(lf_only) == Reply(500, "Line too long (see RFC5321 4.5.3.1.6)")
+        r = await client.transaction(message_bytes(subject="After the long ones"))
+        assert r is not None and r.code == 250
+        await client.close()
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time: silence, slow senders, whole sessions
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_silence_gets_421_after_command_timeout(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with intake_with(tmp_path, smtp_relay, "command_timeout = 0.5\n") as h:
+        # Between commands.
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        started = time.monotonic()
+        r = await client.reply(timeout=5)
+        assert r == Reply(421, "4.4.2 Timeout: nothing received for 0.5 s, closing connection")
+        assert 0.4 < time.monotonic() - started < 3
+        assert await client.closed() == b""
+        await client.close()
+        # In the middle of DATA.
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope()
+        await client.cmd("DATA")
+        await client.write(message_bytes())  # no final dot: the client went quiet
+        r = await client.reply(timeout=5)
+        assert r is not None and r.code == 421 and r.text.startswith("4.4.2")
+        assert await client.closed() == b""
+        await client.close()
+        assert stored_count(h) == 0
+        # A greeting and nothing else.
+        client, _ = await RawClient.open(h.port)
+        r = await client.reply(timeout=5)
+        assert r is not None and r.code == 421
+        await client.close()
+        assert not h.app.email_listener.tracker.active  # type: ignore[union-attr]
+        await still_serving(h)
+
+
+async def trickle(client: RawClient, data: bytes, *, every: float) -> None:
+    for i in range(len(data)):
+        await client.write(data[i : i + 1])
+        await asyncio.sleep(every)
+
+
+async def test_steady_slow_message_is_not_cut_off_by_command_timeout(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """command_timeout is silence: a message that keeps coming may take longer than it."""
+    async with intake_with(tmp_path, smtp_relay) as h, extra_listener(h, command_timeout=0.5, data_timeout=30) as lst:
+        client, _ = await RawClient.open(lst.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope()
+        await client.cmd("DATA")
+        started = time.monotonic()
+        await trickle(client, message_bytes(body=b"slow\r\n") + b".\r\n", every=0.02)
+        r = await client.reply()
+        assert time.monotonic() - started > 1.0  # twice the command timeout
+        assert r is not None and r.code == 250 and "stored as" in r.text
+        await client.close()
+
+
+async def test_trickling_sender_is_cut_off_at_the_data_deadline(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with (
+        intake_with(tmp_path, smtp_relay) as h,
+        extra_listener(h, command_timeout=0.5, data_timeout=1.5) as lst,
+    ):
+        client, _ = await RawClient.open(lst.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope()
+        assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
+        started = time.monotonic()
+        # A byte every 0.1 s: never silent for command_timeout, never finished.
+        writer = asyncio.create_task(trickle(client, message_bytes(body=b"x" * 200 + b"\r\n"), every=0.1))
+        r = await client.reply(timeout=10)
+        elapsed = time.monotonic() - started
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await writer
+        assert r == Reply(421, "4.4.2 Timeout: the message took longer than 1.5 s to send, closing connection")
+        assert 1.4 < elapsed < 4
+        assert await client.closed() == b""
+        await client.close()
+        assert stored_count(h) == 0
+        assert not lst.tracker.active
+        await still_serving(h, lst.port)
+
+
+async def test_a_session_cannot_outlive_session_timeout(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with (
+        intake_with(tmp_path, smtp_relay) as h,
+        extra_listener(h, command_timeout=0.5, session_timeout=1.5) as lst,
+    ):
+        client, _ = await RawClient.open(lst.port)
+        started = time.monotonic()
+        await client.cmd("EHLO client.test")
+        # A busy client: a valid command every 0.2 s, each re-arming aiosmtpd's own timer.
+        replies: list[Reply] = []
+        with contextlib.suppress(ConnectionError):
+            for verb in ["NOOP", "RSET", "EHLO client.test", "HELP", "VRFY postmaster"] * 10:
+                r = await client.cmd(verb)
+                if r is None:
+                    break
+                replies.append(r)
+                await asyncio.sleep(0.2)
+        elapsed = time.monotonic() - started
+        assert replies[-1] == Reply(421, "4.4.2 Session time limit of 1.5 s reached, closing connection")
+        assert all(r.code in (250, 252) for r in replies[:-1]), replies
+        assert 1.4 < elapsed < 4
+        await client.close()
+        await still_serving(h, lst.port)
+
+
+class SlowHandler(IntakeHandler):
+    """Storage that takes a second: the time is ours, not the client's."""
+
+    async def _store(self, message: InboundMessage) -> Receipt:
+        await asyncio.sleep(1.0)
+        return await super()._store(message)
+
+
+async def test_time_spent_storing_is_not_held_against_the_client(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with (
+        intake_with(tmp_path, smtp_relay) as h,
+        extra_listener(h, SlowHandler, command_timeout=0.3, data_timeout=0.5, session_timeout=0.8) as lst,
+    ):
+        client, _ = await RawClient.open(lst.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope()
+        await client.cmd("DATA")
+        await client.write(message_bytes() + b".\r\n")
+        # All three limits pass while the handler stores: the reply still comes, and is a 250;
+        # then the session limit that passed meanwhile closes the connection.
+        r = await client.reply(timeout=5)
+        assert r is not None and r.code == 250 and "stored as" in r.text
+        r = await client.reply(timeout=5)
+        assert r == Reply(421, "4.4.2 Session time limit of 0.8 s reached, closing connection")
+        assert await client.closed() == b""
+        await client.close()
+        assert stored_count(h) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent sessions
+# ---------------------------------------------------------------------------------------------
+
+
+async def wait_active(listener: EmailListener, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(listener.tracker.active) != count:  # noqa: ASYNC110 - a set, not an event
+            await asyncio.sleep(0.01)
+
+
+async def test_sessions_past_the_caps_get_421_at_once(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with intake_with(tmp_path, smtp_relay, "max_sessions = 3\nmax_sessions_per_client = 2\n") as h:
+        listener = h.app.email_listener
+        assert listener is not None
+        held: list[RawClient] = []
+        for source in ("127.0.0.1", "127.0.0.1"):
+            c, greeting = await RawClient.open(h.port, source=source)
+            assert greeting is not None and greeting.code == 220
+            held.append(c)
+        # The per-client cap: the third connection from 127.0.0.1 is refused at once.
+        c, greeting = await RawClient.open(h.port, source="127.0.0.1")
+        assert greeting == Reply(421, "4.7.0 Too many connections, please try again later")
+        assert await c.closed() == b""
+        await c.close()
+        # Another client is still served, with a whole transaction, while those two are held.
+        c, greeting = await RawClient.open(h.port, source="127.0.0.2")
+        assert greeting is not None and greeting.code == 220
+        await c.cmd("EHLO other.test")
+        r = await c.transaction(message_bytes(subject="From another client"))
+        assert r is not None and r.code == 250
+        held.append(c)
+        # The overall cap: a fourth session from yet another client is refused.
+        c, greeting = await RawClient.open(h.port, source="127.0.0.3")
+        assert greeting == Reply(421, "4.7.0 Too many connections, please try again later")
+        await c.close()
+        assert len(listener.tracker.active) == 3
+        # The held sessions still work, and one of them leaving makes room.
+        assert await held[0].cmd("NOOP") == Reply(250, "OK")
+        assert (await held[0].cmd("QUIT")).code == 221  # type: ignore[union-attr]
+        await held.pop(0).close()
+        await wait_active(listener, 2)
+        c, greeting = await RawClient.open(h.port, source="127.0.0.3")
+        assert greeting is not None and greeting.code == 220
+        held.append(c)
+        for c in held:
+            await c.close()
+        await wait_active(listener, 0)
+        assert dict(listener.tracker.per_client) == {}
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated and bogus commands
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_noop_forever_hits_the_command_call_limit(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        limit = ListenerConfig(addresses=()).command_call_limit["NOOP"]
+        for _ in range(limit):
+            assert await client.cmd("NOOP") == Reply(250, "OK")
+        assert await client.cmd("NOOP") == Reply(421, "4.7.0 NOOP sent too many times")
+        assert await client.closed() == b""
+        await client.close()
+        # Unknown commands have a budget of their own (aiosmtpd's, five).
+        client, _ = await RawClient.open(h.port)
+        replies = [await client.cmd(f"XYZZY{i}") for i in range(5)]
+        assert [r.code for r in replies if r] == [500, 500, 500, 500, 502]
+        assert await client.closed() == b""
+        await client.close()
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP smuggling (CVE-2023-51764 and kin; aiosmtpd's CVE-2024-27305)
+# ---------------------------------------------------------------------------------------------
+
+SMUGGLED = (
+    b"MAIL FROM:<ceo@example.com>\r\n"
+    b"RCPT TO:<support@example.com>\r\n"
+    b"DATA\r\n"
+    b"From: CEO <ceo@example.com>\r\n"
+    b"To: support@example.com\r\n"
+    b"Subject: smuggled\r\n"
+    b"\r\n"
+    b"Please wire the money.\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "fake_end",
+    [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\r\n\x00.\r\n"],
+    ids=["LF.LF", "LF.CRLF", "CRLF.LF", "CR.CRLF", "CRLF.CR", "CR.CR", "CRLF-NUL.CRLF"],
+)
+async def test_smuggled_second_message_stays_inside_the_first(
+    tmp_path: Path, smtp_relay: RelayStandIn, fake_end: bytes
+) -> None:
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope(mail_from="alice@acme.com")
+        await client.cmd("DATA")
+        first = message_bytes(subject="Innocent", body=b"Hello.")
+        # One write, as an attacker's relay would send it: a fake end of data, a pipelined
+        # second transaction, and the real end of data.
+        await client.write(first + fake_end + SMUGGLED + b".\r\n")
+        r = await client.reply()
+        assert r is not None and r.code == 250 and "stored as" in r.text
+        # Nothing more was answered: no 250 for a MAIL, RCPT or second message, no 354.
+        assert await client.cmd("QUIT") == Reply(221, "Bye")
+        assert await client.closed() == b""
+        await client.close()
+        [ticket] = h.tickets()
+        assert ticket["subject"] == "Innocent" and ticket["requester"] == "alice@acme.com"
+        [stored] = h.detail(ticket["reference"])["messages"]
+        raw = h.read(lambda uow: uow.raw_message(stored["id"]))
+        assert b"MAIL FROM:<ceo@example.com>" in raw and b"Please wire the money." in raw
+        assert stored_count(h) == 1
+        await still_serving(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope addresses that cannot be stored or echoed (found by tests/adapters/test_fuzz.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reverse_path",
+    [b"<\xff\xfe@x.example>", b"<caf\xe9@x.example>", b"<a\x00b@x.example>", b"<a\x1bb@x.example>"],
+    ids=["not-utf8", "latin1", "nul", "escape"],
+)
+async def test_reverse_path_that_cannot_be_stored_is_refused_at_mail_from(
+    tmp_path: Path, smtp_relay: RelayStandIn, reverse_path: bytes
+) -> None:
+    """It becomes the requester when the message has no usable From: refused at MAIL, not 451 for ever."""
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        assert await client.cmd(b"MAIL FROM:" + reverse_path) == Reply(501, "5.1.7 Bad sender address syntax")
+        assert (await client.cmd(f"RCPT TO:<{SUPPORT}>")).code == 503  # type: ignore[union-attr]
+        # UTF-8 is fine (SMTPUTF8), and becomes the requester of a message without From.
+        assert await client.cmd("MAIL FROM:<jürgen@exämple.de> SMTPUTF8".encode()) == Reply(250, "OK")
+        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "OK")
+        assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
+        await client.write(b"Subject: no From header\r\n\r\nhello\r\n.\r\n")
+        r = await client.reply()
+        assert r is not None and r.code == 250
+        await client.close()
+        [ticket] = h.tickets()
+        assert ticket["requester"] == "jürgen@exämple.de"
+        await still_serving(h)
+
+
+async def test_unknown_recipient_is_echoed_safely(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """Bytes that are not UTF-8 used to make the 550 itself fail (451 and an ERROR log)."""
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        await client.envelope(rcpt=())
+        for rcpt, shown in [
+            (b"<\xff\xfe@x.example>", "??@x.example"),
+            (b"<a\x00b@x.example>", "a?b@x.example"),
+            ("<jürgen@x.example>".encode(), "jürgen@x.example"),
+        ]:
+            r = await client.cmd(b"RCPT TO:" + rcpt)
+            assert r == Reply(550, f"5.1.1 <{shown}>: not a support address here"), rcpt
+        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "OK")
+        assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
+        await client.write(message_bytes() + b".\r\n")
+        r = await client.reply()
+        assert r is not None and r.code == 250
+        await client.close()
+        await still_serving(h)
