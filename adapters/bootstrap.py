@@ -24,6 +24,7 @@ from typing import Any
 
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
 from adapters.email.sender import SmtpRelaySender
+from adapters.email.workers import ParsePool
 from adapters.settings import Settings
 from intake.acknowledgement import Outbound, TemplateBook
 from intake.dispatch import Dispatcher
@@ -249,6 +250,8 @@ def make_email_listener(app: App) -> EmailListener:
         max_attachment_bytes=em.max_attachment_bytes,
         max_attachments_total=em.max_attachments_total,
         command_timeout=em.command_timeout,
+        data_timeout=em.data_timeout,
+        session_timeout=em.session_timeout,
         max_sessions=em.max_sessions,
         max_sessions_per_client=em.max_sessions_per_client,
     )
@@ -314,6 +317,11 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     await start(app)
+    pool: ParsePool | None = None
+    if app.settings.email.parse_workers and app.email_listener is not None:
+        pool = ParsePool(app.settings, app.settings.email.parse_workers)
+        await asyncio.to_thread(pool.start)
+        app.email_listener.handler.pool = pool
     worker: OutboxProcess | None = None
     if app.settings.outbound.dispatcher == "process":
         worker = OutboxProcess(app.settings)
@@ -346,6 +354,8 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
             dispatcher_task = None
         await stop(app, dispatcher_task)
         await asyncio.wait_for(sla_task, timeout=5.0)
+        if pool is not None:
+            await asyncio.to_thread(pool.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(sig)
@@ -409,7 +419,7 @@ class OutboxProcess:
 def _dispatcher_main(settings: Settings, wake: Any) -> None:
     """Entry point of the dispatcher process."""
     logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s[outbox]: %(message)s")
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    logging.getLogger("mailparser").setLevel(logging.CRITICAL)
     app = build(settings, create_tables=False)
     app.dispatcher.idle_poll = 1.0
 

@@ -54,7 +54,7 @@ def setup_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log.level)
     # mail-parser warns on ordinary multiparts; aiosmtpd logs every peer at INFO.
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    logging.getLogger("mailparser").setLevel(logging.CRITICAL)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 

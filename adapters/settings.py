@@ -73,6 +73,10 @@ class EmailSettings(_Section):
     max_attachment_bytes: int = Field(10_485_760, ge=0)
     max_attachments_total: int = Field(20_971_520, ge=0)
     command_timeout: float = Field(300.0, gt=0)  # seconds of silence before 421
+    data_timeout: float = Field(600.0, gt=0)  # one DATA phase, DATA to the final dot
+    session_timeout: float = Field(1800.0, gt=0)  # a whole connection, however busy
+    # Worker processes that parse and assess messages beside the listener (0: in the listener).
+    parse_workers: int = Field(1, ge=0, le=16)
     max_sessions: int = Field(200, ge=1)
     max_sessions_per_client: int = Field(20, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)

@@ -81,3 +81,14 @@ def _cut(text: str, limit: int) -> str:
         if match.start() >= cut:
             break
     return text[:cut].rstrip()
+
+
+# What our relay can be asked to deliver to: a plain ASCII addr-spec (no SMTPUTF8).
+ANSWERABLE_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
+)
+
+
+def answerable(address: str) -> bool:
+    """Whether an acknowledgement can be sent to ``address`` at all (the sender's own check)."""
+    return len(address) <= 254 and ANSWERABLE_ADDRESS.fullmatch(address) is not None

@@ -28,6 +28,7 @@ from intake.acknowledgement import (
     render_irt_chat_alert,
     render_triage,
 )
+from intake.headers import answerable
 from intake.hygiene import (
     AuthVerdict,
     Automation,
@@ -365,6 +366,8 @@ class IntakeService:
             return f"automated mail: {automation.reason}"
         if not message.sender or "@" not in message.sender:
             return "no sender address to answer"
+        if not answerable(message.sender):
+            return "sender address cannot be answered (not a plain ASCII address)"
         own = {*self.outbound.support_addresses, self.outbound.from_address}
         if message.sender in own:
             return "sent from our own support address (loop)"

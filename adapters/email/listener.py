@@ -55,9 +55,10 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from adapters.email.parsing import parse_email
+from adapters.email.workers import ParsePool
 from intake.errors import StorageUnavailableError
 from intake.model import InboundMessage, Route
-from intake.service import IntakeService, Receipt
+from intake.service import Assessment, IntakeService, Receipt
 
 log = logging.getLogger("intake.smtp")
 
@@ -122,6 +123,7 @@ class IntakeHandler:
         self.tracker = tracker
         self.addresses = frozenset(a.lower() for a in config.addresses)
         self.on_message = on_message
+        self.pool: ParsePool | None = None  # parsing worker processes, when serve runs them
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -163,13 +165,14 @@ class IntakeHandler:
         sender = "" if mail_from in ("<>", "") else mail_from.lower()
         recipients = list(envelope.rcpt_tos)
         started = time.perf_counter()
+        assessment: Assessment | None = None
         try:
-            first = await self._parse(raw, recipients[0], sender)
+            first, assessment = await self._parse(raw, recipients[0], sender)
         except Exception:  # parse_email does not raise; this is belt and braces
             log.exception("parse failed unexpectedly (%d bytes from %s)", len(raw), sender or "<>")
             return REPLY_TRY_AGAIN
         messages = [first] + [dataclasses.replace(first, recipient=r) for r in recipients[1:]]
-        outcomes = await asyncio.gather(*(self._store(m) for m in messages), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._store(m, assessment) for m in messages), return_exceptions=True)
         replies: list[str] = []
         for msg, outcome in zip(messages, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -198,19 +201,23 @@ class IntakeHandler:
         failed = [r for r in replies if not r.startswith("250")]
         return failed[0] if failed else replies[0]
 
-    async def _parse(self, raw: bytes, recipient: str, sender: str) -> InboundMessage:
+    async def _parse(self, raw: bytes, recipient: str, sender: str) -> tuple[InboundMessage, Assessment | None]:
         kwargs: dict[str, Any] = {
             "recipient": recipient,
             "envelope_sender": sender,
             "max_attachment_bytes": self.config.max_attachment_bytes,
             "max_attachments_total": self.config.max_attachments_total,
         }
+        if self.pool is not None:
+            done = await self.pool.parse(raw, **kwargs)
+            if done is not None:
+                return done
         if len(raw) > PARSE_IN_THREAD_BYTES:
-            return await asyncio.to_thread(parse_email, raw, **kwargs)
-        return parse_email(raw, **kwargs)
+            return await asyncio.to_thread(parse_email, raw, **kwargs), None
+        return parse_email(raw, **kwargs), None
 
-    async def _store(self, message: InboundMessage) -> Receipt:
-        return await self.service.receive(message)
+    async def _store(self, message: InboundMessage, assessment: Assessment | None = None) -> Receipt:
+        return await self.service.receive(message, assessment)
 
     def _log(self, msg: InboundMessage, reply: str, receipt: Receipt | None, elapsed: float) -> None:
         log.info(

@@ -55,7 +55,7 @@ __all__ = ["parse_email"]
 
 log = logging.getLogger(__name__)
 # mail-parser logs "Email content 'alternative' not handled" at WARNING for ordinary multiparts.
-logging.getLogger("mailparser").setLevel(logging.ERROR)
+logging.getLogger("mailparser").setLevel(logging.CRITICAL)
 
 _RAW_BODY_CAP = 256 * 1024  # bytes of raw text kept as the body when MIME could not be read
 _MAX_REFERENCES = 64  # the root and the nearest ancestors are what threading needs

@@ -48,7 +48,7 @@ from email.utils import format_datetime, formataddr
 import aiosmtplib
 
 from intake.errors import PermanentSendError, TransientSendError
-from intake.headers import clean_header_text, display_name
+from intake.headers import answerable, clean_header_text, display_name
 from intake.model import OutgoingEmail
 
 __all__ = ["POLICY", "SmtpRelaySender", "build_message"]
@@ -67,7 +67,6 @@ REPLY_EXCERPT_MAX = 120  # of a relay's reply text, in error messages
 # RFC 5322 3.6.8: field-name = 1*ftext, printable US-ASCII except ":".
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # A bare addr-spec as we send it: dot-atom local part, host name domain, ASCII only (no SMTPUTF8).
-_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 # msg-id content without its angle brackets: printable ASCII except "<" and ">".
 _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+")
 
@@ -365,7 +364,7 @@ def _list_header(name: str, items: Sequence[str], *, separator: str = "") -> _Pr
 
 
 def _address(address: str, what: str) -> str:
-    if len(address) > 254 or not _ADDRESS.fullmatch(address):
+    if not answerable(address):
         raise ValueError(f"{what}: not a plain ASCII addr-spec: {address[:80]!r}")
     return address
 

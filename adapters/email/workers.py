@@ -35,7 +35,7 @@ def _init_worker(settings: Settings) -> None:
     global _ASSESSOR
     from adapters.bootstrap import build_service
 
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    logging.getLogger("mailparser").setLevel(logging.CRITICAL)
     _ASSESSOR = build_service(settings, store=None)
 
 

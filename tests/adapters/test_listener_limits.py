@@ -28,7 +28,7 @@ from adapters.email.listener import (
     SessionTracker,
 )
 from intake.model import InboundMessage
-from intake.service import Receipt
+from intake.service import Assessment, Receipt
 from storage.tables import message as message_table
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import Harness, mail, running_intake, settings_for
@@ -377,9 +377,9 @@ async def test_a_session_cannot_outlive_session_timeout(tmp_path: Path, smtp_rel
 class SlowHandler(IntakeHandler):
     """Storage that takes a second: the time is ours, not the client's."""
 
-    async def _store(self, message: InboundMessage) -> Receipt:
+    async def _store(self, message: InboundMessage, assessment: Assessment | None = None) -> Receipt:
         await asyncio.sleep(1.0)
-        return await super()._store(message)
+        return await super()._store(message, assessment)
 
 
 async def test_time_spent_storing_is_not_held_against_the_client(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
