@@ -35,6 +35,7 @@ raw bytes anyway). Every line is at most 78 characters except an unbreakable Mes
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -133,6 +134,10 @@ def build_message(email: OutgoingEmail, *, date: datetime | None = None) -> byte
     elif date.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
 
+    fast = _plain_message(email, from_address, to, message_id, date)
+    if fast is not None:
+        return fast
+
     msg = EmailMessage(policy=POLICY)
     msg["From"] = _mailbox_header("From", display_name(email.from_name), from_address)
     msg["To"] = _list_header("To", to, separator=",")
@@ -155,6 +160,76 @@ def build_message(email: OutgoingEmail, *, date: datetime | None = None) -> byte
     data = msg.as_bytes()
     _check_wire_format(data)
     return data
+
+
+def _plain_message(
+    email: OutgoingEmail, from_address: str, to: list[str], message_id: str, date: datetime
+) -> bytes | None:
+    """The common case written directly: every header text plain printable ASCII.
+
+    Acknowledgements are this case almost always, and the stdlib's EmailMessage took 1.7 ms to
+    render one (its header registry parses each value it was just given), as much CPU as a
+    whole SMTP session. Anything else (non-ASCII names or subjects, encoded-word look-alikes)
+    goes the EmailMessage way above. The result passes the same wire-format check.
+    """
+    name = display_name(email.from_name)
+    subject = clean_header_text(email.subject)
+    extras = []
+    for field_name, value in email.headers:
+        _check_extra_name(field_name)
+        extras.append((field_name, clean_header_text(value, max_length=EXTRA_VALUE_MAX)))
+    if not all(_plain(t) for t in (name, subject, *(v for _, v in extras))):
+        return None
+    lines: list[str] = []
+    lines += _fold("From", formataddr((name, from_address)) if name else from_address)
+    lines += _fold("To", ", ".join(to))
+    lines += _fold("Subject", subject)
+    lines += _fold("Date", format_datetime(date))
+    lines += _fold("Message-ID", f"<{message_id}>")
+    in_reply_to = _foreign_ids([email.in_reply_to] if email.in_reply_to else [])
+    if in_reply_to:
+        lines += _fold("In-Reply-To", f"<{in_reply_to[0]}>")
+    references = _foreign_ids(email.references)
+    if len(references) > MAX_REFERENCES:
+        references = [references[0], *references[-(MAX_REFERENCES - 1) :]]
+    if references:
+        lines += _fold("References", " ".join(f"<{mid}>" for mid in references))
+    for field_name, value in extras:
+        lines += _fold(field_name, value)
+    body = _clean_body(email.body).replace("\r\n", "\n").replace("\r", "\n")
+    if not body.endswith("\n"):
+        body += "\n"
+    raw_body = body.encode("utf-8")
+    if raw_body.isascii() and all(len(line) <= MAX_LINE for line in raw_body.split(b"\n")):
+        cte, encoded = "7bit", raw_body
+    else:
+        cte, encoded = "quoted-printable", binascii.b2a_qp(raw_body, istext=True)
+    # The order EmailMessage.set_content gives, so both paths write the same message.
+    lines += ['Content-Type: text/plain; charset="utf-8"', f"Content-Transfer-Encoding: {cte}", "MIME-Version: 1.0"]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + encoded.replace(b"\n", b"\r\n")
+    _check_wire_format(data)
+    return data
+
+
+def _plain(text: str) -> bool:
+    return text.isascii() and text.isprintable() and "=?" not in text
+
+
+def _fold(name: str, value: str) -> list[str]:
+    """RFC 5322 folding at spaces: lines of at most 78 characters where the words allow."""
+    words = value.split(" ")
+    lines: list[str] = []
+    current = f"{name}:"
+    for word in words:
+        if not word:
+            continue
+        if len(current) + 1 + len(word) > MAX_LINE and current.strip() and current != f"{name}:":
+            lines.append(current)
+            current = f" {word}"
+        else:
+            current += f" {word}"
+    lines.append(current)
+    return lines
 
 
 class SmtpRelaySender:

@@ -463,3 +463,19 @@ def test_sender_repr_hides_the_password() -> None:
     sender = SmtpRelaySender(host="relay.example", port=587, username="intake", password="hunter2")
     assert "hunter2" not in repr(sender)
     assert "relay.example" in repr(sender)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["short ascii body\n", "line\n" * 50, "x" * 300 + "\nwrapped\n", "café crème\nnon-ascii body\n"],
+)
+def test_the_plain_fast_path_writes_what_the_stdlib_path_writes(body: str) -> None:
+    """Plain ASCII headers take a direct path; a non-ASCII subject takes EmailMessage's."""
+    plain = parse(build_message(outgoing(body=body)))
+    rich = parse(build_message(outgoing(body=body, subject="[INC-42] Re: Login broken ✓")))
+    for name in ("From", "To", "Date", "Message-ID", "In-Reply-To", "References", "Auto-Submitted"):
+        if name != "Date":
+            assert str(plain[name]) == str(rich[name]), name
+    assert plain.get_content().replace("\r\n", "\n") == rich.get_content().replace("\r\n", "\n") == body
+    assert plain["Subject"] == "[INC-42] Re: Login broken" and rich["Subject"].endswith("✓")
+    assert plain.defects == [] and rich.defects == []
