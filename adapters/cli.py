@@ -121,10 +121,10 @@ def _store(settings: Settings) -> Any:
     try:
         schema.check(store.engine)
     except IntakeError as exc:
-        store.engine.dispose()
+        store.dispose()
         _fail(exc)
     except Exception as exc:  # the database is unreachable
-        store.engine.dispose()
+        store.dispose()
         _fail(IntakeError(f"cannot open the database: {str(exc).splitlines()[0][:200]}"))
     return store
 
@@ -192,7 +192,7 @@ def tickets() -> None:
 def tickets_list(ctx: click.Context, as_json: bool, status: str | None) -> None:
     store = _store(_settings(ctx))
     rows = store.run_sync(lambda uow: uow.list_tickets(status=status))
-    store.engine.dispose()
+    store.dispose()
     items = [_ticket_json(r) for r in rows]
     if as_json:
         click.echo(json.dumps(items, indent=2))
@@ -238,7 +238,7 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
         _fail(IntakeError(f"{reference!r} is not a valid reference (mistyped? the last character is a check)"))
     store = _store(settings)
     detail = store.run_sync(lambda uow: uow.ticket_detail(ref))
-    store.engine.dispose()
+    store.dispose()
     if detail is None:
         _fail(IntakeError(f"no ticket {ref}"))
     out = _ticket_json({**detail, "message_count": len(detail["messages"])})
@@ -317,7 +317,7 @@ def sla(ctx: click.Context, as_json: bool) -> None:
     """Open tickets by time left on their response clock, overdue first."""
     store = _store(_settings(ctx))
     rows = store.run_sync(lambda uow: uow.list_tickets(status="open"))
-    store.engine.dispose()
+    store.dispose()
     now = datetime.now(UTC)
     rows = [r for r in rows if r.get("responded_at") is None]
     rows.sort(key=lambda r: r["response_due"])
@@ -351,7 +351,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     """Counts of tickets, messages and outbox entries."""
     store = _store(_settings(ctx))
     data = store.run_sync(lambda uow: uow.stats())
-    store.engine.dispose()
+    store.dispose()
     data["outbox_oldest_pending"] = _iso(data["outbox_oldest_pending"])
     if as_json:
         click.echo(json.dumps(data))

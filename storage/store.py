@@ -115,6 +115,8 @@ class SqlStore:
     ) -> None:
         self.url = normalise_url(url)
         self.commit_timeout = commit_timeout
+        self.lock_timeout = lock_timeout
+        self._read_engine: Engine | None = None
         self.engine = make_engine(self.url, lock_timeout=lock_timeout)
         self.max_batch = max_batch
         self._pending: list[_Job] = []
@@ -158,6 +160,8 @@ class SqlStore:
             await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
             self._conn = None
         self._io.shutdown(wait=False)
+        if self._read_engine is not None:
+            self._read_engine.dispose()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
@@ -188,9 +192,21 @@ class SqlStore:
             # retry finds it as a duplicate. Answering "try again" now beats hanging the session.
             raise StorageUnavailableError(f"no commit within {self.commit_timeout:g}s") from None
 
+    def dispose(self) -> None:
+        """Close the connections of a store used only through run_sync (command-line tools)."""
+        if self._read_engine is not None:
+            self._read_engine.dispose()
+        self.engine.dispose()
+
     def run_sync(self, work: Callable[[SqlUnitOfWork], T]) -> T:
-        """Run one unit in the calling thread (command-line tools, tests). Not for the loop."""
-        with self.engine.connect() as conn, conn.begin():
+        """Run one reading unit in the calling thread (command-line tools, tests).
+
+        On SQLite it reads through a connection that does not take the write lock (WAL lets
+        readers run beside the writer), so it never waits for a group being committed.
+        """
+        if self._read_engine is None:
+            self._read_engine = make_engine(self.url, writer=False, lock_timeout=self.lock_timeout)
+        with self._read_engine.connect() as conn, conn.begin():
             return work(SqlUnitOfWork(conn))
 
     # -- group commit on the loop (SQLite) ----------------------------------------------------
