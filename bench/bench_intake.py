@@ -657,6 +657,112 @@ def server_label(args: argparse.Namespace, instances: int) -> str:
     return label if instances == 1 else f"{label}x{instances}"
 
 
+# --------------------------------------------------------------------------- profiles
+
+PROFILE_RATE = 100  # samples per second and thread
+PROFILING = False  # set from --profile
+
+# Where a sample's time goes: the first rule whose fragment occurs in the stack wins.
+PROFILE_RULES = (
+    ("parse (mail-parser, stdlib email)", ("adapters/email/parsing.py", "mailparser/")),
+    ("classify, checks, language", ("intake/rules.py", "intake/hygiene.py", "IntakeService.assess", "intake/policy.py",
+                                    "intake/reference.py", "adapters/language.py", "lingua")),
+    ("render acknowledgement", ("intake/acknowledgement.py",)),
+    ("database: psycopg (send, wait, convert)", ("psycopg/",)),
+    ("database: SQLAlchemy Core", ("sqlalchemy/",)),
+    ("unit of work (service, repository)", ("intake/service.py", "storage/")),
+    ("acknowledgement MIME build", ("adapters/email/sender.py",)),
+    ("SMTP client to the relay (aiosmtplib)", ("aiosmtplib/",)),
+    ("SMTP server protocol (aiosmtpd)", ("aiosmtpd/",)),
+    ("listener glue", ("adapters/email/listener.py",)),
+    ("event loop (asyncio, selectors)", ("asyncio/", "selectors.py")),
+)  # fmt: skip
+
+
+class Profiler:
+    def __init__(self, proc: subprocess.Popen[bytes], out: Path) -> None:
+        self.proc, self.out = proc, out
+
+
+def start_profiler(server: Proc, out: Path) -> Profiler | None:
+    """py-spy on the server and its children (the outbox process), raw stacks, per thread."""
+    if not PROFILING or server.popen is None:
+        return None
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise BenchError(f"--profile needs py-spy next to the interpreter ({spy})")
+    # --gil: only the thread holding the GIL is sampled, so samples are Python CPU time (a
+    # thread waiting for the GIL would otherwise count as busy, and be counted twice).
+    argv = [str(spy), "record", "-r", str(PROFILE_RATE), "-f", "raw", "-s", "-t", "--gil", "--nonblocking"]
+    argv += ["-o", str(out), "-p", str(server.popen.pid)]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let it attach before the load starts
+    return Profiler(p, out)
+
+
+async def stop_profilers(spies: list[Profiler], messages: int) -> dict[str, Any] | None:
+    if not spies:
+        return None
+    for s in spies:
+        s.proc.send_signal(signal.SIGINT)
+    for s in spies:
+        await asyncio.to_thread(s.proc.wait, 30)
+    return summarize_profile([s.out for s in spies], messages)
+
+
+# Which process a sample came from, told by what its stacks show (children are all "spawn_main").
+PROFILE_ROLES = (
+    ("outbox process", ("_dispatcher_main", "intake/dispatch.py")),
+    ("parse worker", ("adapters/email/workers.py",)),
+)
+
+
+def summarize_profile(paths: list[Path], messages: int) -> dict[str, Any]:
+    """CPU per message by process role (intake, outbox child, parse worker), thread and category."""
+    samples: list[tuple[list[str], str, int]] = []
+    for path in paths:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            stack, _, n = line.rpartition(" ")
+            if n.isdigit():
+                samples.append((stack.split(";"), stack, int(n)))
+    # A child's role, from any of its stacks; then every sample of that child gets it.
+    roles: dict[str, str] = {}
+    for frames, stack, _ in samples:
+        procs = [f for f in frames if f.startswith("process ")]
+        if len(procs) > 1 and procs[-1] not in roles:
+            role = next((r for r, frags in PROFILE_ROLES if any(x in stack for x in frags)), None)
+            if role is not None:
+                roles[procs[-1]] = role
+    table: Counter[tuple[str, str, str]] = Counter()
+    for frames, stack, n in samples:
+        procs = [f for f in frames if f.startswith("process ")]
+        role = "intake process" if len(procs) <= 1 else roles.get(procs[-1], "other child")
+        thread = next((f.split(": ", 1)[-1] for f in frames if f.startswith("thread (")), "?")
+        if thread not in ("MainThread", "intake-db-writer"):
+            thread = "other threads"
+        category = next((c for c, frags in PROFILE_RULES if any(x in stack for x in frags)), "other")
+        table[(role, thread, category)] += n
+    ms = 1000.0 / PROFILE_RATE / max(1, messages)
+    rows = [
+        {"role": r, "thread": t, "category": c, "samples": n, "ms_per_message": round(n * ms, 3)}
+        for (r, t, c), n in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[1]))
+    ]
+    total = round(sum(table.values()) * ms, 3)
+    return {"messages": messages, "rate": PROFILE_RATE, "rows": rows, "total_ms_per_message": total}
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    out = [f"    CPU per message from py-spy ({profile['total_ms_per_message']:.2f} ms in all):"]
+    for r in profile["rows"]:
+        if r["ms_per_message"] >= 0.01:
+            out.append(f"      {r['role']:15} {r['thread']:17} {r['category']:42} {r['ms_per_message']:6.3f} ms")
+    return "\n".join(out)
+
+
 async def intake_run(
     args: argparse.Namespace, cmd: list[str], workdir: Path, relay: Proc, sessions: int, run: int, instances: int = 1
 ) -> tuple[dict, dict]:
@@ -695,8 +801,12 @@ async def intake_run(
             warm = await spread_load(
                 [(p.host, p.port) for p in procs], messages=args.warmup, sessions=sessions, size=args.size
             )
+            spies = [start_profiler(p, c.parent / "profile.txt") for p, c in zip(procs, configs, strict=True)]
             res, cpu, other, db_cpu = await measure(procs, args, sessions, (relay,), DbWatch(args.postgres, db_name))
             log(describe(label, run, res, cpu, other, db_cpu))
+            profile = await stop_profilers([s for s in spies if s is not None], res.ok)
+            if profile:
+                log(format_profile(profile))
             # Let the outbox catch up before counting (acknowledgements are queued at commit).
             after = await intake_stats(cmd, configs[0])
         finally:
@@ -736,6 +846,7 @@ async def intake_run(
         "clean_exit": clean_exit,
         "ok": ok,
         "problems": problems,
+        "profile": profile,
     }
     log(
         f"  check: {accepted} accepted (250), {refused} refused -> {tickets} tickets, "
@@ -870,6 +981,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated numbers of intake processes on one database (default 1; e.g. 1,2)",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample every intake process (and its outbox child) with py-spy during the measured runs",
+    )
+    p.add_argument(
         "--round-trips",
         action="store_true",
         help="with --postgres: count statements and round trips per message in-process, no load",
@@ -888,6 +1004,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global PROFILING
+    PROFILING = args.profile
     if args.serve_null is not None:
         serve_null(args.serve_null)
         return 0

@@ -2,17 +2,25 @@
 
 Statements are SQLAlchemy Core on the SQLModel tables: the hot path stores a message in a
 handful of small statements, without ORM identity-map bookkeeping.
+
+On PostgreSQL, where every statement is a network round trip, a few of them do two things at
+once (``_pg_*`` below): the duplicate lookup takes an advisory lock on the delivery; a new
+ticket brings its requester as participant; a stored message indexes its own Message-ID;
+claiming outbox entries is one ``UPDATE ... RETURNING``, and recording the sent ones one
+``UPDATE``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Insert, bindparam, false, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import IntegrityError
 
 from intake.model import Channel, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
@@ -99,12 +107,97 @@ def _ignoring(dialect: str, table: Any) -> Insert:
     return stmt
 
 
+# -- PostgreSQL: fewer round trips, no deadlock between instances over one delivery -----------
+
+# The duplicate lookup also takes a transaction-level advisory lock on the delivery (recipient,
+# dedup key), without waiting. Every unit that stores a message looks for its duplicate first,
+# so a transaction inserting a delivery always holds its lock: another instance storing the
+# same delivery at the same moment is seen here, at once, instead of as a wait on the unique
+# index of ``message`` - a wait that, with group commit, deadlocked two instances whose groups
+# held each other's deliveries (PostgreSQL then aborted a whole group, every message in it
+# answered 451, after deadlock_timeout).
+_PG_FIND_DUPLICATE = text(
+    "SELECT pg_try_advisory_xact_lock(:lock) AS free, d.ticket_id, d.reference "
+    "FROM (SELECT 1) AS one LEFT JOIN ("
+    "SELECT message.ticket_id, ticket.reference FROM message JOIN ticket ON ticket.id = message.ticket_id "
+    "WHERE message.recipient = :recipient AND message.dedup_key = :dedup_key"
+    ") AS d ON true"
+).bindparams(bindparam("lock", type_=BigInteger))
+
+_TICKET_KEYS = (
+    "reference", "subject", "channel", "requester", "requester_name", "organisation", "severity", "security",
+    "status", "alerted", "ack_status", "thread_key", "created_at", "updated_at", "response_due", "notes",
+    "evidence", "plan", "language", "targets", "escalation_step",
+)  # fmt: skip
+_MESSAGE_KEYS = (
+    "ticket_id", "direction", "route", "route_note", "channel", "recipient", "dedup_key", "message_id", "sender",
+    "sender_name", "subject", "body", "new_text", "html", "attachments", "hits", "automation", "parse_problem",
+    "external_id", "received_at", "sent_date", "raw",
+)  # fmt: skip
+
+
+def _pg_create_ticket() -> Any:
+    """INSERT the ticket and its requester as participant; returns the ticket's id."""
+    new = (
+        insert(ticket)
+        .values({k: bindparam(k, type_=ticket.c[k].type) for k in _TICKET_KEYS})
+        .returning(ticket.c.id)
+        .cte("new_ticket")
+    )
+    joins = (
+        postgresql.insert(participant)
+        .from_select(
+            ["ticket_id", "address"], select(new.c.id, bindparam("participant", type_=participant.c.address.type))
+        )
+        .on_conflict_do_nothing()
+        .cte("new_participant")
+    )
+    return select(new.c.id).add_cte(joins)
+
+
+def _pg_add_message() -> Any:
+    """INSERT the message and index its own Message-ID on its ticket; returns the message's id."""
+    new = (
+        insert(message)
+        .values({k: bindparam(k, type_=message.c[k].type) for k in _MESSAGE_KEYS})
+        .returning(message.c.id, message.c.ticket_id, message.c.message_id)
+        .cte("new_message")
+    )
+    indexed = (
+        postgresql.insert(message_id)
+        .from_select(
+            ["message_id", "ticket_id", "ours"],
+            select(new.c.message_id, new.c.ticket_id, false()).where(new.c.message_id != ""),
+        )
+        .on_conflict_do_nothing()
+        .cte("new_message_id")
+    )
+    return select(new.c.id).add_cte(indexed)
+
+
+_PG_CREATE_TICKET = _pg_create_ticket()
+_PG_ADD_MESSAGE = _pg_add_message()
+
+
+def _delivery_lock(recipient: str, dedup_key: str) -> int:
+    """The advisory lock key of one delivery: 64 bits of a hash, as PostgreSQL's bigint."""
+    digest = hashlib.blake2b(f"intake-delivery\0{recipient}\0{dedup_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class DeliveryBusy(Exception):
+    """Another transaction is storing this very delivery right now."""
+
+
 class SqlUnitOfWork:
     """Implements :class:`intake.ports.UnitOfWork`; also the read side for the CLI and web."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
+        # (ticket id, address) and (ticket id, Message-ID) rows a combined statement already wrote.
+        self._done_participants: set[tuple[int, str]] = set()
+        self._done_ids: set[tuple[int, str]] = set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -136,8 +229,26 @@ class SqlUnitOfWork:
     # -- lookups -----------------------------------------------------------------------------
 
     def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
+        if self.dialect == "postgresql":
+            return self._pg_find_duplicate(recipient, dedup_key)
         row = self.conn.execute(_FIND_DUPLICATE, {"recipient": recipient, "dedup_key": dedup_key}).first()
         return Duplicate(ticket_id=row[0], reference=row[1]) if row else None
+
+    def _pg_find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
+        params = {"lock": _delivery_lock(recipient, dedup_key), "recipient": recipient, "dedup_key": dedup_key}
+        free, ticket_id, reference = self.conn.execute(_PG_FIND_DUPLICATE, params).one()
+        if ticket_id is not None:
+            return Duplicate(ticket_id=ticket_id, reference=reference)
+        if free:
+            return None
+        # Another transaction (another instance) is storing this delivery right now. Do not
+        # wait for it while this group holds locks of its own: report a conflict, as a unique
+        # violation would. The store runs the unit again (the other has usually committed by
+        # then, and this is a duplicate), and answers "try again" to this copy alone if it is
+        # still busy; the sender's retry then finds the duplicate.
+        raise IntegrityError(
+            "find_duplicate", params, DeliveryBusy(f"another transaction is storing {dedup_key} for {recipient}")
+        )
 
     def ticket_by_reference(self, reference: str) -> TicketFacts | None:
         row = self.conn.execute(_TICKET_BY_REFERENCE, {"reference": reference}).mappings().first()
@@ -172,33 +283,37 @@ class SqlUnitOfWork:
     # -- writes ------------------------------------------------------------------------------
 
     def create_ticket(self, t: NewTicket) -> TicketFacts:
-        result = self.conn.execute(
-            _INSERT_TICKET,
-            dict(
-                reference=t.reference,
-                subject=t.subject,
-                channel=str(t.channel),
-                requester=t.requester,
-                requester_name=t.requester_name,
-                organisation=t.organisation,
-                severity=int(t.severity),
-                security=t.security,
-                status="open",
-                alerted=False,
-                ack_status=t.ack_status,
-                thread_key=t.thread_key,
-                created_at=t.created_at,
-                updated_at=t.created_at,
-                response_due=t.response_due,
-                notes=[_note(t.created_at, n) for n in t.notes],
-                evidence=[h.to_dict() for h in t.evidence],
-                plan=t.plan,
-                language=t.language,
-                targets={k: v.isoformat() for k, v in t.targets.items()},
-                escalation_step=0,
-            ),
+        values = dict(
+            reference=t.reference,
+            subject=t.subject,
+            channel=str(t.channel),
+            requester=t.requester,
+            requester_name=t.requester_name,
+            organisation=t.organisation,
+            severity=int(t.severity),
+            security=t.security,
+            status="open",
+            alerted=False,
+            ack_status=t.ack_status,
+            thread_key=t.thread_key,
+            created_at=t.created_at,
+            updated_at=t.created_at,
+            response_due=t.response_due,
+            notes=[_note(t.created_at, n) for n in t.notes],
+            evidence=[h.to_dict() for h in t.evidence],
+            plan=t.plan,
+            language=t.language,
+            targets={k: v.isoformat() for k, v in t.targets.items()},
+            escalation_step=0,
         )
-        new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        new_id: Any
+        if self.dialect == "postgresql" and t.requester:
+            # One round trip: the service adds the requester as participant right after.
+            new_id = self.conn.execute(_PG_CREATE_TICKET, {**values, "participant": t.requester}).scalar_one()
+            self._done_participants.add((int(new_id), t.requester))
+        else:
+            result = self.conn.execute(_INSERT_TICKET, values)
+            new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
         assert new_id is not None
         return TicketFacts(
             id=int(new_id),
@@ -250,47 +365,54 @@ class SqlUnitOfWork:
             self.conn.execute(update(ticket).where(ticket.c.id == ticket_id).values(**values))
 
     def add_participant(self, ticket_id: int, address: str) -> None:
+        if (ticket_id, address) in self._done_participants:
+            return
         self.conn.execute(_ignoring(self.dialect, participant), {"ticket_id": ticket_id, "address": address})
 
     def add_message(self, m: NewMessage) -> int:
         msg = m.message
-        result = self.conn.execute(
-            _INSERT_MESSAGE,
-            dict(
-                ticket_id=m.ticket_id,
-                direction=str(m.direction),
-                route=str(m.route),
-                route_note=m.route_note,
-                channel=str(msg.channel),
-                recipient=msg.recipient,
-                dedup_key=msg.dedup_key,
-                message_id=msg.message_id,
-                sender=msg.sender,
-                sender_name=msg.sender_name,
-                subject=msg.subject,
-                body=msg.body,
-                new_text=msg.new_text,
-                html=msg.html,
-                attachments=[
-                    {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": a.kept}
-                    for a in msg.attachments
-                ],
-                hits=[h.to_dict() for h in m.hits],
-                automation=m.automation,
-                parse_problem=msg.parse_problem,
-                external_id=msg.external_id,
-                received_at=m.received_at,
-                sent_date=msg.date,
-                raw=msg.raw,
-            ),
+        values = dict(
+            ticket_id=m.ticket_id,
+            direction=str(m.direction),
+            route=str(m.route),
+            route_note=m.route_note,
+            channel=str(msg.channel),
+            recipient=msg.recipient,
+            dedup_key=msg.dedup_key,
+            message_id=msg.message_id,
+            sender=msg.sender,
+            sender_name=msg.sender_name,
+            subject=msg.subject,
+            body=msg.body,
+            new_text=msg.new_text,
+            html=msg.html,
+            attachments=[
+                {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": a.kept}
+                for a in msg.attachments
+            ],
+            hits=[h.to_dict() for h in m.hits],
+            automation=m.automation,
+            parse_problem=msg.parse_problem,
+            external_id=msg.external_id,
+            received_at=m.received_at,
+            sent_date=msg.date,
+            raw=msg.raw,
         )
+        if self.dialect == "postgresql":
+            # One round trip: the service indexes the message's own Message-ID right after.
+            new_id = self.conn.execute(_PG_ADD_MESSAGE, values).scalar_one()
+            if msg.message_id:
+                self._done_ids.add((m.ticket_id, msg.message_id))
+            return int(new_id)
+        result = self.conn.execute(_INSERT_MESSAGE, values)
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
     def index_message_id(self, ticket_id: int, mid: str, *, ours: bool) -> None:
-        if mid:
-            self.conn.execute(
-                _ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours}
-            )
+        if not mid or (not ours and (ticket_id, mid) in self._done_ids):
+            return  # nothing to index, or add_message's statement already did
+        self.conn.execute(
+            _ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours}
+        )
 
     def enqueue(self, entry: OutboxEntry) -> int:
         payload = entry.payload
@@ -380,7 +502,17 @@ class SqlUnitOfWork:
             .limit(limit)
         )
         if self.conn.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
+            # One round trip: lock the due entries no other claimer holds, lease them, return them.
+            claimed = self.conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(due.with_for_update(skip_locked=True).scalar_subquery()))
+                .values(claimed_by=owner, claimed_until=lease_until)
+                .returning(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
+            ).all()
+            return [
+                OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], payload=outgoing_from_dict(r[3]), attempts=r[4])
+                for r in sorted(claimed, key=lambda r: r[0])
+            ]
         ids = list(self.conn.execute(due).scalars())
         if not ids:
             return []
@@ -398,6 +530,17 @@ class SqlUnitOfWork:
         ]
 
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None:
+        if self.dialect == "postgresql":
+            sent = [r.id for r in results if r.ok]
+            if sent:  # the usual outcome, all in one statement
+                self.conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_(sent), outbox.c.status == "pending")
+                    .values(
+                        status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
+                    )
+                )
+            results = [r for r in results if not r.ok]
         for r in results:
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
             if r.ok:
