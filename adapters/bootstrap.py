@@ -428,7 +428,15 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
         stopping = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when to stop
-        loop.add_reader(wake.fileno(), lambda: (_drain(wake), app.dispatcher.wake()))
+
+        def woken() -> None:
+            if _drain(wake):
+                app.dispatcher.wake()
+            else:  # the parent is gone (its end of the pipe closed): stop, do not spin on EOF
+                loop.remove_reader(wake.fileno())
+                stopping.set()
+
+        loop.add_reader(wake.fileno(), woken)
         app.store.start()
         task = asyncio.create_task(app.dispatcher.run())
         await stopping.wait()
@@ -444,12 +452,14 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
     asyncio.run(main())
 
 
-def _drain(conn: Any) -> None:
+def _drain(conn: Any) -> bool:
+    """Read every pending wake-up; False when the parent's end of the pipe is closed."""
     try:
         while conn.poll():
             conn.recv_bytes()
     except (EOFError, OSError):
-        pass
+        return False
+    return True
 
 
 def redact(url: str) -> str:

@@ -92,12 +92,14 @@ class Dispatcher:
 
         async def one(item: OutboxItem) -> SendResult:
             async with gate:
-                return await self._send(item)
+                result = await self._send(item)
+            # Record each outcome as soon as it is known: a crash between the relay's 250 and
+            # this commit re-sends only the entries in flight, not the whole claimed batch.
+            await self.store.transact(lambda uow: uow.finish_outbox([result], now=self.clock.now()))
+            return result
 
-        results: Sequence[SendResult] = await asyncio.gather(*(one(i) for i in items))
-        done = self.clock.now()
-        await self.store.transact(lambda uow: uow.finish_outbox(results, now=done))
-        return len(items)
+        results: Sequence[SendResult] = await asyncio.gather(*(one(i) for i in items), return_exceptions=False)
+        return len(results)
 
     async def _send(self, item: OutboxItem) -> SendResult:
         payload = item.payload
