@@ -278,7 +278,9 @@ def _ids(value: str | None) -> list[str]:
         tokens = [word for word in value.replace(",", " ").split() if "@" in word]
     ids: list[str] = []
     for token in tokens:
-        token = "".join(token.split()).strip("<>")
+        # No angle bracket may survive inside an id ("0<@" from a broken header): ids are
+        # stored and matched without them, and written back between them.
+        token = "".join(token.split()).replace("<", "").replace(">", "")
         if token:
             ids.append(token)
     return ids

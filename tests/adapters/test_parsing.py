@@ -619,3 +619,11 @@ def test_arbitrary_header_values_never_raise(headers: list[tuple[str, str]], bod
     head = "".join(f"{name}: {value}\n" for name, value in headers)
     raw = head.encode("utf-8", "surrogatepass") + b"\n" + body
     assert_well_formed(parse(raw), raw)
+
+
+def test_no_angle_bracket_survives_inside_a_message_id() -> None:
+    """Found by hypothesis: a Message-ID header of '0<@' kept its '<'."""
+    raw = b"From: a@example.com\r\nMessage-ID: 0<@\r\nIn-Reply-To: x<y@z\r\n\r\nhi\r\n"
+    msg = parse_email(raw, recipient="support@example.net")
+    assert "<" not in msg.message_id and ">" not in msg.message_id
+    assert all("<" not in i and ">" not in i for i in msg.in_reply_to)
