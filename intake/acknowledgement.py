@@ -103,10 +103,6 @@ class Templates:
         lvl = policy.level(severity)
         return lvl.name, lvl.definition
 
-    @classmethod
-    def load(cls, directory: str | Path | None = None, language: str = "en") -> Templates:
-        return TemplateBook.load(directory).get(language)
-
 
 class TemplateBook:
     """Every language's templates; ``get`` falls back to the default language."""

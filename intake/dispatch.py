@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from intake.errors import PermanentSendError, StorageUnavailableError, TransientSendError
 from intake.model import OutgoingChat, OutgoingEmail
@@ -145,6 +145,3 @@ class Dispatcher:
         self.recorder.inc("outbox_sent", item.kind)
         return SendResult(id=item.id, ok=True)
 
-
-def oldest_age(created: datetime | None, now: datetime) -> float:
-    return (now - created).total_seconds() if created else 0.0
