@@ -45,6 +45,8 @@ class Dispatcher:
     # After a wake-up, gather what else commits in this many seconds: one claim for a burst of
     # acknowledgements instead of one per message (fewer transactions competing with intake).
     coalesce: float = 0.05
+    # Outcomes of sends that finish within this many seconds are recorded in one commit.
+    record_every: float = 0.02
     backoff_base: float = 5.0
     backoff_cap: float = 3600.0
     max_attempts: int = 48  # about two days at the cap
@@ -89,16 +91,42 @@ class Dispatcher:
         if not items:
             return 0
         gate = asyncio.Semaphore(self.concurrency)
+        # Outcomes are recorded as they come, gathered over ``record_every`` seconds: one
+        # commit for the sends that finish together instead of one each (each commit is an
+        # fsync and, on SQLite, a turn at the write lock that intake's listener waits for). A
+        # crash re-sends only the entries whose outcome was not yet recorded, never the whole
+        # claimed batch; a re-sent note keeps its Message-ID, so mail clients fold the copies.
+        unrecorded: list[SendResult] = []
+        flushes: list[asyncio.Task[None]] = []
+        flush: asyncio.Task[None] | None = None
+
+        async def record_later() -> None:
+            nonlocal flush
+            await asyncio.sleep(self.record_every)
+            batch = unrecorded.copy()
+            unrecorded.clear()
+            flush = None  # an outcome from now on schedules the next commit
+            await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
 
         async def one(item: OutboxItem) -> SendResult:
+            nonlocal flush
             async with gate:
                 result = await self._send(item)
-            # Record each outcome as soon as it is known: a crash between the relay's 250 and
-            # this commit re-sends only the entries in flight, not the whole claimed batch.
-            await self.store.transact(lambda uow: uow.finish_outbox([result], now=self.clock.now()))
+            unrecorded.append(result)
+            if flush is None:
+                flush = asyncio.create_task(record_later())
+                flushes.append(flush)
             return result
 
-        results: Sequence[SendResult] = await asyncio.gather(*(one(i) for i in items), return_exceptions=False)
+        try:
+            results: Sequence[SendResult] = await asyncio.gather(*(one(i) for i in items))
+        finally:
+            # Every outcome known is recorded, even when a send raised: the flushes scheduled
+            # hold them all (the last one takes what came in before its delay ended).
+            done = await asyncio.gather(*flushes, return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return len(results)
 
     async def _send(self, item: OutboxItem) -> SendResult:
@@ -144,4 +172,3 @@ class Dispatcher:
             )
         self.recorder.inc("outbox_sent", item.kind)
         return SendResult(id=item.id, ok=True)
-

@@ -1,0 +1,64 @@
+"""The outbox records the outcomes of sends that finish together in one commit, and loses none."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail, running_intake, settings_for
+
+
+class CountingStore:
+    """The real store, counting the transactions that record outbox outcomes."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.outcome_commits: list[int] = []  # outcomes recorded by each such transaction
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def transact(self, fn: Any) -> Any:
+        recorded: list[int] = []
+
+        def counting(uow: Any) -> Any:
+            finish = uow.finish_outbox
+
+            def finish_outbox(results: Any, **kw: Any) -> Any:
+                recorded.append(len(results))
+                return finish(results, **kw)
+
+            uow.finish_outbox = finish_outbox
+            try:
+                return fn(uow)
+            finally:
+                del uow.finish_outbox
+
+        result = await self._store.transact(counting)
+        self.outcome_commits.extend(recorded)
+        return result
+
+
+async def test_outcomes_that_arrive_together_share_one_commit(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    smtp_relay.reject_recipient("mallory@acme.com")  # one permanent failure among the successes
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port)
+    async with running_intake(settings) as h:
+        dispatcher = h.app.dispatcher
+        counting = CountingStore(dispatcher.store)
+        dispatcher.store = counting  # type: ignore[assignment]
+        dispatcher.record_every = 0.5
+        senders = [f"user{i}@acme.com" for i in range(11)] + ["mallory@acme.com"]
+        replies = await asyncio.gather(
+            *(h.send(mail(subject=f"Export {i} fails", sender=s), mail_from=s) for i, s in enumerate(senders))
+        )
+        assert [r.code for r in replies] == [250] * 12
+        stats = await h.outbox_settled()
+        captured = await smtp_relay.wait_for(11)
+
+    assert stats["outbox"] == {"pending": 0, "sent": 11, "failed": 1, "undeliverable": 0}
+    assert sorted(m.rcpt_tos[0] for m in captured) == sorted(senders[:11])
+    # Every outcome recorded exactly once, in fewer commits than outcomes.
+    assert sum(counting.outcome_commits) == 12
+    assert len(counting.outcome_commits) < 12, counting.outcome_commits
