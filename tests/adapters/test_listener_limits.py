@@ -10,9 +10,12 @@ have none yet and run on a second listener built on the same service (:func:`ext
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 import time
+import types
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -579,3 +582,42 @@ async def test_unknown_recipient_is_echoed_safely(tmp_path: Path, smtp_relay: Re
         assert r is not None and r.code == 250
         await client.close()
         await still_serving(h)
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+async def test_a_copied_protocol_holds_what_a_normally_built_one_holds(
+    tmp_path: Path, smtp_relay: RelayStandIn, protocol: str
+) -> None:
+    """The listener copies one template per connection instead of running aiosmtpd's
+    introspecting __init__ each time: the copy must hold the same state, none of it shared
+    where it belongs to one connection (an aiosmtpd upgrade that adds such state fails here)."""
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra=f'[email]\nprotocol = "{protocol}"\n')
+    async with running_intake(settings) as h:
+        listener = h.app.email_listener
+        normal, copy = listener._build(), listener._factory()
+        template = listener._template
+        assert type(copy) is type(normal) and template is not None
+        assert set(vars(copy)) == set(vars(normal))
+        for name, value in vars(normal).items():
+            copied = vars(copy)[name]
+            if isinstance(value, types.MethodType):  # bound to its own instance
+                assert copied.__self__ is copy and copied.__func__ is value.__func__, name
+            elif name == "_smtp_methods":
+                assert copied.keys() == value.keys()
+                assert all(m.__self__ is copy and m.__func__ is value[k].__func__ for k, m in copied.items())
+            elif name == "_auth_methods":
+                assert copied.keys() == value.keys()
+                for k, mech in copied.items():
+                    owner = copy if value[k].is_builtin else h.app.email_listener.handler
+                    assert mech.method.__self__ is owner and mech.is_builtin == value[k].is_builtin, k
+            elif name == "_handle_hooks":  # bound to the one handler, which every session shares
+                assert copied == value
+            elif isinstance(value, (asyncio.Future, weakref.ref, collections.deque, asyncio.StreamReader)):
+                assert copied is not vars(template)[name], f"{name} is shared with the template"
+            elif name == "_strong_reader":
+                assert isinstance(copied, asyncio.StreamReader) and copied is not vars(template)[name]
+            else:
+                assert copied == value, name
+        if protocol == "smtp":  # and a copy serves a session (LMTP sessions: the LMTP tests)
+            reply = await h.send(mail(subject="Copied protocol"))
+            assert reply.code == 250
