@@ -15,7 +15,12 @@ which sets a cookie (HttpOnly, SameSite=Strict) and redirects to the same page w
 token, so it stays out of the address bar, history and logs. The cookie holds an HMAC of the
 token, not the token. Secrets are compared with :func:`hmac.compare_digest`. ``/healthz`` is
 open because load balancers and orchestrators probe without credentials; it says only
-ok/failed and a generic reason per check (no host names, no exception texts).
+ok/failed and a generic reason per check (no host names, no exception texts). It answers 503
+only when this instance cannot take messages in (listener or database down). A relay that is
+down makes it "degraded" with 200: intake still stores every message and the outbox sends the
+acknowledgements when the relay is back, while a 503 would make a load balancer take every
+instance (they share the relay) out of service and turn late acknowledgements into refused
+mail and failed Slack events.
 
 The server only reads: every page is one ``store.transact`` of the repository's read methods.
 Everything that comes from customers goes through :func:`html.escape`; the Content-Security-
@@ -836,8 +841,9 @@ class WebServer:
             self._check_listener(), self._check_database(), self._check_relay()
         )
         checks = {"listener": listener, "database": database, "relay": relay}
-        ok = all(c["ok"] for c in checks.values())
-        return (200 if ok else 503), {"status": "ok" if ok else "degraded", "checks": checks}
+        if not (listener["ok"] and database["ok"]):
+            return 503, {"status": "failed", "checks": checks}
+        return 200, {"status": "ok" if relay["ok"] else "degraded", "checks": checks}
 
     async def _check_listener(self) -> dict[str, Any]:
         listener = self.app.email_listener

@@ -408,19 +408,36 @@ async def test_healthz_reports_each_check_and_the_relay_going_down(web: Web, smt
     assert set(data["checks"]) == {"listener", "database", "relay"}
     assert all(c["ok"] for c in data["checks"].values()), data
 
+    # The relay down: degraded but still in service (200): intake takes mail and the outbox
+    # waits, and every instance shares the relay, so a 503 would take them all out.
     smtp_relay.stop()
     deadline = asyncio.get_running_loop().time() + 5
     while True:  # a result is shared for a second: wait for a fresh one
         status, _, body = await web.get("/healthz")
-        if status == 503:
+        data = json.loads(body)
+        if data["status"] != "ok":
+            break
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.2)
+    assert status == 200 and data["status"] == "degraded"
+    assert data["checks"]["relay"] == {"ok": False, "detail": "connection refused"}
+    assert data["checks"]["listener"]["ok"] and data["checks"]["database"]["ok"]
+    smtp_relay.start()
+
+
+async def test_healthz_fails_when_this_instance_cannot_take_mail(web: Web) -> None:
+    await web.h.app.email_listener.stop(grace=0.1)
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # a result is shared for a second: wait for a fresh one
+        status, _, body = await web.get("/healthz")
+        if status != 200:
             break
         assert asyncio.get_running_loop().time() < deadline, body
         await asyncio.sleep(0.2)
     data = json.loads(body)
-    assert data["status"] == "degraded"
-    assert data["checks"]["relay"] == {"ok": False, "detail": "connection refused"}
-    assert data["checks"]["listener"]["ok"] and data["checks"]["database"]["ok"]
-    smtp_relay.start()
+    assert status == 503 and data["status"] == "failed"
+    assert data["checks"]["listener"] == {"ok": False, "detail": "shutting down"}
+    assert data["checks"]["database"]["ok"] and data["checks"]["relay"]["ok"]
 
 
 # -- a real browser --------------------------------------------------------------------------------
