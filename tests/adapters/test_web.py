@@ -393,8 +393,13 @@ async def test_metrics_show_retries_and_a_waiting_outbox(web: Web, smtp_relay: R
     assert m["intake_outbox_depth"] == 1
     assert m["intake_outbox_oldest_pending_seconds"] >= 0
     [row] = rows_of(await web.page("/"))
-    page = await web.page(f"/tickets/{row[0]}")
-    assert 'data-status="waiting"' in page and "451" in page
+    while True:  # the counter moves at the send; the outcome is recorded a moment later
+        page = await web.page(f"/tickets/{row[0]}")
+        if "451" in page:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the failed attempt was not recorded"
+        await asyncio.sleep(0.05)
+    assert 'data-status="waiting"' in page
 
 
 # -- health ------------------------------------------------------------------------------------
