@@ -468,9 +468,13 @@ def _raw_message(i: int, run: str, *, subject: str | None = None, in_reply_to: s
 async def count_round_trips(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Statements and network round trips per message, intake's service and store in-process.
 
-    Statements are counted with SQLAlchemy's ``before_cursor_execute`` (plus the BEGIN and
-    COMMIT psycopg sends itself, which that event does not see); round trips by a TCP proxy
-    in front of PostgreSQL that counts client-to-server turns (``tests/adapters/tcp_proxy.py``).
+    Statements are counted where they are sent: SQLAlchemy's ``before_cursor_execute`` for the
+    ones SQLAlchemy sends, and the store's ``statement_observers`` for the ones its PostgreSQL
+    wire sends (BEGIN, COMMIT, the written-behind inserts, the lookups; ``storage/pgwire.py``);
+    the writer's connection is in autocommit mode, so psycopg sends no BEGIN or COMMIT of its
+    own. Round trips by a TCP proxy in front of PostgreSQL that counts client-to-server turns
+    (``tests/adapters/tcp_proxy.py``): statements the wire pipelines without waiting for an
+    answer share a turn.
     Sequential: one message at a time (a transaction each). Concurrent: ``--sessions`` messages
     submitted at once (group commit: one transaction for many).
     """
@@ -498,18 +502,31 @@ async def count_round_trips(args: argparse.Namespace) -> list[dict[str, Any]]:
         store.start()
         kinds: Counter[str] = Counter()
 
-        @event.listens_for(store.engine, "before_cursor_execute")
-        def _count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        def _kind(statement: str) -> str:
             words = statement.split()
             kind = words[0]
             if kind in ("INSERT", "UPDATE", "DELETE") or (kind == "WITH" and "INSERT" in statement):
+                tables = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "INTO"]
+                if kind == "WITH" or len(tables) > 1:
+                    return f"INSERT ({' + '.join(tables)})"
                 table = next((w for w in words[1:4] if w not in ("INTO", "FROM")), "?")
-                kind = f"{kind} {table}" if kind != "WITH" else "WITH (INSERT ...)"
-            elif kind == "SELECT" and "pg_try_advisory_xact_lock" in statement:
-                kind = "SELECT (lock + duplicate)"
-            elif kind == "SELECT" and "FROM" in words:
-                kind = f"SELECT {words[words.index('FROM') + 1]}"
-            kinds[kind] += 1
+                return f"{kind} {table}"
+            if kind == "SELECT" and "pg_try_advisory_xact_lock" in statement:
+                return "SELECT (lock + duplicate + ids)" if "nextval" in statement else "SELECT (lock + duplicate)"
+            if kind == "SELECT" and "ARRAY(SELECT created_at FROM outbox" in statement:
+                return "SELECT (sender's tickets + acknowledgements)"
+            if kind == "SELECT" and "FROM" in words:
+                return f"SELECT {words[words.index('FROM') + 1]}"
+            return kind
+
+        def _count_sent(statement: str) -> None:  # what the store's PostgreSQL wire sends
+            kinds[_kind(statement)] += 1
+
+        @event.listens_for(store.engine, "before_cursor_execute")
+        def _count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:  # what SQLAlchemy sends
+            kinds[_kind(statement)] += 1
+
+        store.statement_observers.append(_count_sent)
 
         def inbound(raw: bytes, i: int) -> Any:
             return parse_email(
@@ -545,7 +562,7 @@ async def count_round_trips(args: argparse.Namespace) -> list[dict[str, Any]]:
                     await app.service.receive(m)
             elapsed = time.perf_counter() - t0
             txns = store.batches - b0
-            statements = sum(kinds.values()) + 2 * txns  # + BEGIN and COMMIT per transaction
+            statements = sum(kinds.values())  # BEGIN and COMMIT included (the wire sends them)
             row = {
                 "case": label,
                 "messages": len(messages),

@@ -3,21 +3,24 @@
 Statements are SQLAlchemy Core on the SQLModel tables: the hot path stores a message in a
 handful of small statements, without ORM identity-map bookkeeping.
 
-On PostgreSQL, where every statement is a network round trip, a few of them do two things at
-once (``_pg_*`` below): the duplicate lookup takes an advisory lock on the delivery; a new
-ticket brings its requester as participant; a stored message indexes its own Message-ID;
-claiming outbox entries is one ``UPDATE ... RETURNING``, and recording the sent ones one
-``UPDATE``.
+On PostgreSQL, where every statement is a network round trip, the store's writer hands the
+unit of work a :class:`storage.pgwire.PgWire`: inserts are written behind (a new ticket, its
+participant, message, Message-IDs and outbox entries become one statement, sent with the next
+statement whose result is needed or with the COMMIT), the duplicate lookup takes an advisory
+lock on the delivery and fetches ids for those inserts in the same statement, and the count of
+a sender's recent tickets reads their recent acknowledgements ahead (the flood limits ask for
+both, one after the other). Claiming outbox entries is one ``UPDATE ... RETURNING``, and
+recording the sent ones one ``UPDATE``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Insert, bindparam, false, func, insert, or_, select, text, update
+from sqlalchemy import BigInteger, Insert, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +39,7 @@ from intake.ports import (
     TicketFacts,
     payload_recipient,
 )
+from storage.pgwire import NEXT_IDS, PgWire
 from storage.tables import message, message_id, outbox, participant, ticket
 
 _TICKET_COLS = (
@@ -124,59 +128,29 @@ _PG_FIND_DUPLICATE = text(
     ") AS d ON true"
 ).bindparams(bindparam("lock", type_=BigInteger))
 
-_TICKET_KEYS = (
-    "reference", "subject", "channel", "requester", "requester_name", "organisation", "severity", "security",
-    "status", "alerted", "ack_status", "thread_key", "created_at", "updated_at", "response_due", "notes",
-    "evidence", "plan", "language", "targets", "escalation_step",
-)  # fmt: skip
-_MESSAGE_KEYS = (
-    "ticket_id", "direction", "route", "route_note", "channel", "recipient", "dedup_key", "message_id", "sender",
-    "sender_name", "subject", "body", "new_text", "html", "attachments", "hits", "automation", "parse_problem",
-    "external_id", "received_at", "sent_date", "raw",
-)  # fmt: skip
+# The same lookup as PgWire sends it, with ids for the inserts written behind (storage.pgwire).
+_WIRE_FIND_DUPLICATE = (
+    f"SELECT pg_try_advisory_xact_lock(%s::bigint) AS free, d.ticket_id, d.reference, {NEXT_IDS} "
+    "FROM (SELECT 1) AS one LEFT JOIN ("
+    "SELECT message.ticket_id, ticket.reference FROM message JOIN ticket ON ticket.id = message.ticket_id "
+    "WHERE message.recipient = %s AND message.dedup_key = %s"
+    ") AS d ON true"
+)
 
-
-def _pg_create_ticket() -> Any:
-    """INSERT the ticket and its requester as participant; returns the ticket's id."""
-    new = (
-        insert(ticket)
-        .values({k: bindparam(k, type_=ticket.c[k].type) for k in _TICKET_KEYS})
-        .returning(ticket.c.id)
-        .cte("new_ticket")
-    )
-    joins = (
-        postgresql.insert(participant)
-        .from_select(
-            ["ticket_id", "address"], select(new.c.id, bindparam("participant", type_=participant.c.address.type))
-        )
-        .on_conflict_do_nothing()
-        .cte("new_participant")
-    )
-    return select(new.c.id).add_cte(joins)
-
-
-def _pg_add_message() -> Any:
-    """INSERT the message and index its own Message-ID on its ticket; returns the message's id."""
-    new = (
-        insert(message)
-        .values({k: bindparam(k, type_=message.c[k].type) for k in _MESSAGE_KEYS})
-        .returning(message.c.id, message.c.ticket_id, message.c.message_id)
-        .cte("new_message")
-    )
-    indexed = (
-        postgresql.insert(message_id)
-        .from_select(
-            ["message_id", "ticket_id", "ours"],
-            select(new.c.message_id, new.c.ticket_id, false()).where(new.c.message_id != ""),
-        )
-        .on_conflict_do_nothing()
-        .cte("new_message_id")
-    )
-    return select(new.c.id).add_cte(indexed)
-
-
-_PG_CREATE_TICKET = _pg_create_ticket()
-_PG_ADD_MESSAGE = _pg_add_message()
+# The flood limits ask for a sender's tickets within a period, and then, when the sender is to
+# be acknowledged, for the acknowledgements sent to them within another (intake/service.py).
+# The first question reads the second's answer ahead: the creation times of the sender's latest
+# acknowledgements, newest first. They answer any period that reaches back no further than the
+# oldest of them (or any period at all when there are fewer than the limit), exactly as a count
+# would; any other question is asked of the database.
+_ACKS_AHEAD = 64
+_WIRE_SENDER_COUNTS = (
+    "SELECT (SELECT count(*) FROM ticket WHERE requester = %s AND created_at >= %s), "
+    "ARRAY(SELECT created_at FROM outbox WHERE kind = 'acknowledgement' AND recipient = %s "
+    f"ORDER BY created_at DESC LIMIT {_ACKS_AHEAD})"
+)
+_WIRE_COUNT_OUTBOX_TO = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s AND recipient = %s"
+_WIRE_COUNT_OUTBOX_KIND = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s"
 
 
 def _delivery_lock(recipient: str, dedup_key: str) -> int:
@@ -192,12 +166,23 @@ class DeliveryBusy(Exception):
 class SqlUnitOfWork:
     """Implements :class:`intake.ports.UnitOfWork`; also the read side for the CLI and web."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, wire: PgWire | None = None) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
-        # (ticket id, address) and (ticket id, Message-ID) rows a combined statement already wrote.
-        self._done_participants: set[tuple[int, str]] = set()
-        self._done_ids: set[tuple[int, str]] = set()
+        # PostgreSQL's writer: inserts written behind, reads sent with what is queued.
+        self.wire = wire
+        # (recipient, creation times of their latest acknowledgements newest first, all of them)
+        self._acks_ahead: tuple[str, list[datetime], bool] | None = None
+
+    def flush(self) -> None:
+        """Queue this unit's inserts as one statement (sent with the next one that needs an answer)."""
+        if self.wire is not None:
+            self.wire.flush()
+
+    def sync(self) -> None:
+        """Send this unit's writes now: a conflict they meet is reported here, as this unit's."""
+        if self.wire is not None:
+            self.wire.sync()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -236,7 +221,15 @@ class SqlUnitOfWork:
 
     def _pg_find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
         params = {"lock": _delivery_lock(recipient, dedup_key), "recipient": recipient, "dedup_key": dedup_key}
-        free, ticket_id, reference = self.conn.execute(_PG_FIND_DUPLICATE, params).one()
+        if self.wire is not None:
+            # One round trip with BEGIN and whatever the units before this one wrote.
+            ids = self.wire.ids
+            free, ticket_id, reference, *fresh = self.wire.query(
+                _WIRE_FIND_DUPLICATE, (params["lock"], *ids.wanted(), recipient, dedup_key)
+            )[0]
+            ids.add(fresh)
+        else:
+            free, ticket_id, reference = self.conn.execute(_PG_FIND_DUPLICATE, params).one()
         if ticket_id is not None:
             return Duplicate(ticket_id=ticket_id, reference=reference)
         if free:
@@ -283,34 +276,12 @@ class SqlUnitOfWork:
     # -- writes ------------------------------------------------------------------------------
 
     def create_ticket(self, t: NewTicket) -> TicketFacts:
-        values = dict(
-            reference=t.reference,
-            subject=t.subject,
-            channel=str(t.channel),
-            requester=t.requester,
-            requester_name=t.requester_name,
-            organisation=t.organisation,
-            severity=int(t.severity),
-            security=t.security,
-            status="open",
-            alerted=False,
-            ack_status=t.ack_status,
-            thread_key=t.thread_key,
-            created_at=t.created_at,
-            updated_at=t.created_at,
-            response_due=t.response_due,
-            notes=[_note(t.created_at, n) for n in t.notes],
-            evidence=[h.to_dict() for h in t.evidence],
-            plan=t.plan,
-            language=t.language,
-            targets={k: v.isoformat() for k, v in t.targets.items()},
-            escalation_step=0,
-        )
+        values = _ticket_values(t)
         new_id: Any
-        if self.dialect == "postgresql" and t.requester:
-            # One round trip: the service adds the requester as participant right after.
-            new_id = self.conn.execute(_PG_CREATE_TICKET, {**values, "participant": t.requester}).scalar_one()
-            self._done_participants.add((int(new_id), t.requester))
+        if self.wire is not None:  # written behind, with an id drawn ahead
+            new_id = self.wire.next_id("ticket")
+            self.wire.rows.tickets[new_id] = {"id": new_id, **values}
+            self.wire.added(len(values))
         else:
             result = self.conn.execute(_INSERT_TICKET, values)
             new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
@@ -353,84 +324,66 @@ class SqlUnitOfWork:
             value = getattr(change, name)
             if value is not None:
                 values[name] = value
+        held = self.wire.rows.tickets.get(ticket_id) if self.wire is not None else None
         if change.add_notes or change.add_evidence:
-            row = self.conn.execute(select(ticket.c.notes, ticket.c.evidence).where(ticket.c.id == ticket_id)).first()
+            if held is not None:
+                row: Any = (held["notes"], held["evidence"])
+            else:
+                row = self.conn.execute(
+                    select(ticket.c.notes, ticket.c.evidence).where(ticket.c.id == ticket_id)
+                ).first()
             if row is not None:
                 when = change.updated_at
                 if change.add_notes:
                     values["notes"] = [*(row[0] or []), *(_note(when, n) for n in change.add_notes)]
                 if change.add_evidence:
                     values["evidence"] = [*(row[1] or []), *(h.to_dict() for h in change.add_evidence)][-100:]
-        if values:
+        if held is not None:
+            held.update(values)  # a ticket this transaction has yet to insert: insert it so
+        elif values:
             self.conn.execute(update(ticket).where(ticket.c.id == ticket_id).values(**values))
 
     def add_participant(self, ticket_id: int, address: str) -> None:
-        if (ticket_id, address) in self._done_participants:
+        if self.wire is not None:
+            self.wire.rows.participants[(ticket_id, address)] = None
+            self.wire.added(2)
             return
         self.conn.execute(_ignoring(self.dialect, participant), {"ticket_id": ticket_id, "address": address})
 
     def add_message(self, m: NewMessage) -> int:
-        msg = m.message
-        values = dict(
-            ticket_id=m.ticket_id,
-            direction=str(m.direction),
-            route=str(m.route),
-            route_note=m.route_note,
-            channel=str(msg.channel),
-            recipient=msg.recipient,
-            dedup_key=msg.dedup_key,
-            message_id=msg.message_id,
-            sender=msg.sender,
-            sender_name=msg.sender_name,
-            subject=msg.subject,
-            body=msg.body,
-            new_text=msg.new_text,
-            html=msg.html,
-            attachments=[
-                {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": a.kept}
-                for a in msg.attachments
-            ],
-            hits=[h.to_dict() for h in m.hits],
-            automation=m.automation,
-            parse_problem=msg.parse_problem,
-            external_id=msg.external_id,
-            received_at=m.received_at,
-            sent_date=msg.date,
-            raw=msg.raw,
-        )
-        if self.dialect == "postgresql":
-            # One round trip: the service indexes the message's own Message-ID right after.
-            new_id = self.conn.execute(_PG_ADD_MESSAGE, values).scalar_one()
-            if msg.message_id:
-                self._done_ids.add((m.ticket_id, msg.message_id))
-            return int(new_id)
+        values = _message_values(m)
+        if self.wire is not None:
+            new_id = self.wire.next_id("message")
+            self.wire.rows.messages.append({"id": new_id, **values})
+            self.wire.added(len(values))
+            # Its own Message-ID is indexed in the same statement; the service's
+            # index_message_id(..., ours=False) right after finds it held.
+            if m.message.message_id:
+                self.wire.rows.message_ids.setdefault((m.message.message_id, m.ticket_id), False)
+            return new_id
         result = self.conn.execute(_INSERT_MESSAGE, values)
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
     def index_message_id(self, ticket_id: int, mid: str, *, ours: bool) -> None:
-        if not mid or (not ours and (ticket_id, mid) in self._done_ids):
-            return  # nothing to index, or add_message's statement already did
+        if not mid:
+            return
+        if self.wire is not None:
+            self.wire.rows.message_ids.setdefault((mid, ticket_id), ours)
+            self.wire.added(3)
+            return
         self.conn.execute(
             _ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours}
         )
 
     def enqueue(self, entry: OutboxEntry) -> int:
-        payload = entry.payload
-        result = self.conn.execute(
-            _INSERT_OUTBOX,
-            dict(
-                ticket_id=entry.ticket_id,
-                kind=entry.kind,
-                channel="email" if isinstance(payload, OutgoingEmail) else "slack",
-                recipient=payload_recipient(payload),
-                message_id=payload.message_id if isinstance(payload, OutgoingEmail) else "",
-                payload=payload.to_dict(),
-                status="pending",
-                attempts=0,
-                next_attempt_at=entry.created_at,
-                created_at=entry.created_at,
-            ),
-        )
+        values = _outbox_values(entry)
+        self._acks_ahead = None  # counts read ahead no longer hold
+        if self.wire is not None:
+            new_id = self.wire.next_id("outbox")
+            self.wire.rows.outbox.append({"id": new_id, **values})
+            self.wire.added(len(values))
+            return new_id
+        result = self.conn.execute(_INSERT_OUTBOX, values)
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
     def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]:
@@ -446,6 +399,16 @@ class SqlUnitOfWork:
         return ids
 
     def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int:
+        if self.wire is not None:
+            ahead = self._acks_ahead
+            if kind == "acknowledgement" and ahead is not None and ahead[0] == recipient:
+                _, stamps, complete = ahead
+                start = _naive_utc(since)
+                if complete or stamps[-1] < start:  # every acknowledgement since ``since`` was read
+                    return sum(1 for stamp in stamps if stamp >= start)
+            if recipient is None:
+                return int(self.wire.query(_WIRE_COUNT_OUTBOX_KIND, (kind, _naive_utc(since)))[0][0])
+            return int(self.wire.query(_WIRE_COUNT_OUTBOX_TO, (kind, _naive_utc(since), recipient))[0][0])
         if recipient is None:
             return int(self.conn.execute(_COUNT_OUTBOX_KIND, {"kind": kind, "since": since}).scalar_one())
         params = {"kind": kind, "recipient": recipient, "since": since}
@@ -465,6 +428,10 @@ class SqlUnitOfWork:
         return self._facts(row) if row is not None else None
 
     def count_tickets_since(self, *, requester: str, since: datetime) -> int:
+        if self.wire is not None:
+            count, stamps = self.wire.query(_WIRE_SENDER_COUNTS, (requester, _naive_utc(since), requester))[0]
+            self._acks_ahead = (requester, list(stamps), len(stamps) < _ACKS_AHEAD)
+            return int(count)
         return int(self.conn.execute(_COUNT_TICKETS_OF, {"requester": requester, "since": since}).scalar_one())
 
     def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]:
@@ -673,6 +640,86 @@ class SqlUnitOfWork:
             "outbox_by_kind": {k: int(v) for k, v in by_kind.items()},
             "outbox_oldest_pending": oldest,
         }
+
+
+def _naive_utc(when: datetime) -> datetime:
+    """A bound timestamp as stored (naive UTC, see storage.tables.UTCDateTime)."""
+    if when.tzinfo is None:
+        raise ValueError("naive datetime given to the database; use aware UTC datetimes")
+    return when.astimezone(UTC).replace(tzinfo=None)
+
+
+def _ticket_values(t: NewTicket) -> dict[str, Any]:
+    return dict(
+        reference=t.reference,
+        subject=t.subject,
+        channel=str(t.channel),
+        requester=t.requester,
+        requester_name=t.requester_name,
+        organisation=t.organisation,
+        severity=int(t.severity),
+        security=t.security,
+        status="open",
+        alerted=False,
+        ack_status=t.ack_status,
+        thread_key=t.thread_key,
+        created_at=t.created_at,
+        updated_at=t.created_at,
+        response_due=t.response_due,
+        notes=[_note(t.created_at, n) for n in t.notes],
+        evidence=[h.to_dict() for h in t.evidence],
+        plan=t.plan,
+        language=t.language,
+        targets={k: v.isoformat() for k, v in t.targets.items()},
+        escalation_step=0,
+    )
+
+
+def _message_values(m: NewMessage) -> dict[str, Any]:
+    msg = m.message
+    return dict(
+        ticket_id=m.ticket_id,
+        direction=str(m.direction),
+        route=str(m.route),
+        route_note=m.route_note,
+        channel=str(msg.channel),
+        recipient=msg.recipient,
+        dedup_key=msg.dedup_key,
+        message_id=msg.message_id,
+        sender=msg.sender,
+        sender_name=msg.sender_name,
+        subject=msg.subject,
+        body=msg.body,
+        new_text=msg.new_text,
+        html=msg.html,
+        attachments=[
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": a.kept}
+            for a in msg.attachments
+        ],
+        hits=[h.to_dict() for h in m.hits],
+        automation=m.automation,
+        parse_problem=msg.parse_problem,
+        external_id=msg.external_id,
+        received_at=m.received_at,
+        sent_date=msg.date,
+        raw=msg.raw,
+    )
+
+
+def _outbox_values(entry: OutboxEntry) -> dict[str, Any]:
+    payload = entry.payload
+    return dict(
+        ticket_id=entry.ticket_id,
+        kind=entry.kind,
+        channel="email" if isinstance(payload, OutgoingEmail) else "slack",
+        recipient=payload_recipient(payload),
+        message_id=payload.message_id if isinstance(payload, OutgoingEmail) else "",
+        payload=payload.to_dict(),
+        status="pending",
+        attempts=0,
+        next_attempt_at=entry.created_at,
+        created_at=entry.created_at,
+    )
 
 
 def _note(when: datetime | None, text: str) -> dict[str, Any]:

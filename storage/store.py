@@ -9,6 +9,11 @@ with :class:`StorageUnavailableError` and nothing of it is stored. A unit that h
 constraint (another instance stored the same message a moment earlier) is run again, and then
 finds the duplicate.
 
+On PostgreSQL the writer's transaction goes through a :class:`storage.pgwire.PgWire`: BEGIN
+travels with the first statement, each unit's inserts are one statement sent with the next
+unit's first (or with the COMMIT), so that a new message costs three round trips alone and
+about two in a group (docs/benchmarks-postgres.md).
+
 The event loop never blocks on the database: it only appends to a queue and awaits a future.
 """
 
@@ -29,6 +34,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from intake.errors import StorageUnavailableError
 from intake.ports import UnitOfWork
+from storage.pgwire import IdPool, PgWire
 from storage.repository import SqlUnitOfWork
 
 log = logging.getLogger("intake.storage")
@@ -135,6 +141,19 @@ class SqlStore:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-db-io")
         self.batches = 0
         self.units = 0
+        # PostgreSQL: the writer's connection runs in autocommit mode and a PgWire drives its
+        # transaction (BEGIN with the first statement, inserts written behind, COMMIT with the
+        # last ones; see storage/pgwire.py). SQLAlchemy's transaction events map onto it, and a
+        # statement SQLAlchemy sends first sends what the wire holds.
+        self._wired = self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg"
+        self._wire: PgWire | None = None
+        self._ids = IdPool()
+        self.statement_observers: list[Callable[[str], None]] = []  # called with each statement the wire sends
+        if self._wired:
+            event.listen(self.engine, "begin", self._wire_begin)
+            event.listen(self.engine, "commit", self._wire_commit)
+            event.listen(self.engine, "rollback", self._wire_rollback)
+            event.listen(self.engine, "before_cursor_execute", self._wire_before_statement)
         if create:
             create_schema(self.engine)
 
@@ -277,8 +296,34 @@ class SqlStore:
 
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.engine.connect()
+            conn = self.engine.connect()
+            if self._wired:
+                conn.execution_options(isolation_level="AUTOCOMMIT")  # the wire sends BEGIN and COMMIT
+                pg: Any = conn.connection.driver_connection  # psycopg's Connection
+                self._wire = PgWire(pg, self._ids, self.statement_observers)
+            self._conn = conn
         return self._conn
+
+    # SQLAlchemy's events on the writer's connection, mapped onto its wire (PostgreSQL).
+
+    def _wire_of(self, conn: Connection) -> PgWire | None:
+        return self._wire if conn is self._conn else None
+
+    def _wire_begin(self, conn: Connection) -> None:
+        if wire := self._wire_of(conn):
+            wire.begin()
+
+    def _wire_commit(self, conn: Connection) -> None:
+        if wire := self._wire_of(conn):
+            wire.commit()  # psycopg's commit() that follows finds no transaction left to end
+
+    def _wire_rollback(self, conn: Connection) -> None:
+        if wire := self._wire_of(conn):
+            wire.discard()  # psycopg's rollback() that follows ends the transaction, if it began
+
+    def _wire_before_statement(self, conn: Connection, *_: Any) -> None:
+        if wire := self._wire_of(conn):
+            wire.sync()
 
     def _run_batch(self, batch: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
@@ -289,8 +334,13 @@ class SqlStore:
                 # Optimistic: every unit in one transaction, no savepoints (two statements fewer
                 # per unit). Units are re-runnable, so on any failure the group is rolled back and
                 # run again with a savepoint per unit, where a failing unit fails alone.
+                # The wire sends BEGIN with the first unit's first statement, each unit's inserts
+                # with the next unit's first, and the last unit's with the COMMIT.
                 with conn.begin():
-                    outcomes = [(job, job.work(SqlUnitOfWork(conn)), None) for job in batch]
+                    for job in batch:
+                        uow = SqlUnitOfWork(conn, self._wire)
+                        outcomes.append((job, job.work(uow), None))
+                        uow.flush()
             except (OperationalError, OSError):
                 raise
             except Exception:
@@ -323,11 +373,16 @@ class SqlStore:
                 pass
 
     def _run_unit(self, conn: Connection, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+        wire = self._wire  # None on SQLite
         for attempt in range(_CONFLICT_RETRIES):
             savepoint = conn.begin_nested()
             try:
-                value = job.work(SqlUnitOfWork(conn))
+                uow = SqlUnitOfWork(conn, wire)
+                value = job.work(uow)
+                uow.sync()  # its writes reach the database inside its savepoint: their conflicts are its own
             except IntegrityError as exc:
+                if wire is not None:
+                    wire.forget_unsent()
                 savepoint.rollback()
                 if attempt + 1 == _CONFLICT_RETRIES:
                     log.error("storage: unit kept conflicting: %s", _short(exc))
@@ -336,6 +391,8 @@ class SqlStore:
             except (OperationalError, DBAPIError):
                 raise  # the connection or the database is in trouble: fail the group
             except Exception as exc:
+                if wire is not None:
+                    wire.forget_unsent()
                 savepoint.rollback()
                 return job, None, exc
             savepoint.commit()
@@ -343,6 +400,7 @@ class SqlStore:
         raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
+        self._wire = None
         if self._conn is not None:
             try:
                 self._conn.invalidate()
