@@ -40,6 +40,7 @@ from intake.ports import (
     payload_recipient,
 )
 from storage.pgwire import NEXT_IDS, PgWire
+from storage.sqlitefast import FastPath
 from storage.tables import message, message_id, outbox, participant, ticket
 
 _TICKET_COLS = (
@@ -169,6 +170,8 @@ class SqlUnitOfWork:
     def __init__(self, conn: Connection, wire: PgWire | None = None) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
+        # SQLite: the hot statements straight through the sqlite3 cursor (storage/sqlitefast.py).
+        self.fast = FastPath(conn.connection.driver_connection) if self.dialect == "sqlite" else None  # type: ignore[arg-type]
         # PostgreSQL's writer: inserts written behind, reads sent with what is queued.
         self.wire = wire
         # (recipient, creation times of their latest acknowledgements newest first, all of them)
@@ -185,6 +188,24 @@ class SqlUnitOfWork:
             self.wire.sync()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _insert(self, statement: Any, values: dict[str, Any]) -> int:
+        """Run a prebuilt INSERT into a table with an integer id; the new row's id."""
+        if self.fast is not None and (cursor := self.fast.execute(statement, values)) is not None:
+            return int(cursor.lastrowid or 0)
+        result = self.conn.execute(statement, values)
+        return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
+
+    def _write(self, statement: Any, values: dict[str, Any]) -> None:
+        """Run a prebuilt statement whose result nobody needs."""
+        if self.fast is None or self.fast.execute(statement, values) is None:
+            self.conn.execute(statement, values)
+
+    def _first(self, statement: Any, params: dict[str, Any]) -> Any:
+        """Run a prebuilt SELECT of plain values (no type conversion on the way back); its first row."""
+        if self.fast is not None and (cursor := self.fast.execute(statement, params)) is not None:
+            return cursor.fetchone()
+        return self.conn.execute(statement, params).first()
 
     def _facts(self, row: RowMapping) -> TicketFacts:
         parts = self.conn.execute(select(participant.c.address).where(participant.c.ticket_id == row["id"])).scalars()
@@ -216,7 +237,7 @@ class SqlUnitOfWork:
     def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
         if self.dialect == "postgresql":
             return self._pg_find_duplicate(recipient, dedup_key)
-        row = self.conn.execute(_FIND_DUPLICATE, {"recipient": recipient, "dedup_key": dedup_key}).first()
+        row = self._first(_FIND_DUPLICATE, {"recipient": recipient, "dedup_key": dedup_key})
         return Duplicate(ticket_id=row[0], reference=row[1]) if row else None
 
     def _pg_find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
@@ -283,9 +304,8 @@ class SqlUnitOfWork:
             self.wire.rows.tickets[new_id] = {"id": new_id, **values}
             self.wire.added(len(values))
         else:
-            result = self.conn.execute(_INSERT_TICKET, values)
-            new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
-        assert new_id is not None
+            new_id = self._insert(_INSERT_TICKET, values)
+        assert new_id
         return TicketFacts(
             id=int(new_id),
             reference=t.reference,
@@ -348,7 +368,7 @@ class SqlUnitOfWork:
             self.wire.rows.participants[(ticket_id, address)] = None
             self.wire.added(2)
             return
-        self.conn.execute(_ignoring(self.dialect, participant), {"ticket_id": ticket_id, "address": address})
+        self._write(_ignoring(self.dialect, participant), {"ticket_id": ticket_id, "address": address})
 
     def add_message(self, m: NewMessage) -> int:
         values = _message_values(m)
@@ -361,8 +381,7 @@ class SqlUnitOfWork:
             if m.message.message_id:
                 self.wire.rows.message_ids.setdefault((m.message.message_id, m.ticket_id), False)
             return new_id
-        result = self.conn.execute(_INSERT_MESSAGE, values)
-        return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
+        return self._insert(_INSERT_MESSAGE, values)
 
     def index_message_id(self, ticket_id: int, mid: str, *, ours: bool) -> None:
         if not mid:
@@ -371,9 +390,7 @@ class SqlUnitOfWork:
             self.wire.rows.message_ids.setdefault((mid, ticket_id), ours)
             self.wire.added(3)
             return
-        self.conn.execute(
-            _ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours}
-        )
+        self._write(_ignoring(self.dialect, message_id), {"message_id": mid, "ticket_id": ticket_id, "ours": ours})
 
     def enqueue(self, entry: OutboxEntry) -> int:
         values = _outbox_values(entry)
@@ -383,8 +400,7 @@ class SqlUnitOfWork:
             self.wire.rows.outbox.append({"id": new_id, **values})
             self.wire.added(len(values))
             return new_id
-        result = self.conn.execute(_INSERT_OUTBOX, values)
-        return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
+        return self._insert(_INSERT_OUTBOX, values)
 
     def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]:
         if not message_ids:
@@ -410,9 +426,8 @@ class SqlUnitOfWork:
                 return int(self.wire.query(_WIRE_COUNT_OUTBOX_KIND, (kind, _naive_utc(since)))[0][0])
             return int(self.wire.query(_WIRE_COUNT_OUTBOX_TO, (kind, _naive_utc(since), recipient))[0][0])
         if recipient is None:
-            return int(self.conn.execute(_COUNT_OUTBOX_KIND, {"kind": kind, "since": since}).scalar_one())
-        params = {"kind": kind, "recipient": recipient, "since": since}
-        return int(self.conn.execute(_COUNT_OUTBOX_TO, params).scalar_one())
+            return int(self._first(_COUNT_OUTBOX_KIND, {"kind": kind, "since": since})[0])
+        return int(self._first(_COUNT_OUTBOX_TO, {"kind": kind, "recipient": recipient, "since": since})[0])
 
     def latest_ticket_of(self, requester: str) -> TicketFacts | None:
         row = (
@@ -432,7 +447,7 @@ class SqlUnitOfWork:
             count, stamps = self.wire.query(_WIRE_SENDER_COUNTS, (requester, _naive_utc(since), requester))[0]
             self._acks_ahead = (requester, list(stamps), len(stamps) < _ACKS_AHEAD)
             return int(count)
-        return int(self.conn.execute(_COUNT_TICKETS_OF, {"requester": requester, "since": since}).scalar_one())
+        return int(self._first(_COUNT_TICKETS_OF, {"requester": requester, "since": since})[0])
 
     def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]:
         rows = (

@@ -1,0 +1,164 @@
+"""SQLite's fast path writes exactly what SQLAlchemy writes, and fails the way SQLAlchemy fails."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from intake.errors import StorageUnavailableError
+from intake.model import Attachment, Channel, Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity
+from intake.ports import NewMessage, NewTicket, OutboxEntry
+from storage.repository import SqlUnitOfWork
+from storage.store import SqlStore
+
+NOW = datetime(2026, 11, 22, 9, 30, 15, 123456, tzinfo=UTC)
+HIT = RuleHit(
+    rule="data-breach", phrase="data breach*", field="body", excerpt="a data breach", severity=Severity.S1,
+    tags=("security",), negated=True,
+)  # fmt: skip
+
+
+def one_of_everything(uow: SqlUnitOfWork) -> None:
+    """A unit that writes every hot statement's row, with every kind of value (None, JSON,
+    booleans, timestamps, non-ASCII text, bytes), and reads back what it wrote."""
+    message = InboundMessage(
+        channel=Channel.EMAIL,
+        sender="josé@acme.com",
+        sender_name="José",
+        recipient="support@example.com",
+        subject="Fuite",
+        body="Hola\nwe had a data breach\x00?",
+        new_text="we had a data breach",
+        html=True,
+        attachments=(Attachment(filename="log.txt", content_type="text/plain", size=12),),
+        message_id="<m1@acme.com>",
+        date=NOW - timedelta(minutes=3),
+        raw=b"Subject: Fuite\r\n\r\n\xff\x00",
+        parse_problem=None,
+    )
+    assert uow.find_duplicate("support@example.com", message.dedup_key) is None
+    ticket = uow.create_ticket(
+        NewTicket(
+            reference="SUP-7K3M-9Q2X",
+            subject="Fuite de données ? ¿Brecha?",
+            channel=Channel.EMAIL,
+            requester="josé@acme.com",
+            requester_name="José Pérez",
+            organisation=None,
+            severity=Severity.S1,
+            security=True,
+            created_at=NOW,
+            response_due=NOW + timedelta(hours=1),
+            thread_key=None,
+            notes=("first note",),
+            evidence=(HIT,),
+            language="es",
+            targets={"response": NOW + timedelta(hours=1)},
+        )
+    )
+    uow.add_participant(ticket.id, "josé@acme.com")
+    uow.add_participant(ticket.id, "josé@acme.com")  # ignored, not an error
+    uow.add_message(
+        NewMessage(
+            ticket_id=ticket.id,
+            message=message,
+            direction=Direction.INBOUND,
+            route=Route.NEW,
+            route_note="new ticket",
+            received_at=NOW,
+            hits=(HIT,),
+            automation=None,
+        )
+    )
+    uow.index_message_id(ticket.id, "<m1@acme.com>", ours=False)
+    uow.index_message_id(ticket.id, "<m1@acme.com>", ours=False)  # ignored
+    ack = OutgoingEmail(
+        to=("josé@acme.com",), subject="Re: Fuite [SUP-7K3M-9Q2X]", body="Gracias", message_id="ack1@intake",
+        from_address="support@example.com",
+    )  # fmt: skip
+    uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=ack, created_at=NOW))
+    uow.index_message_id(ticket.id, "ack1@intake", ours=True)
+    assert uow.count_outbox_since(kind="acknowledgement", recipient="josé@acme.com", since=NOW) == 1
+    assert uow.count_outbox_since(kind="acknowledgement", recipient=None, since=NOW + timedelta(seconds=1)) == 0
+    assert uow.count_tickets_since(requester="josé@acme.com", since=NOW - timedelta(days=1)) == 1
+    dup = uow.find_duplicate("support@example.com", message.dedup_key)
+    assert dup is not None and dup.ticket_id == ticket.id and dup.reference == "SUP-7K3M-9Q2X"
+
+
+def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, as SQLite holds it (values and their storage classes)."""
+    db = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        out = {}
+        for table in tables:
+            columns = [r[1] for r in db.execute(f'PRAGMA table_info("{table}")')]
+            typed = ", ".join(f'"{c}", typeof("{c}")' for c in columns)
+            out[table] = db.execute(f'SELECT {typed} FROM "{table}" ORDER BY rowid').fetchall()
+        return out
+    finally:
+        db.close()
+
+
+async def test_the_fast_path_writes_what_sqlalchemy_writes(tmp_path: Path) -> None:
+    dumps = []
+    for fast in (True, False):
+        path = tmp_path / f"{'fast' if fast else 'sqlalchemy'}.db"
+        store = SqlStore(f"sqlite:///{path}", create=True)
+
+        def unit(uow: SqlUnitOfWork, fast: bool = fast) -> None:
+            assert uow.fast is not None  # SQLite always has it...
+            if not fast:
+                uow.fast = None  # ...and this store goes through SQLAlchemy instead
+            one_of_everything(uow)
+
+        await store.transact(unit)
+        await store.close()
+        dumps.append(dump(path))
+    fast_rows, sqlalchemy_rows = dumps
+    assert fast_rows["ticket"] and fast_rows["message"] and fast_rows["outbox"] and fast_rows["message_id"]
+    assert fast_rows == sqlalchemy_rows
+
+
+async def test_a_conflict_on_the_fast_path_is_sqlalchemys_integrity_error(tmp_path: Path) -> None:
+    """The store tells a conflict (run the unit again, then answer "try again") from a bug by
+    SQLAlchemy's exception classes: the fast path must raise those, not sqlite3's."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'i.db'}", create=True)
+    raised: list[type[BaseException]] = []
+
+    def same_reference(uow: SqlUnitOfWork) -> None:
+        ticket = uow.create_ticket(
+            NewTicket(
+                reference="SUP-AAAA-AAAA", subject="ok", channel=Channel.EMAIL, requester="a@acme.com",
+                requester_name="", organisation=None, severity=Severity.S3, security=False, created_at=NOW,
+                response_due=NOW,
+            )
+        )  # fmt: skip
+        uow.add_participant(ticket.id, "a@acme.com")
+        try:
+            uow.create_ticket(  # the reference is unique: this ticket cannot be stored
+                NewTicket(
+                    reference="SUP-7K3M-9Q2X", subject="again", channel=Channel.EMAIL, requester="b@acme.com",
+                    requester_name="", organisation=None, severity=Severity.S3, security=False, created_at=NOW,
+                    response_due=NOW,
+                )
+            )  # fmt: skip
+        except BaseException as exc:
+            raised.append(type(exc))
+            raise
+
+    try:
+        await store.transact(one_of_everything)
+        with pytest.raises(StorageUnavailableError, match="conflicting"):
+            await store.transact(same_reference)
+        assert raised and all(issubclass(kind, IntegrityError) for kind in raised), raised
+        stats = store.run_sync(lambda uow: uow.stats())
+        assert stats["tickets"] == 1 and stats["messages"] == 1  # nothing of the failed unit
+        assert store.run_sync(lambda uow: uow.ticket_by_reference("SUP-AAAA-AAAA")) is None
+    finally:
+        await store.close()
