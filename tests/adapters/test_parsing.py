@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.parser
+import email.utils
 import random
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailparser.exceptions import MailParserError
 
+from adapters.email import parsing
 from adapters.email.parsing import parse_email
 from intake.model import Attachment, Channel, InboundMessage
 
@@ -550,7 +552,7 @@ def test_mail_parser_failure_falls_back_to_stdlib(monkeypatch: pytest.MonkeyPatc
     def broken(raw: bytes) -> object:
         raise MailParserError("simulated")
 
-    monkeypatch.setattr(mailparser, "parse_from_bytes", broken)
+    monkeypatch.setattr(parsing, "_read_mime", broken)
     raw = (DATA / "alternative.eml").read_bytes()
     msg = parse(raw)
     assert msg.parse_problem == "mail-parser failed: MailParserError"
@@ -563,7 +565,7 @@ def test_mail_parser_bug_falls_back_to_stdlib(monkeypatch: pytest.MonkeyPatch) -
     def buggy(raw: bytes) -> object:
         raise KeyError("simulated")
 
-    monkeypatch.setattr(mailparser, "parse_from_bytes", buggy)
+    monkeypatch.setattr(parsing, "_read_mime", buggy)
     msg = data("subject_utf8.eml")
     assert msg.parse_problem == "mail-parser failed: KeyError"
     assert msg.subject == "Servidor caído — ¡urgente! 🚨"
@@ -573,7 +575,7 @@ def test_everything_failing_still_returns_a_message(monkeypatch: pytest.MonkeyPa
     def fail(*args: object, **kwargs: object) -> object:
         raise MemoryError("simulated")
 
-    monkeypatch.setattr(mailparser, "parse_from_bytes", fail)
+    monkeypatch.setattr(parsing, "_read_mime", fail)
     monkeypatch.setattr(email, "message_from_bytes", fail)
     monkeypatch.setattr(email.parser.BytesHeaderParser, "parsebytes", fail)
     raw = "Subject: lost\n\nthe text survives \x00 ünïcode\n".encode() + b"\xff"
@@ -589,7 +591,7 @@ def test_unparseable_body_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> object:
         raise ValueError("simulated")
 
-    monkeypatch.setattr(mailparser, "parse_from_bytes", fail)
+    monkeypatch.setattr(parsing, "_read_mime", fail)
     monkeypatch.setattr(email, "message_from_bytes", fail)
     monkeypatch.setattr(email.parser.BytesHeaderParser, "parsebytes", fail)
     raw = b"x" * 2_000_000
@@ -627,3 +629,69 @@ def test_no_angle_bracket_survives_inside_a_message_id() -> None:
     msg = parse_email(raw, recipient="support@example.net")
     assert "<" not in msg.message_id and ">" not in msg.message_id
     assert all("<" not in i and ">" not in i for i in msg.in_reply_to)
+
+
+# -- what the cheaper paths must keep ------------------------------------------------------------
+
+
+def _delivery() -> parsing._Delivery:
+    return parsing._Delivery(
+        recipient="support@example.net",
+        envelope_sender="x@example.org",
+        max_attachment_bytes=None,
+        max_attachments_total=None,
+    )
+
+
+@needs_corpus
+def test_mail_parser_analysis_changes_nothing_we_read() -> None:
+    """We take mail-parser's reading of the bytes without its analysis (MailParser.parse()):
+    the message built from it is the one built from mail-parser's fully parsed message."""
+    for name in [*CORPUS_FILES, *(f"../{p.name}" for p in sorted(DATA.glob("*.eml")))]:
+        path = CORPUS / name if not name.startswith("../") else DATA / name[3:]
+        raw = path.read_bytes()
+        full = mailparser.parse_from_bytes(raw)
+        assert full.message is not None
+        lean = parsing._read_mime(raw)
+        assert parsing._build(lean, raw, _delivery(), problem=None) == parsing._build(
+            full.message, raw, _delivery(), problem=None
+        ), name
+
+
+def test_deep_nesting_still_stops_mail_parser() -> None:
+    with pytest.raises(MailParserError):
+        parsing._read_mime(_nested(1200))
+
+
+_ADDRESS_PIECES = st.sampled_from(
+    [
+        "Jane Doe", "A. B", "O'Neil", "x_y-z", "jd", "jd@example.com", "j.d+tag@mail.example.co.uk", "a..b@c.de",
+        ".a@b.cd", "a@b", "a@b.", "@", "<", ">", ",", ", ", " ", "  ", "\t", '"', "(", ")", "[1.2.3.4]", ":", ";",
+        "\\", "é", "=?utf-8?q?x?=", "@a,@b:", "e-x.com", "example.org",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_ADDRESS_PIECES, max_size=7).map("".join), max_size=3))
+def test_plain_address_lists_read_as_the_stdlib_reads_them(values: list[str]) -> None:
+    fast = parsing._simple_addresses(values)
+    if fast is not None:  # anything not plain goes to the stdlib parser itself
+        assert fast == email.utils.getaddresses(values)
+
+
+def test_plain_address_lists_take_the_fast_path() -> None:
+    assert parsing._simple_addresses(["Jane  Doe <JD@Example.com>, x@y.org", "B <b@c.de>"]) == [
+        ("Jane Doe", "JD@Example.com"),
+        ("", "x@y.org"),
+        ("B", "b@c.de"),
+    ]
+    assert parsing._simple_addresses(['"Doe, Jane" <jd@example.com>']) is None
+    assert parsing._simple_addresses([]) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*'aZ09 :;\t\r\n\x00=?<>@"é', "=?utf-8?q?x?="]), max_size=20).map("".join))
+def test_plain_header_values_read_as_the_general_path_reads_them(value: str) -> None:
+    if parsing._is_plain_header(value):
+        assert value.strip() == parsing._clean(parsing._decode_words(parsing._unfold(value, "utf-8")))

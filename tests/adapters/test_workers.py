@@ -1,0 +1,110 @@
+"""Tests of adapters.email.workers: what crosses between the listener and a parsing worker.
+
+The worker packs the message and its assessment into plain values; the listener unpacks them.
+Whatever the message, what arrives must equal what left (raw bytes included, though they are
+sent back only when the worker changed them), and a real pool must answer as the listener's
+own parse and assessment would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.bootstrap import build_service
+from adapters.email import workers
+from adapters.email.parsing import parse_email
+from adapters.settings import Settings
+from intake.model import InboundMessage
+from intake.service import Assessment, IntakeService
+
+CORPUS = Path("/work/shared/corpus")
+DATA = Path(__file__).resolve().parent.parent / "data" / "email"
+FILES = [*sorted(CORPUS.rglob("*.eml")), *sorted(DATA.glob("*.eml"))]
+
+
+def settings(**email: Any) -> Settings:
+    return Settings.model_validate({"email": {"trusted_authserv_ids": ["mx.example.com"], **email}})
+
+
+@pytest.fixture(scope="module")
+def service() -> IntakeService:
+    # Authentication checked too, so that the assessment carries an AuthVerdict.
+    return build_service(settings(), store=None)
+
+
+def across(raw: bytes, message: InboundMessage, assessment: Assessment) -> tuple[InboundMessage, Assessment]:
+    """The pair as the listener gets it back from a worker."""
+    wire = pickle.dumps(workers._pack(message, assessment, raw), pickle.HIGHEST_PROTOCOL)
+    return workers._unpack(pickle.loads(wire), raw)
+
+
+KWARGS = {"recipient": "support@example.com", "envelope_sender": "someone@customer.example"}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_message_and_assessment_arrive_equal(service: IntakeService, path: Path) -> None:
+    raw = path.read_bytes()
+    message = parse_email(raw, **KWARGS, max_attachment_bytes=2_000)  # some attachments cut out
+    assessment = service.assess(message)
+    assert across(raw, message, assessment) == (message, assessment)
+
+
+def test_rule_hits_automation_and_cited_references_arrive_equal(service: IntakeService) -> None:
+    reference = service.references.new()
+    raw = (
+        f"From: Alice <alice@customer.example>\r\nSubject: Re: [{reference}] data breach\r\n"
+        "Auto-Submitted: auto-replied\r\nAuthentication-Results: mx.example.com; spf=pass "
+        "smtp.mailfrom=customer.example\r\nDate: Mon, 2 Mar 2026 10:00:00 -0530\r\n\r\n"
+        "We think there was a data breach on our tenant last night.\r\n"
+    ).encode()
+    message = parse_email(raw, **KWARGS)
+    assessment = service.assess(message)
+    assert assessment.verdict.hits and assessment.automation and assessment.cited and assessment.auth
+    assert message.date is not None and message.date.utcoffset() is not None
+    got, got_assessment = across(raw, message, assessment)
+    assert (got, got_assessment) == (message, assessment)
+    assert got.date is not None and got.date.tzname() == message.date.tzname()
+    assert got_assessment.received_at.tzinfo == assessment.received_at.tzinfo
+
+
+def test_raw_goes_back_only_when_the_worker_changed_it(service: IntakeService) -> None:
+    raw = (DATA / "rfc2231_filename.eml").read_bytes()
+    kept = parse_email(raw, **KWARGS)
+    values, _ = workers._pack(kept, service.assess(kept), raw)
+    assert raw not in values  # the listener has these bytes already
+    cut = parse_email(raw, **KWARGS, max_attachment_bytes=0)
+    assert cut.raw != raw
+    values, _ = workers._pack(cut, service.assess(cut), raw)
+    assert cut.raw in values
+    assert workers._unpack(workers._pack(cut, service.assess(cut), raw), raw)[0].raw == cut.raw
+
+
+def test_new_text_that_differs_from_the_body_arrives(service: IntakeService) -> None:
+    raw = b"From: a@customer.example\r\nSubject: x\r\n\r\nThanks!\r\n\r\nOn Mon, 1 Jan 2024, b@c.de wrote:\r\n> old\r\n"
+    message = parse_email(raw, **KWARGS)
+    assert message.new_text != message.body
+    assert across(raw, message, service.assess(message))[0] == message
+    odd = replace(message, date=None, headers={"x-a": "1"})
+    assert across(raw, odd, service.assess(odd))[0] == odd
+
+
+def test_a_pool_answers_as_the_listener_would(service: IntakeService) -> None:
+    pool = workers.ParsePool(settings(), 1)
+    pool.start()
+    try:
+        raw = (DATA / "alternative.eml").read_bytes()
+        got = asyncio.run(pool.parse(raw, **KWARGS))
+    finally:
+        pool.close()
+    assert got is not None
+    message, assessment = got
+    assert message == parse_email(raw, **KWARGS)
+    assert message.raw is raw  # the listener's own bytes, not a copy sent back
+    expected = service.assess(message)
+    assert replace(assessment, received_at=expected.received_at) == expected
