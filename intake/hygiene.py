@@ -116,9 +116,12 @@ def _local_part(address: str) -> str:
 _BATV = re.compile(r"(?:prvs|msprvs\d*|btv1)=[^=]*=")
 
 
+_SQUASHED = re.compile(r"[\s._\-]+")
+
+
 def _squash(text: str) -> str:
     """``Mail.Delivery-System`` -> ``maildeliverysystem``: for comparing names and local parts."""
-    return re.sub(r"[\s._\-]+", "", text.lower())
+    return _SQUASHED.sub("", text.lower())
 
 
 def _content_type(message: InboundMessage) -> tuple[str, str]:
@@ -155,8 +158,11 @@ def _report_part_types(message: InboundMessage) -> set[str]:
 
 
 # A DSN body part may sit in a multipart/mixed when an MTA gets RFC 3464 half right; the raw
-# bytes are only parsed when this cheap scan finds the part's content type at all.
-_DSN_PART = re.compile(rb"content-type:[ \t]*message/delivery-status", re.IGNORECASE)
+# bytes are only parsed when this cheap scan finds the part's content type at all. It runs on
+# the lower-cased bytes (a bytes pattern ignores only ASCII case, as bytes.lower() changes only
+# ASCII letters): a literal prefix is found by a fast search, a case-insensitive pattern is
+# tried at every byte (~50 ms for a 1.5 MB message).
+_DSN_PART = re.compile(rb"content-type:[ \t]*message/delivery-status")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +242,7 @@ _FALSE_VALUES = frozenset({"no", "false", "0", "off", "none"})
 # Our acknowledgement is one, so "All", "OOF" (out of office) and "AutoReply" forbid it; "DR",
 # "NDR", "RN" and "NRN" only concern delivery and read receipts.
 _SUPPRESS_VALUES = frozenset({"all", "oof", "autoreply"})
+_SUPPRESS_SEPARATORS = re.compile(r"[\s,;]+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ def _delivery_status(message: InboundMessage, loop_token: str | None) -> Automat
     if report_type == "delivery-status" and ctype.startswith("multipart/"):
         return Automation(AutomationKind.BOUNCE, f"Content-Type: {ctype}; report-type=delivery-status")
     if (ctype == "multipart/report" and not report_type) or (
-        ctype.startswith("multipart/") and _DSN_PART.search(message.raw)
+        ctype.startswith("multipart/") and _DSN_PART.search(message.raw.lower())
     ):
         if "message/delivery-status" in _report_part_types(message):
             return Automation(AutomationKind.BOUNCE, f"Content-Type: {ctype} with a message/delivery-status part")
@@ -344,7 +351,7 @@ def _auto_reply_headers(message: InboundMessage, loop_token: str | None) -> Auto
         if value and _first_token(value) not in _FALSE_VALUES:
             return Automation(AutomationKind.AUTO_REPLY, _quote(f"{name}: {value}"))
     value = _header(message, "x-auto-response-suppress")
-    tokens = {t.strip().lower() for t in re.split(r"[\s,;]+", value)}
+    tokens = {t.strip().lower() for t in _SUPPRESS_SEPARATORS.split(value)}
     if tokens & _SUPPRESS_VALUES:
         return Automation(
             AutomationKind.AUTO_REPLY,

@@ -396,6 +396,10 @@ _MOBILE_REACH = 3  # "Sent from my iPhone" only counts among the last lines of a
 _OPENINGS = tuple(opening for opening, _ in _ATTRIBUTIONS)
 _MOBILE_FIRST = frozenset(prefix[0] for prefix in _MOBILE_SIGNATURES)
 _LOOKAHEAD = 3  # blank lines skipped when looking for what follows a line
+# How a line that opens a "From:" field can start ("*From:*" in Outlook's rich text): any other
+# first character rules the header block out before the field name is read. Only the ASCII
+# capitals lower-case to these letters.
+_FIELD_FIRST = frozenset({"*"} | {c for name in _FROM_FIELDS for c in (name[0], name[0].upper())})
 
 
 def _field(text: str) -> str:
@@ -534,7 +538,7 @@ def _label(stripped: list[str]) -> list[int]:
                     labels[index:] = [_QUOTED] * (count - index)
                     break
                 continue
-            if text.find(":", 0, 20) > 0:
+            if first in _FIELD_FIRST and text.find(":", 0, 20) > 0:
                 is_block, is_forward = scan.header_block(index)
                 if is_block:
                     rest = _FORWARD if is_forward else _QUOTED
@@ -592,18 +596,17 @@ def _mark_signatures(lines: list[str], stripped: list[str], labels: list[int]) -
         start = end
 
 
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
 def _join(lines: list[str]) -> str:
-    """Join lines, trimming blank lines at both ends and collapsing runs of blank lines."""
-    out: list[str] = []
-    for line in lines:
-        if not line or line.isspace():
-            if out and out[-1]:
-                out.append("")
-            continue
-        out.append(line.rstrip())
-    while out and not out[-1]:
-        out.pop()
-    return "\n".join(out)
+    """Join lines, trimming blank lines at both ends and collapsing runs of blank lines.
+
+    Trailing whitespace goes first, which leaves every blank line empty (and no other line):
+    then blank lines are runs of newlines, trimmed at the ends and collapsed to one.
+    """
+    text = "\n".join([line.rstrip() for line in lines]).strip("\n")
+    return _BLANK_RUN.sub("\n\n", text) if "\n\n\n" in text else text
 
 
 def split_message(text: str) -> Split:
@@ -624,6 +627,9 @@ def split_message(text: str) -> Split:
     stripped = [line.strip() for line in lines]
     labels = _label(stripped)
     _mark_signatures(lines, stripped, labels)
+    if _QUOTED not in labels and _SIGNATURE not in labels:
+        # Nothing quoted, no signature (most messages): every line is new, none to set apart.
+        return Split(new=_join(lines), quoted="", signature="")
 
     new: list[str] = []
     quoted: list[str] = []

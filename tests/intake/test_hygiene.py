@@ -233,6 +233,17 @@ def test_a_mixed_message_with_a_delivery_status_part_is_a_bounce() -> None:
     assert kind(message) is BOUNCE
 
 
+@pytest.mark.parametrize(
+    "written", [b"CONTENT-TYPE: Message/Delivery-Status", b"content-type:\tmessage/DELIVERY-status"]
+)
+def test_the_delivery_status_part_is_found_in_any_case(written: bytes) -> None:
+    raw = DSN_RAW.replace(b"MULTIPART/REPORT", b"multipart/mixed").replace(
+        b"Content-Type: message/delivery-status", written
+    )
+    message = msg(sender="relay@relay.example", headers={"Content-Type": "multipart/mixed; boundary=b1"}, raw=raw)
+    assert kind(message) is BOUNCE
+
+
 def test_a_forwarded_dsn_inside_a_customer_message_is_not_a_bounce() -> None:
     inner = DSN_RAW.replace(b"\r\n", b"\n")
     raw = (

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from intake import text as text_module
 from intake.text import Split, html_to_text, split_message
 
 # -- html_to_text --------------------------------------------------------------------------------
@@ -486,3 +487,38 @@ def test_split_never_raises(text: str) -> None:
     split = split_message(text)
     assert isinstance(split, Split)
     assert len(split.new) <= len(text) + 2
+
+
+# -- the shortcuts of the split keep its results -------------------------------------------------
+
+
+def _join_line_by_line(lines: list[str]) -> str:
+    """How the split joined lines before it joined them in one go (the reference)."""
+    out: list[str] = []
+    for line in lines:
+        if not line or line.isspace():
+            if out and out[-1]:
+                out.append("")
+            continue
+        out.append(line.rstrip())
+    while out and not out[-1]:
+        out.pop()
+    return "\n".join(out)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("a b\t\x0b\x1c\u2028\u3000\xa0>-:")), max_size=6), max_size=12))
+def test_joining_lines_in_one_go_is_joining_them_one_by_one(lines: list[str]) -> None:
+    assert text_module._join(lines) == _join_line_by_line(lines)
+
+
+def test_header_block_gate_lets_every_from_field_through() -> None:
+    """Lines that cannot open a "From:" field skip the header-block probe; the gate is the
+    first character, so it must hold every character a From field name can start with."""
+    firsts = {name[0] for name in text_module._FROM_FIELDS}
+    for code in range(0x110000):
+        char = chr(code)
+        if char.lower()[:1] in firsts:
+            assert char in text_module._FIELD_FIRST, hex(code)
+    for line in ("From: a", "*From:* a", "**De:** b", "VON: c", "Från: d", "Od: e"):
+        assert text_module._field(line) in text_module._FROM_FIELDS and line[0] in text_module._FIELD_FIRST

@@ -1,0 +1,89 @@
+"""Tests of intake.policy's checklist ("How to Report a Problem"): which details a message lacks.
+
+The scans are written for speed (a literal search before a case-insensitive pattern, a
+look-behind after the first character, ASCII words by bytes); each is checked here against
+the plain way of writing it, on random text made of the characters that matter.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intake import policy
+from intake.model import Channel, InboundMessage
+from intake.policy import missing_details
+
+# The plain ways (the references).
+PHONE = re.compile(r"(?<!\d)\+?\(?\d(?:[ ().\-/]{0,2}\d){6,14}(?!\d)")
+URL = re.compile(r"https?://|\bwww\.", re.IGNORECASE)
+WORDS = re.compile(r"[^\W_]+")
+
+
+def has_time(folded: str) -> bool:
+    return bool(policy._CLOCK_OR_DATE.search(folded)) or not policy._TIME_WORDS.isdisjoint(WORDS.findall(folded))
+
+
+_PIECES = st.sampled_from(
+    [
+        "a", "W", "w", "ww", "www.", "WwW.", "http", "HTTPS", "httpſ", "://", ":/", "/", " ", "\n", "1", "12", "2024",
+        "-", ":", ".", "(", ")", "+", "_", "é", "İ", "ß", "jan", "Lunes", "mañana", "am", "PM", "x", "\u2028", "٣",
+        "١٢", "ﬀ", "\t", "word ", "on ",
+    ]
+)  # fmt: skip
+TEXT = st.lists(_PIECES, max_size=40).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(TEXT)
+def test_scans_find_what_the_plain_patterns_find(text: str) -> None:
+    assert policy._has_url(text) == bool(URL.search(text))
+    assert policy._has_phone(text) == bool(PHONE.search(text))
+    folded = policy._fold(text)
+    assert folded == text.casefold().translate(policy._ACCENTS)
+    assert policy._has_time(folded) == has_time(folded)
+
+
+def message(body: str, *, subject: str = "Help", sender: str = "a@gmail.com", name: str = "") -> InboundMessage:
+    return InboundMessage(
+        channel=Channel.EMAIL, sender=sender, sender_name=name, subject=subject, body=body, new_text=body
+    )
+
+
+def test_a_full_report_lacks_nothing() -> None:
+    body = (
+        "Since yesterday at 10:30 the export on https://app.example.com/reports fails with error 502 "
+        "for every report we try to open, and the retry button does nothing at all. It worked fine "
+        "last week. Please have a look.\n\nJane Doe\nAcme Company\n+1 (555) 123-4567"
+    )
+    assert missing_details(message(body, name="Jane Doe"), organisation=None) == ()
+
+
+def test_a_short_note_lacks_everything() -> None:
+    assert missing_details(message("it is broken"), organisation=None) == (
+        "company",
+        "contact_name",
+        "phone",
+        "when",
+        "description",
+        "url",
+    )
+
+
+def test_each_detail_on_its_own() -> None:
+    def lacks(body: str) -> set[str]:
+        return set(missing_details(message(body, sender="a@corp.example", name="A"), organisation=None))
+
+    words = " ".join(["word"] * 24)
+    assert "description" in lacks(words)
+    assert "description" not in lacks(words + " more")
+    assert "url" not in lacks("see WWW.example.com")
+    assert "url" in lacks("see awww.example.com")
+    assert "url" not in lacks("HTTPS://example.com")
+    assert "when" not in lacks("it happened on Lunes")
+    assert "when" not in lacks("it happened at 9:15")
+    assert "when" in lacks("it happened recently")
+    assert "phone" not in lacks("call 91 123 45 67")
+    assert "phone" in lacks("ticket 123456")
