@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,36 @@ async def test_a_conflict_on_the_fast_path_is_sqlalchemys_integrity_error(tmp_pa
         assert store.run_sync(lambda uow: uow.ticket_by_reference("SUP-AAAA-AAAA")) is None
     finally:
         await store.close()
+
+
+async def test_a_writer_waits_for_another_processs_write_lock_then_commits(tmp_path: Path) -> None:
+    """The writer's connection does not use SQLite's busy handler (busy_timeout 0) but waits
+    for the lock itself, in short pauses: it must still wait, not fail, while another process
+    writes, and fail cleanly only after lock_timeout."""
+    path = tmp_path / "i.db"
+    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=5.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        pending = asyncio.ensure_future(store.transact(one_of_everything))
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # waiting for the lock, not failed
+        blocker.execute("ROLLBACK")
+        await asyncio.wait_for(pending, timeout=2)
+        assert store.run_sync(lambda uow: uow.stats())["tickets"] == 1
+    finally:
+        blocker.close()
+        await store.close()
+
+    quick = SqlStore(f"sqlite:///{path}", lock_timeout=0.2)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError, match="locked"):
+            await quick.transact(lambda uow: uow.count_tickets_since(requester="x", since=NOW))
+        assert 0.15 < time.monotonic() - started < 3
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await quick.close()
