@@ -17,6 +17,7 @@ import multiprocessing.process
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +40,16 @@ from storage import schema
 from storage.store import SqlStore
 
 log = logging.getLogger("intake")
+
+
+# Threads hand work to the event loop and back (the parsing pool's queue threads, the store's
+# BEGIN/COMMIT thread). Python makes a thread that wants the GIL wait up to the switch interval
+# (5 ms by default) while the loop's thread runs, and each message crosses such hand-offs
+# several times: at 0.5 ms, the listener's time from end of DATA to parsed went from 11 to
+# 8.5 ms (median, 10 sessions) and to committed from 23 to 17.5 ms (bench_intake).
+GIL_SWITCH_INTERVAL = 0.0005
+
+OUTBOX_CONCURRENCY = 10  # sends the outbox dispatcher runs at once (and relay connections kept)
 
 
 def make_policy(settings: Settings) -> Policy:
@@ -195,7 +206,9 @@ def build(
         password=ob.relay_password,
         starttls=ob.relay_starttls,
         local_hostname=settings.email.hostname,
-        max_idle=4,  # reuse relay connections (closed at stop)
+        # Keep a connection for each send the dispatcher runs at once: with fewer, a burst
+        # opened (and the relay set up) a new SMTP session for most acknowledgements.
+        max_idle=OUTBOX_CONCURRENCY,  # closed at stop
     )
     chat_sender = None
     if settings.slack.enabled:
@@ -216,6 +229,7 @@ def build(
         recorder=recorder,
         backoff_base=ob.retry_base_seconds,
         backoff_cap=ob.retry_cap_seconds,
+        concurrency=OUTBOX_CONCURRENCY,
     )
     service.on_commit = dispatcher.wake
     sla = SlaWatcher(
@@ -309,6 +323,7 @@ async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> N
 
 async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     """Run until SIGINT or SIGTERM."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -418,6 +433,7 @@ class OutboxProcess:
 
 def _dispatcher_main(settings: Settings, wake: Any) -> None:
     """Entry point of the dispatcher process."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s[outbox]: %(message)s")
     logging.getLogger("mailparser").setLevel(logging.CRITICAL)
     app = build(settings, create_tables=False)
