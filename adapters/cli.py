@@ -5,7 +5,6 @@ Every command reads the same settings (``--config PATH`` or $INTAKE_CONFIG, else
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -105,7 +104,7 @@ def serve(ctx: click.Context) -> None:
         sys.stdout.flush()
 
     try:
-        asyncio.run(bootstrap.serve(app, ready=ready))
+        bootstrap.run_loop(settings, bootstrap.serve(app, ready=ready))
     except OSError as exc:
         _fail(
             ConfigError(f"cannot listen on {settings.email.listen_host}:{settings.email.listen_port}: {exc.strerror}")

@@ -216,6 +216,11 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = "text"  # "json": one JSON object per line
 
 
+class ServerSettings(_Section):
+    # "uvloop": libuv's event loop (the asyncio API in C); "asyncio": the standard library's.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
+
 class SlackSettings(_Section):
     enabled: bool = False
     mode: Literal["http", "socket"] = "http"
@@ -294,6 +299,7 @@ class Settings(_Section):
     web: WebSettings = WebSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
+    server: ServerSettings = ServerSettings()
 
 
 def _check_references(settings: Settings) -> list[str]:

@@ -119,7 +119,7 @@ def serve_intake(config: str, *, adapter_only: bool) -> None:
     app = bootstrap.build(settings)
     if adapter_only:
         app.service = NullService(app.service)  # type: ignore[assignment]
-    asyncio.run(bootstrap.serve(app, ready=lambda line: print(line, flush=True)))
+    bootstrap.run_loop(app.settings, bootstrap.serve(app, ready=lambda line: print(line, flush=True)))
 
 
 # --------------------------------------------------------------------------- processes

@@ -28,14 +28,15 @@ def _config(tmp_path: Path, relay_port: int, port: int, extra: str = "") -> Path
     return cfg
 
 
-@pytest.mark.parametrize("dispatcher", ["process", "inline"])
+@pytest.mark.parametrize(("dispatcher", "event_loop"), [("process", "uvloop"), ("inline", "asyncio")])
 async def test_serve_takes_mail_acknowledges_and_stops_on_sigterm(
-    tmp_path: Path, smtp_relay: RelayStandIn, dispatcher: str
+    tmp_path: Path, smtp_relay: RelayStandIn, dispatcher: str, event_loop: str
 ) -> None:
     import aiosmtplib
 
     port = free_port()
-    cfg = _config(tmp_path, smtp_relay.port, port, f'dispatcher = "{dispatcher}"\n')
+    extra = f'dispatcher = "{dispatcher}"\n[server]\nevent_loop = "{event_loop}"\n'
+    cfg = _config(tmp_path, smtp_relay.port, port, extra)
     refused = await asyncio.to_thread(
         subprocess.run, [*INTAKE, "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
     )
