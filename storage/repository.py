@@ -483,55 +483,33 @@ class SqlUnitOfWork:
             .order_by(outbox.c.next_attempt_at, outbox.c.id)
             .limit(limit)
         )
+        # One statement: lease the due entries and return them. On PostgreSQL the rows are
+        # locked, skipping those another claimer holds; SQLite has one writer at a time
+        # (BEGIN IMMEDIATE), and its UPDATE ... RETURNING (3.35+) does the same.
         if self.conn.dialect.name == "postgresql":
-            # One round trip: lock the due entries no other claimer holds, lease them, return them.
-            claimed = self.conn.execute(
-                update(outbox)
-                .where(outbox.c.id.in_(due.with_for_update(skip_locked=True).scalar_subquery()))
-                .values(claimed_by=owner, claimed_until=lease_until)
-                .returning(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
-            ).all()
-            return [
-                OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], payload=outgoing_from_dict(r[3]), attempts=r[4])
-                for r in sorted(claimed, key=lambda r: r[0])
-            ]
-        ids = list(self.conn.execute(due).scalars())
-        if not ids:
-            return []
-        self.conn.execute(
-            update(outbox).where(outbox.c.id.in_(ids)).values(claimed_by=owner, claimed_until=lease_until)
-        )
-        rows = self.conn.execute(
-            select(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
-            .where(outbox.c.id.in_(ids))
-            .order_by(outbox.c.id)
+            due = due.with_for_update(skip_locked=True)
+        claimed = self.conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(due.scalar_subquery()))
+            .values(claimed_by=owner, claimed_until=lease_until)
+            .returning(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
         ).all()
         return [
             OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], payload=outgoing_from_dict(r[3]), attempts=r[4])
-            for r in rows
+            for r in sorted(claimed, key=lambda r: r[0])
         ]
 
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None:
-        if self.dialect == "postgresql":
-            sent = [r.id for r in results if r.ok]
-            if sent:  # the usual outcome, all in one statement
-                self.conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id.in_(sent), outbox.c.status == "pending")
-                    .values(
-                        status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
-                    )
-                )
-            results = [r for r in results if not r.ok]
-        for r in results:
+        sent = [r.id for r in results if r.ok]
+        if sent:  # the usual outcome, all in one statement
+            self.conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(sent), outbox.c.status == "pending")
+                .values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None)
+            )
+        for r in (r for r in results if not r.ok):
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
-            if r.ok:
-                self.conn.execute(
-                    base.values(
-                        status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
-                    )
-                )
-            elif r.permanent:
+            if r.permanent:
                 self.conn.execute(
                     base.values(
                         status="failed",
