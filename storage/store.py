@@ -1,13 +1,17 @@
 """The store: every unit of work in one transaction, concurrent units in one commit.
 
-Design (see docs/benchmarks.md for the figures behind it): one writer thread owns one
-database connection. Units of work submitted from the event loop queue up; the writer takes
-all that are waiting, runs each inside a SAVEPOINT of one transaction, commits once (one
-fsync for the whole group) and hands every result back to its caller's loop in one wake-up.
-A unit that fails rolls back to its savepoint alone; a failed commit fails the whole group
-with :class:`StorageUnavailableError` and nothing of it is stored. A unit that hits a unique
-constraint (another instance stored the same message a moment earlier) is run again, and then
-finds the duplicate.
+Design (see docs/benchmarks.md for the figures behind it): units of work submitted from the
+event loop queue up; the store takes all that are waiting, runs them in one transaction,
+commits once (one fsync for the whole group) and hands every result back to its caller's loop
+in one wake-up. The group runs first without savepoints; on any failure it is rolled back and
+run again with a SAVEPOINT per unit, so a unit that fails rolls back alone. A failed commit
+fails the whole group with :class:`StorageUnavailableError` and nothing of it is stored. A unit
+that hits a unique constraint (another instance stored the same message a moment earlier) is
+run again, and then finds the duplicate.
+
+On SQLite the units run on the event loop between commits, and only BEGIN IMMEDIATE (the wait
+for the write lock, which the outbox process takes too) and COMMIT (the fsync) go to a thread.
+On PostgreSQL one writer thread owns the connection and runs the groups.
 
 On PostgreSQL the writer's transaction goes through a :class:`storage.pgwire.PgWire`: BEGIN
 travels with the first statement, each unit's inserts are one statement sent with the next
