@@ -7,8 +7,8 @@ travels is the raw bytes one way and the parsed message with its assessment the 
 plain picklable values); the decision itself still happens in the core's service, in the
 parent, inside the unit of work.
 
-A worker that dies (BrokenProcessPool) is replaced, and the message in hand is parsed in the
-parent instead: a crash of a worker never costs a message or an SMTP session.
+A worker that dies is replaced, and the message in hand is parsed in the parent instead: a
+crash of a worker never costs a message or an SMTP session.
 
 What comes back is packed (:func:`_pack`, :func:`_unpack`) into tuples of plain values rather
 than pickled as objects: pickle spends most of its time per object, not per byte (each
@@ -22,12 +22,17 @@ classes' own constructors.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.process
+import pickle
+import signal
+import socket
+import struct
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from typing import Any
 
@@ -176,50 +181,221 @@ def _unpack(packed: tuple[tuple[Any, ...], tuple[Any, ...]], raw: bytes) -> tupl
     return InboundMessage(**fields), Assessment(**assessment)
 
 
+class _Worker:
+    """One worker process and the parent's end of its socket.
+
+    Requests are written as they come (under ``sending``, so that two never interleave) and the
+    worker answers them in order: the reader task resolves ``pending`` first in, first out.
+    """
+
+    def __init__(self, proc: multiprocessing.process.BaseProcess, sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.sending: asyncio.Lock | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.broken = False
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
 class ParsePool:
+    """Worker processes that parse and assess, driven from the listener's event loop.
+
+    Each worker has a socket pair with the parent; a request is the raw bytes and the parsing
+    options, the answer the packed message and assessment, each one length-prefixed pickle.
+    The parent writes and reads them with the loop's own socket calls: no thread stands
+    between the loop and a worker (concurrent.futures' process pool hands every item through
+    two threads of the parent, each hand-off a wait for the GIL the loop holds). Requests are
+    sent at once, so a worker always has the next one queued; a message goes to the worker
+    with the fewest requests in hand.
+    """
+
     def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
         self.workers = workers
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._pool: list[_Worker] = []
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def start(self) -> None:
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(self.settings,),
-        )
-        # Start the workers now (imports, rules, language models), not on the first message.
-        for f in [self._pool.submit(int, 0) for _ in range(self.workers)]:
-            f.result(timeout=120)
+        """Start the workers and wait until each is ready (imports, rules, language models)."""
+        self._closed = False
+        self._pool = [self._spawn_ready() for _ in range(self.workers)]
+
+    def _spawn(self) -> _Worker:
+        parent, child = socket.socketpair()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.settings), name="intake-parse", daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _spawn_ready(self) -> _Worker:
+        worker = self._spawn()
+        try:
+            worker.sock.settimeout(120)
+            if _read_frame_blocking(worker.sock) != _READY:
+                raise RuntimeError("a parsing worker did not start")
+            worker.sock.setblocking(False)
+        except BaseException:
+            worker.close()
+            raise
+        return worker
 
     async def parse(self, raw: bytes, **kwargs: Any) -> tuple[InboundMessage, Assessment] | None:
         """The parsed message and its assessment, or None when the pool cannot serve (then the
         caller parses in its own process)."""
-        pool = self._pool
-        if pool is None:
-            return None
+        live = [w for w in self._pool if not w.broken]
+        if self._closed or not live:
+            return None  # closed, or every worker is being replaced
+        worker = min(live, key=lambda w: len(w.pending))
         loop = asyncio.get_running_loop()
+        if worker.reader is None:
+            worker.sending = asyncio.Lock()
+            worker.reader = loop.create_task(self._read_answers(worker), name="intake-parse-reader")
+        answer: asyncio.Future[Any] = loop.create_future()
+        request = pickle.dumps((raw, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        worker.pending.append(answer)
+        # Sent whole even if the caller is cancelled meanwhile (the client hung up): half a
+        # request would put the stream out of step. Its answer is read and dropped.
+        send = asyncio.ensure_future(self._send(worker, _HEADER.pack(len(request)) + request))
         try:
-            packed = await loop.run_in_executor(pool, _parse_and_assess, raw, kwargs)
-        except BrokenProcessPool:
-            log.error("a parsing worker died; starting new workers, parsing this message here")
-            self._restart(pool)
+            await asyncio.shield(send)
+            packed = await answer
+        except (OSError, EOFError, pickle.PickleError, _WorkerFailed) as exc:
+            log.error("a parsing worker failed (%s); parsing this message in the listener's process", exc)
             return None
         return _unpack(packed, raw)
 
-    def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
-        if self._pool is not broken:
-            return  # someone restarted it already
-        self._pool = None
-        broken.shutdown(wait=False, cancel_futures=True)
+    async def _send(self, worker: _Worker, data: bytes) -> None:
+        assert worker.sending is not None
+        async with worker.sending:
+            try:
+                await asyncio.get_running_loop().sock_sendall(worker.sock, data)
+            except OSError as exc:
+                self._broken(worker, exc)
+                raise
+
+    async def _read_answers(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.start()
+            while True:
+                (size,) = _HEADER.unpack(await _read_exact(loop, worker.sock, _HEADER.size))
+                status, value = pickle.loads(await _read_exact(loop, worker.sock, size))
+                answer = worker.pending.popleft()
+                if answer.done():
+                    continue  # its caller gave up
+                if status == "ok":
+                    answer.set_result(value)
+                else:
+                    answer.set_exception(_WorkerFailed(value))
+        except (OSError, EOFError, pickle.PickleError, IndexError) as exc:
+            self._broken(worker, exc)
+
+    def _broken(self, worker: _Worker, exc: BaseException) -> None:
+        """A worker died or its stream broke: fail what it had in hand, start another."""
+        if worker.broken:
+            return
+        worker.broken = True
+        while worker.pending:
+            answer = worker.pending.popleft()
+            if not answer.done():
+                answer.set_exception(EOFError(f"the parsing worker is gone ({exc})"))
+        if worker.reader is not None and worker.reader is not asyncio.current_task():
+            worker.reader.cancel()
+        if worker in self._pool:
+            self._pool.remove(worker)
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, worker.close)
+        if not self._closed:
+            log.error("a parsing worker is gone (%s); starting a new one", exc)
+            task = loop.create_task(self._replace())
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self) -> None:
+        """Start a worker in place of a broken one (off the loop: it takes seconds to load)."""
+        try:
+            fresh = await asyncio.to_thread(self._spawn_ready)
         except Exception:
-            log.exception("parsing workers could not be restarted; parsing in the listener's process")
-            self._pool = None
+            log.exception("a parsing worker could not be restarted; parsing in the listener's process")
+            return
+        if self._closed:
+            fresh.close()
+            return
+        self._pool.append(fresh)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._closed = True
+        for worker in self._pool:
+            with contextlib.suppress(OSError):
+                worker.sock.setblocking(True)
+                worker.sock.sendall(_HEADER.pack(0))  # a request of 0 bytes: stop
+            worker.close()
+        self._pool = []
+
+
+class _WorkerFailed(Exception):
+    """The worker answered with an error instead of a parsed message."""
+
+
+_HEADER = struct.Struct("!I")
+_READY = b"ready"
+
+
+async def _read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            raise EOFError("the parsing worker closed its socket")
+        got += n
+    return bytes(buf)
+
+
+def _read_frame_blocking(sock: socket.socket) -> bytes:
+    def exact(size: int) -> bytes:
+        chunks, got = [], 0
+        while got < size:
+            chunk = sock.recv(size - got)
+            if not chunk:
+                raise EOFError("the parsing worker closed its socket")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    (size,) = _HEADER.unpack(exact(_HEADER.size))
+    return exact(size)
+
+
+def _worker_main(sock: socket.socket, settings: Settings) -> None:
+    """A worker: set up, say ready, then answer requests until a request of 0 bytes or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _init_worker(settings)
+    sock.sendall(_HEADER.pack(len(_READY)) + _READY)
+    while True:
+        try:
+            request = _read_frame_blocking(sock)
+        except (EOFError, OSError):
+            return
+        if not request:
+            return
+        raw, kwargs = pickle.loads(request)
+        try:
+            answer: tuple[str, Any] = ("ok", _parse_and_assess(raw, kwargs))
+        except Exception as exc:  # parse_email does not raise; answer rather than die
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        sock.sendall(_HEADER.pack(len(data)) + data)

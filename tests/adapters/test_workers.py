@@ -108,3 +108,52 @@ def test_a_pool_answers_as_the_listener_would(service: IntakeService) -> None:
     assert message.raw is raw  # the listener's own bytes, not a copy sent back
     expected = service.assess(message)
     assert replace(assessment, received_at=expected.received_at) == expected
+
+
+def test_a_worker_that_dies_is_replaced_and_costs_no_message(service: IntakeService) -> None:
+    raw = (DATA / "alternative.eml").read_bytes()
+
+    async def scenario() -> None:
+        pool = workers.ParsePool(settings(), 1)
+        await asyncio.to_thread(pool.start)
+        try:
+            first = await pool.parse(raw, **KWARGS)
+            assert first is not None
+            [worker] = pool._pool
+            worker.proc.kill()  # a crash (a bug in a parser, the OOM killer)
+            await asyncio.to_thread(worker.proc.join, 5)
+            assert await pool.parse(raw, **KWARGS) is None  # the caller parses it itself
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:  # a new worker takes over
+                again = await pool.parse(raw, **KWARGS)
+                if again is not None:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "no worker replaced the dead one"
+                await asyncio.sleep(0.2)
+            assert again[0] == first[0]
+            assert pool._pool and pool._pool[0] is not worker
+        finally:
+            await asyncio.to_thread(pool.close)
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_gives_up_does_not_put_the_worker_out_of_step(service: IntakeService) -> None:
+    """An SMTP client that hangs up cancels its session while the worker parses: the answer
+    must still be read, or the next message would get this one's."""
+    one = (DATA / "alternative.eml").read_bytes()
+    other = b"From: b@customer.example\r\nSubject: second\r\n\r\nhello\r\n"
+
+    async def scenario() -> None:
+        pool = workers.ParsePool(settings(), 1)
+        await asyncio.to_thread(pool.start)
+        try:
+            abandoned = asyncio.ensure_future(pool.parse(one, **KWARGS))
+            await asyncio.sleep(0)  # sent, not answered yet
+            abandoned.cancel()
+            got = await pool.parse(other, **KWARGS)
+            assert got is not None and got[0].subject == "second"
+        finally:
+            await asyncio.to_thread(pool.close)
+
+    asyncio.run(scenario())
