@@ -81,6 +81,9 @@ _FIND_DUPLICATE = (
 _TICKET_BY_ID = select(*_TICKET_COLS).where(ticket.c.id == bindparam("id"))
 _TICKET_BY_REFERENCE = select(*_TICKET_COLS).where(ticket.c.reference == bindparam("reference"))
 _PARTICIPANTS = select(participant.c.address).where(participant.c.ticket_id == bindparam("id"))
+_KNOWN_ID_COLS = (message_id.c.message_id, message_id.c.ticket_id, message_id.c.ours)
+_KNOWN_ID = select(*_KNOWN_ID_COLS).where(message_id.c.message_id == bindparam("mid"))
+_KNOWN_IDS = select(*_KNOWN_ID_COLS).where(message_id.c.message_id.in_(bindparam("mids", expanding=True)))
 _COUNT_OUTBOX_KIND = (
     select(func.count())
     .select_from(outbox)
@@ -196,6 +199,12 @@ class SqlUnitOfWork:
         result = self.conn.execute(statement, values)
         return int(result.inserted_primary_key[0]) if result.inserted_primary_key else 0
 
+    def _all(self, statement: Any, params: dict[str, Any]) -> Sequence[Any]:
+        """Run a prebuilt SELECT of plain values (no type conversion on the way back); its rows."""
+        if self.fast is not None and (cursor := self.fast.execute(statement, params)) is not None:
+            return cursor.fetchall()
+        return self.conn.execute(statement, params).all()
+
     def _write(self, statement: Any, values: dict[str, Any]) -> None:
         """Run a prebuilt statement whose result nobody needs."""
         if self.fast is None or self.fast.execute(statement, values) is None:
@@ -208,7 +217,7 @@ class SqlUnitOfWork:
         return self.conn.execute(statement, params).first()
 
     def _facts(self, row: RowMapping) -> TicketFacts:
-        parts = self.conn.execute(select(participant.c.address).where(participant.c.ticket_id == row["id"])).scalars()
+        parts = [r[0] for r in self._all(_PARTICIPANTS, {"id": row["id"]})]
         return TicketFacts(
             id=row["id"],
             reference=row["reference"],
@@ -271,11 +280,12 @@ class SqlUnitOfWork:
     def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[KnownId]:
         if not message_ids:
             return []
-        rows = self.conn.execute(
-            select(message_id.c.message_id, message_id.c.ticket_id, message_id.c.ours).where(
-                message_id.c.message_id.in_(list(message_ids)[:200])
-            )
-        ).all()
+        # One id (a chat thread, a reply citing one message) is the usual case: a prebuilt
+        # statement for it; several share one prebuilt "IN (...)" statement.
+        if len(message_ids) == 1:
+            rows = self._all(_KNOWN_ID, {"mid": message_ids[0]})
+        else:
+            rows = self.conn.execute(_KNOWN_IDS, {"mids": list(message_ids)[:200]}).all()
         order = {mid: i for i, mid in enumerate(message_ids)}
         found: list[KnownId] = []
         cache: dict[int, TicketFacts | None] = {}
