@@ -104,6 +104,8 @@ def make_team(settings: Settings) -> Team:
         triage_email=settings.triage.email,
         triage_chat=settings.triage.slack_channel if settings.slack.enabled else None,
         staff_addresses=frozenset(settings.staff.addresses),
+        staff_chat_users=frozenset(settings.slack.staff_users),
+        home_team=settings.slack.home_team,
     )
 
 

@@ -104,6 +104,8 @@ class InboundMessage:
     event_id: str | None = None
     organisation: str | None = None  # known from the channel (a Slack channel's customer)
     staff: bool = False  # written by the support team itself (a staff reply, never a new ticket)
+    author_team: str | None = None  # the author's workspace, when the chat platform says (Slack)
+    shared_channel: bool = False  # a chat channel shared with another organisation (Slack Connect)
 
     def __post_init__(self) -> None:
         if not isinstance(self.headers, MappingProxyType):

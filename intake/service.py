@@ -120,6 +120,8 @@ class Team:
     triage_email: str | None = None
     triage_chat: str | None = None  # a Slack channel id
     staff_addresses: frozenset[str] = frozenset()  # their replies by email are staff replies
+    staff_chat_users: frozenset[str] = frozenset()  # their chat user ids (Slack)
+    home_team: str | None = None  # our own chat workspace: in a shared channel its members are staff
     escalation_contacts: tuple[str, ...] = ()  # one per step of the policy's chain ("" = none)
 
 
@@ -184,6 +186,18 @@ class IntakeService:
             attachments=[a.filename for a in message.attachments if a.filename],
         )
 
+    def is_staff(self, message: InboundMessage) -> bool:
+        """Written by the support team: from a staff address; in chat, by a staff user, or by a
+        member of our own workspace in a channel shared with the customer (Slack Connect)."""
+        team = self.team
+        if message.staff or (message.sender and message.sender in team.staff_addresses):
+            return True
+        if message.chat_channel is None:
+            return False
+        return message.sender in team.staff_chat_users or bool(
+            team.home_team and message.shared_channel and message.author_team == team.home_team
+        )
+
     def language_of(self, message: InboundMessage) -> str:
         default = self.templates.default
         if self.detector is None:
@@ -232,7 +246,7 @@ class IntakeService:
     async def receive(self, message: InboundMessage, assessment: Assessment | None = None) -> Receipt:
         """Store one message. ``assessment`` when :meth:`assess` already ran (e.g. in a worker
         process next to the parser); otherwise it runs here."""
-        if not message.staff and message.sender and message.sender in self.team.staff_addresses:
+        if not message.staff and self.is_staff(message):
             message = replace(message, staff=True)
         a = assessment or self.assess(message)  # pure work stays out of the transaction
         stored = time.perf_counter()

@@ -247,9 +247,6 @@ def to_inbound(
         text = ""
     own_raw, quoted_raw = split_quotes(text)
     user_team = event.get("user_team") or event.get("team")
-    staff = user in settings.staff_users or bool(
-        settings.home_team and envelope.get("is_ext_shared_channel") and user_team == settings.home_team
-    )
     record = {k: v for k, v in envelope.items() if k != "token"}
     return InboundMessage(
         channel=Channel.SLACK,
@@ -270,7 +267,8 @@ def to_inbound(
         external_id=f"{team}/{channel}/{ts}",
         event_id=str(envelope.get("event_id") or "") or None,
         organisation=settings.channels[channel],
-        staff=staff,
+        author_team=str(user_team) if user_team else None,
+        shared_channel=bool(envelope.get("is_ext_shared_channel")),
     )
 
 

@@ -26,7 +26,7 @@ from adapters.settings import SlackSettings
 from adapters.slack.listener import Ignored, SlackListener, slack_to_text, split_quotes, to_inbound
 from adapters.slack.sender import SlackChatSender
 from intake.errors import PermanentSendError, TransientSendError
-from intake.model import OutgoingChat
+from intake.model import Channel, InboundMessage, OutgoingChat
 from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.fake_slack import (
@@ -545,8 +545,36 @@ def test_to_inbound_fields() -> None:
     top = to_inbound(message_event(text="x", ts="1700000000.000300"), settings=settings)
     assert not isinstance(top, Ignored)
     assert top.chat_thread_ts is None and top.thread_key == f"{TEAM}/{CHANNEL}/1700000000.000300"
-    # Our home workspace in a Slack Connect channel is staff; the same team elsewhere is not.
-    shared = message_event(text="x", user="U0HOME1", user_team="T0HOME", ext_shared=True)
-    own_ws = message_event(text="x", user="U0HOME1", user_team="T0HOME", ext_shared=False)
-    assert to_inbound(shared, settings=settings).staff  # type: ignore[union-attr]
-    assert not to_inbound(own_ws, settings=settings).staff  # type: ignore[union-attr]
+    # The adapter reports the facts (author's workspace, shared channel); the core decides who
+    # is staff (test_the_core_decides_who_is_staff and the staff-reply test above).
+    home = {"user": "U0HOME1", "user_team": "T0HOME"}
+    shared = to_inbound(message_event(text="x", ext_shared=True, **home), settings=settings)
+    own_ws = to_inbound(message_event(text="x", ext_shared=False, **home), settings=settings)
+    assert not isinstance(shared, Ignored) and not isinstance(own_ws, Ignored)
+    assert (shared.author_team, shared.shared_channel, shared.staff) == ("T0HOME", True, False)
+    assert (own_ws.author_team, own_ws.shared_channel) == ("T0HOME", False)
+
+
+def test_the_core_decides_who_is_staff() -> None:
+    from adapters.bootstrap import build_service
+    from adapters.settings import Settings
+
+    settings = Settings.model_validate(
+        {
+            "slack": {"staff_users": ["U0STAFF"], "home_team": "T0HOME"},
+            "staff": {"addresses": ["agent@example.com"]},
+        }
+    )
+    service = build_service(settings, store=None)
+
+    def chat(user: str, team: str | None = None, shared: bool = False) -> InboundMessage:
+        return InboundMessage(
+            channel=Channel.SLACK, sender=user, chat_channel=CHANNEL, author_team=team, shared_channel=shared
+        )
+
+    assert service.is_staff(chat("U0STAFF"))  # a configured staff user, anywhere
+    assert service.is_staff(chat("U0HOME1", team="T0HOME", shared=True))  # our workspace, shared channel
+    assert not service.is_staff(chat("U0HOME1", team="T0HOME", shared=False))  # our workspace's own channel
+    assert not service.is_staff(chat("U0ALICE", team="T0CUSTOMR", shared=True))  # the customer's people
+    assert service.is_staff(InboundMessage(channel=Channel.EMAIL, sender="agent@example.com"))
+    assert not service.is_staff(InboundMessage(channel=Channel.EMAIL, sender="U0STAFF"))  # chat ids: chat only
