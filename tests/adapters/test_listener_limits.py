@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from adapters.email.listener import (
@@ -621,3 +623,68 @@ async def test_a_copied_protocol_holds_what_a_normally_built_one_holds(
         if protocol == "smtp":  # and a copy serves a session (LMTP sessions: the LMTP tests)
             reply = await h.send(mail(subject="Copied protocol"))
             assert reply.code == 250
+
+
+_PATH_PIECES = [
+    "<", ">", "@", ".", " ", "\t", "a", "Z", "0", "-", "+", "_", "'", '"', "\\\\", ",", ":", ";", "[", "]",
+    "(", ")", "é", "example", "com", "x.y", "SIZE=100", "BODY=8BITMIME", "\r", "\n", "=",
+]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None, database=None)
+@given(st.lists(st.sampled_from(_PATH_PIECES), max_size=14))
+def test_the_fast_path_parser_agrees_with_aiosmtpds(pieces: list[str]) -> None:
+    """The listener reads plain <local@domain> paths itself; where it does, it must give what
+    aiosmtpd's own (slow) parser gives, and leave everything else to it."""
+    arg = "".join(pieces)
+    for candidate in (arg, f"<{arg}>", f"<a{arg}@example.com> {arg}", f" <{arg}@x.example>"):
+        _compare_paths(candidate)
+
+
+def test_the_fast_path_parser_on_paths_clients_send() -> None:
+    for arg in [
+        "<alice@acme.com>", "<a.b+tag@mail.acme.co.uk> SIZE=4096", "<A@B.C>  BODY=8BITMIME SMTPUTF8",
+        " <x@y.z>", "<x@y.z>\t SIZE=1", "<>", "<a..b@c.d>", "<.a@c.d>", "<a@b.c.>", "<a@-b.c>",
+        "<a@[127.0.0.1]>", '<"a b"@c.d>', "<@relay.example:a@b.c>", "a@b.c", "<a@b.c", "<a@b.c>x",
+        "<" + "l" * 80 + "@b.c>",
+    ]:  # fmt: skip
+        _compare_paths(arg)
+
+
+def _compare_paths(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from adapters.email.listener import _SIMPLE_PATH, IntakeSMTP
+
+    loop = asyncio.new_event_loop()
+    try:
+        ours = IntakeSMTP(object(), hostname="x", loop=loop)
+        theirs = SMTP(object(), hostname="x", loop=loop)
+        for limit in (0, 64):
+            ours.local_part_limit = theirs.local_part_limit = limit
+            try:
+                expected = theirs._getaddr(arg)
+            except Exception:  # aiosmtpd's parser fails on "<", ".@[" and the like...
+                expected = (None, None)  # ...where ours answers "malformed" (553), not 451
+            assert ours._getaddr(arg) == expected, (arg, limit, bool(_SIMPLE_PATH.match(arg)))
+    finally:
+        loop.close()
+
+
+async def test_a_path_the_email_parser_chokes_on_is_malformed_not_a_failure(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    import smtplib
+
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+
+        def talk() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", h.port, timeout=10) as client:
+                client.ehlo("client.example")
+                replies = [client.docmd("MAIL FROM:<"), client.docmd("MAIL FROM:<.@[>")]
+                replies.append(client.docmd("MAIL FROM:<alice@acme.com> SIZE=100"))
+                return replies
+
+        first, second, good = await asyncio.to_thread(talk)
+    assert first[0] == 553 and second[0] == 553, (first, second)  # not 451: retrying cannot help
+    assert good[0] == 250
