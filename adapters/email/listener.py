@@ -263,6 +263,7 @@ class _Limited:
     _expired: str | None = None  # a time limit passed while our handler was busy: close after the reply
     _data_timer: asyncio.TimerHandle | None = None
     _session_timer: asyncio.TimerHandle | None = None
+    _continued: list[str]  # lines of a multi-line reply waiting for its last line (see push)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's path parser, with a fast path for plain <local@domain> (see _SIMPLE_PATH)."""
@@ -296,6 +297,7 @@ class _Limited:
         self._client = client
         t.active.add(self)
         t.per_client[client] += 1
+        self._continued = []
         super().connection_made(transport)  # type: ignore[misc]
         self._session_timer = asyncio.get_running_loop().call_later(self.config.session_timeout, self._session_limit)
 
@@ -361,9 +363,18 @@ class _Limited:
             self._close_with(self._expired)
 
     async def push(self, status: Any) -> None:
-        # aiosmtpd's own texts for an over-size message (at SIZE= in MAIL, or during DATA).
-        if isinstance(status, str) and status.startswith("552 Error"):
-            status = REPLY_TOO_BIG.format(limit=self.config.max_message_bytes)
+        if isinstance(status, str):
+            # aiosmtpd's own texts for an over-size message (at SIZE= in MAIL, or during DATA).
+            if status.startswith("552 Error"):
+                status = REPLY_TOO_BIG.format(limit=self.config.max_message_bytes)
+            # The lines of a multi-line reply (EHLO's "250-..." lines) go out with its last
+            # line in one write: aiosmtpd writes each line on its own, one system call each.
+            if len(status) > 3 and status[3] == "-":
+                self._continued.append(status)
+                return
+            if self._continued:
+                status = "\r\n".join([*self._continued, status])
+                self._continued.clear()
         await super().push(status)  # type: ignore[misc]
 
     async def close_for_shutdown(self) -> None:
