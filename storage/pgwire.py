@@ -36,13 +36,12 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import JSON
 from sqlalchemy.exc import DBAPIError
 
-from storage.tables import UTCDateTime, message, message_id, outbox, participant, ticket
+from storage.tables import UTCDateTime, message, message_id, outbox, participant, stored_utc, ticket
 
 if TYPE_CHECKING:  # psycopg is imported when PostgreSQL is used: SQLite never loads it
     import psycopg
@@ -92,15 +91,6 @@ _REFILL = f"SELECT {NEXT_IDS}"
 # -- inserts written behind -----------------------------------------------------------------
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """What :class:`storage.tables.UTCDateTime` stores: naive UTC."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to the database; use aware UTC datetimes")
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
 def _json(value: Any) -> Any:
     from psycopg.types.json import Json  # as SQLAlchemy's psycopg dialect binds JSON
 
@@ -112,7 +102,7 @@ def _columns(table: Any, names: Sequence[str]) -> tuple[tuple[str, Callable[[Any
     out: list[tuple[str, Callable[[Any], Any] | None]] = []
     for name in names:
         kind = table.c[name].type
-        out.append((name, _utc if isinstance(kind, UTCDateTime) else _json if isinstance(kind, JSON) else None))
+        out.append((name, stored_utc if isinstance(kind, UTCDateTime) else _json if isinstance(kind, JSON) else None))
     return tuple(out)
 
 

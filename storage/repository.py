@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Insert, bindparam, func, insert, or_, select, text, update
@@ -41,7 +41,7 @@ from intake.ports import (
 )
 from storage.pgwire import NEXT_IDS, PgWire
 from storage.sqlitefast import FastPath
-from storage.tables import message, message_id, outbox, participant, ticket
+from storage.tables import message, message_id, outbox, participant, stored_utc, ticket
 
 _TICKET_COLS = (
     ticket.c.id,
@@ -429,12 +429,12 @@ class SqlUnitOfWork:
             ahead = self._acks_ahead
             if kind == "acknowledgement" and ahead is not None and ahead[0] == recipient:
                 _, stamps, complete = ahead
-                start = _naive_utc(since)
+                start = stored_utc(since)
                 if complete or stamps[-1] < start:  # every acknowledgement since ``since`` was read
                     return sum(1 for stamp in stamps if stamp >= start)
             if recipient is None:
-                return int(self.wire.query(_WIRE_COUNT_OUTBOX_KIND, (kind, _naive_utc(since)))[0][0])
-            return int(self.wire.query(_WIRE_COUNT_OUTBOX_TO, (kind, _naive_utc(since), recipient))[0][0])
+                return int(self.wire.query(_WIRE_COUNT_OUTBOX_KIND, (kind, stored_utc(since)))[0][0])
+            return int(self.wire.query(_WIRE_COUNT_OUTBOX_TO, (kind, stored_utc(since), recipient))[0][0])
         if recipient is None:
             return int(self._first(_COUNT_OUTBOX_KIND, {"kind": kind, "since": since})[0])
         return int(self._first(_COUNT_OUTBOX_TO, {"kind": kind, "recipient": recipient, "since": since})[0])
@@ -454,7 +454,7 @@ class SqlUnitOfWork:
 
     def count_tickets_since(self, *, requester: str, since: datetime) -> int:
         if self.wire is not None:
-            count, stamps = self.wire.query(_WIRE_SENDER_COUNTS, (requester, _naive_utc(since), requester))[0]
+            count, stamps = self.wire.query(_WIRE_SENDER_COUNTS, (requester, stored_utc(since), requester))[0]
             self._acks_ahead = (requester, list(stamps), len(stamps) < _ACKS_AHEAD)
             return int(count)
         return int(self._first(_COUNT_TICKETS_OF, {"requester": requester, "since": since})[0])
@@ -643,13 +643,6 @@ class SqlUnitOfWork:
             "outbox_by_kind": {k: int(v) for k, v in by_kind.items()},
             "outbox_oldest_pending": oldest,
         }
-
-
-def _naive_utc(when: datetime) -> datetime:
-    """A bound timestamp as stored (naive UTC, see storage.tables.UTCDateTime)."""
-    if when.tzinfo is None:
-        raise ValueError("naive datetime given to the database; use aware UTC datetimes")
-    return when.astimezone(UTC).replace(tzinfo=None)
 
 
 def _ticket_values(t: NewTicket) -> dict[str, Any]:
