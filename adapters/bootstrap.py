@@ -329,6 +329,11 @@ async def stop(app: App, dispatcher_task: asyncio.Task[None] | None = None) -> N
             await asyncio.wait_for(dispatcher_task, timeout=5.0)
         except (TimeoutError, asyncio.CancelledError):
             dispatcher_task.cancel()
+    await _close_senders_and_store(app)
+
+
+async def _close_senders_and_store(app: App) -> None:
+    """The last steps of every stop: the relay and Slack connections, then the database."""
     if app.chat_sender is not None:
         await app.chat_sender.close()
     close_email = getattr(app.dispatcher.email, "close", None)
@@ -474,12 +479,7 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
         await stopping.wait()
         app.dispatcher.stop()
         await asyncio.wait_for(task, timeout=10.0)
-        if app.chat_sender is not None:
-            await app.chat_sender.close()
-        close_email = getattr(app.dispatcher.email, "close", None)
-        if close_email is not None:
-            await close_email()
-        await app.store.close()
+        await _close_senders_and_store(app)
 
     run_loop(settings, main())
 
