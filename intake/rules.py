@@ -624,7 +624,7 @@ class PhraseMatcher:
         """(segment, phrase index, start, end) in padded folded ``u`` for each occurrence.
 
         ``u`` is the UTF-8 of folded text and the offsets are byte offsets into it
-        (``_char_offsets`` turns them into offsets into the folded string).
+        (``_char_offset_map`` turns them into offsets into the folded string).
 
         ``u`` may hold several texts (segments), each padded with spaces and joined by a NUL that
         no phrase can cross; ``bounds`` says where segments 1, 2... start. Phrases in
@@ -697,12 +697,6 @@ class _Automaton:
         )
         self.matcher = ahocorasick_rs.BytesAhoCorasick(keys, implementation=implementation)
         self.anchors = anchors
-
-
-def _char_offsets(u: bytes, start: int, end: int) -> tuple[int, int]:
-    """Offsets into the folded string of ``u[start:end]`` (byte offsets into its UTF-8)."""
-    found = _char_offset_map(u, (start, end))
-    return found[start], found[end]
 
 
 def _char_offset_map(u: bytes, offsets: Iterable[int]) -> dict[int, int]:

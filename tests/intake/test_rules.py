@@ -470,7 +470,9 @@ def test_matcher_agrees_with_the_obvious_quadratic_matcher(
     text = "".join(word + separator for word, separator in text_parts)
     matcher = PhraseMatcher(phrases)
     u = f" {rules_module._fold(text)} ".encode()  # the scan works on the UTF-8 of the fold
-    found = {(index, *rules_module._char_offsets(u, start, end)) for _, index, start, end in matcher._scan(u)}
+    scanned = [(index, start, end) for _, index, start, end in matcher._scan(u)]
+    chars = rules_module._char_offset_map(u, [offset for _, start, end in scanned for offset in (start, end)])
+    found = {(index, chars[start], chars[end]) for index, start, end in scanned}
     assert found == reference_matches(phrases, text)
     assert len(matcher.find(text)) == len(found)
 
