@@ -54,7 +54,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from smtp_load import LoadResult, _deliver, _percentile, _Refused, build_messages, run_load  # noqa: E402
+from smtp_load import LoadResult, run_load  # noqa: E402
 
 READY_RE = re.compile(r"listening on\s+\[?([0-9A-Za-z.:_-]*?)\]?:(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -403,53 +403,8 @@ async def measure(
 
 async def spread_load(targets: list[tuple[str, int]], *, messages: int, sessions: int, size: int) -> LoadResult:
     """smtp_load.run_load over several servers: session k delivers to server k mod n."""
-    if len(targets) == 1:
-        return await run_load(targets[0][0], targets[0][1], messages=messages, sessions=sessions, size=size)
-    host0, port0 = targets[0]
-    result = LoadResult(host=host0, port=port0, messages=messages, sessions=sessions, size=size)
-    rcpt = "support@example.com"
-    ehlo = b"EHLO loadgen.example.net\r\n"
-    rcpt_cmd = b"RCPT TO:<" + rcpt.encode("ascii") + b">\r\n"
-    source = iter(build_messages(messages, size=size, rcpt=rcpt))
-    codes: Counter[str] = Counter()
-    latencies: list[float] = []
-
-    async def session(k: int) -> None:
-        host, port = targets[k % len(targets)]
-        for sender, data in source:
-            result.sent += 1
-            try:
-                async with asyncio.timeout(60.0):
-                    key, latency = await _deliver(host, port, sender, rcpt_cmd, data, ehlo)
-            except _Refused as exc:
-                key = exc.key
-            except TimeoutError:
-                key = "error:timeout"
-            except (OSError, ValueError) as exc:
-                key = f"error:{type(exc).__name__}"
-            else:
-                if key == "250":
-                    latencies.append(latency)
-            codes[key] += 1
-
-    import resource
-
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(session(k) for k in range(max(1, sessions))))
-    result.elapsed = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    result.cpu_user = ru1.ru_utime - ru0.ru_utime
-    result.cpu_system = ru1.ru_stime - ru0.ru_stime
-    result.codes = dict(codes)
-    result.ok = codes.get("250", 0)
-    result.failed = result.sent - result.ok
-    result.rate = result.ok / result.elapsed if result.elapsed else 0.0
-    latencies.sort()
-    result.p50 = _percentile(latencies, 50) * 1000
-    result.p99 = _percentile(latencies, 99) * 1000
-    result.max = (latencies[-1] if latencies else 0.0) * 1000
-    return result
+    (host, port), *also = targets
+    return await run_load(host, port, messages=messages, sessions=sessions, size=size, also=also)
 
 
 # --------------------------------------------------------------------------- round trips

@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 
@@ -263,8 +264,12 @@ async def run_load(
     transaction_timeout: float = 60.0,
     helo: str = "loadgen.example.net",
     greeting: str = "EHLO",
+    also: Sequence[tuple[str, int]] = (),
 ) -> LoadResult:
     """Deliver ``messages`` messages with ``sessions`` concurrent connections; no retries.
+
+    ``also``: more servers (host, port) to share the load with: session k delivers to server
+    k mod n of ``(host, port), *also`` (several intake instances behind one MX).
 
     ``transaction_timeout`` (seconds) bounds one whole transaction, connect .. reply to the
     final dot. ``greeting="HELO"`` instead of EHLO gets a one-line reply, as Postfix's
@@ -277,12 +282,15 @@ async def run_load(
     codes: Counter[str] = Counter()
     latencies: list[float] = []
 
-    async def session() -> None:
+    targets = [(host, port), *also]
+
+    async def session(k: int) -> None:
+        target_host, target_port = targets[k % len(targets)]
         for sender, data in source:  # shared iterator: each worker takes the next message
             result.sent += 1
             try:
                 async with asyncio.timeout(transaction_timeout):
-                    key, latency = await _deliver(host, port, sender, rcpt_cmd, data, ehlo)
+                    key, latency = await _deliver(target_host, target_port, sender, rcpt_cmd, data, ehlo)
             except _Refused as exc:
                 key = exc.key
             except TimeoutError:
@@ -296,7 +304,7 @@ async def run_load(
 
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    await asyncio.gather(*(session() for _ in range(max(1, sessions))))
+    await asyncio.gather(*(session(k) for k in range(max(1, sessions))))
     result.elapsed = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
 
