@@ -468,7 +468,7 @@ async def count_round_trips(args: argparse.Namespace) -> list[dict[str, Any]]:
                 return f"{kind} {table}"
             if kind == "SELECT" and "pg_try_advisory_xact_lock" in statement:
                 return "SELECT (lock + duplicate + ids)" if "nextval" in statement else "SELECT (lock + duplicate)"
-            if kind == "SELECT" and "ARRAY(SELECT created_at FROM outbox" in statement:
+            if kind == "SELECT" and "(SELECT count(*) FROM outbox WHERE kind = 'acknowledgement'" in statement:
                 return "SELECT (sender's tickets + acknowledgements)"
             if kind == "SELECT" and "FROM" in words:
                 return f"SELECT {words[words.index('FROM') + 1]}"

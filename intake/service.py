@@ -293,13 +293,18 @@ class IntakeService:
         # support by email about something new is a customer like any other.
         if message.staff and (placement.ticket is not None or message.chat_channel):
             return self._staff_reply(uow, message, placement, now)
+        acks_sent: int | None = None  # to this sender within the acknowledgement limit's period
         if placement.ticket is None and message.sender and not message.chat_channel:
-            placement = self._flood_placement(uow, message, placement, now)
+            lim = self.limits
+            opened, acks_sent = uow.sender_counts(
+                sender=message.sender, tickets_since=now - lim.ticket_period, acks_since=now - lim.ack_period
+            )
+            placement = self._flood_placement(uow, message, placement, opened)
 
         last_before_limit = False
         escalated_to: str | None = None
         if placement.ticket is None:
-            ticket, ack_note, last_before_limit = self._open_ticket(uow, message, a, placement)
+            ticket, ack_note, last_before_limit = self._open_ticket(uow, message, a, placement, acks_sent)
             created = True
         else:
             ticket = self._update_ticket(uow, placement.ticket, message, a.verdict, now)
@@ -431,7 +436,7 @@ class IntakeService:
         )
 
     def _open_ticket(
-        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, placement: Placement
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, placement: Placement, acks_sent: int | None
     ) -> tuple[TicketFacts, str, bool]:
         now = a.received_at
         severity = a.verdict.severity or self.policy.default_severity
@@ -447,7 +452,10 @@ class IntakeService:
         last_before_limit = False
         if why_not is None and not message.chat_channel:
             lim = self.limits
-            sent = uow.count_outbox_since(kind="acknowledgement", recipient=message.sender, since=now - lim.ack_period)
+            sent = acks_sent
+            if sent is None:  # not read with the sender's tickets (no sender address)
+                since = now - lim.ack_period
+                sent = uow.count_outbox_since(kind="acknowledgement", recipient=message.sender, since=since)
             if sent >= lim.acks_per_sender:
                 why_not = f"flood limit: {sent} acknowledgements to this sender within {_period(lim.ack_period)}"
             last_before_limit = sent == lim.acks_per_sender - 1
@@ -595,11 +603,11 @@ class IntakeService:
         return step.name
 
     def _flood_placement(
-        self, uow: UnitOfWork, message: InboundMessage, placement: Placement, now: datetime
+        self, uow: UnitOfWork, message: InboundMessage, placement: Placement, opened: int
     ) -> Placement:
-        """Past the new-ticket limit, a sender's messages join their latest ticket, silently."""
+        """Past the new-ticket limit (``opened`` by the sender within its period), a sender's
+        messages join their latest ticket, silently."""
         lim = self.limits
-        opened = uow.count_tickets_since(requester=message.sender, since=now - lim.ticket_period)
         if opened < lim.tickets_per_sender:
             return placement
         latest = uow.latest_ticket_of(message.sender)

@@ -7,9 +7,9 @@ On PostgreSQL, where every statement is a network round trip, the store's writer
 unit of work a :class:`storage.pgwire.PgWire`: inserts are written behind (a new ticket, its
 participant, message, Message-IDs and outbox entries become one statement, sent with the next
 statement whose result is needed or with the COMMIT), the duplicate lookup takes an advisory
-lock on the delivery and fetches ids for those inserts in the same statement, and the count of
-a sender's recent tickets reads their recent acknowledgements ahead (the flood limits ask for
-both, one after the other). Claiming outbox entries is one ``UPDATE ... RETURNING``, and
+lock on the delivery and fetches ids for those inserts in the same statement, and the sender's
+counts for the flood limits (tickets opened, acknowledgements sent) are one statement.
+Claiming outbox entries is one ``UPDATE ... RETURNING``, and
 recording the sent ones one ``UPDATE``.
 """
 
@@ -147,11 +147,9 @@ _WIRE_FIND_DUPLICATE = (
 # acknowledgements, newest first. They answer any period that reaches back no further than the
 # oldest of them (or any period at all when there are fewer than the limit), exactly as a count
 # would; any other question is asked of the database.
-_ACKS_AHEAD = 64
 _WIRE_SENDER_COUNTS = (
     "SELECT (SELECT count(*) FROM ticket WHERE requester = %s AND created_at >= %s), "
-    "ARRAY(SELECT created_at FROM outbox WHERE kind = 'acknowledgement' AND recipient = %s "
-    f"ORDER BY created_at DESC LIMIT {_ACKS_AHEAD})"
+    "(SELECT count(*) FROM outbox WHERE kind = 'acknowledgement' AND recipient = %s AND created_at >= %s)"
 )
 _WIRE_COUNT_OUTBOX_TO = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s AND recipient = %s"
 _WIRE_COUNT_OUTBOX_KIND = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s"
@@ -177,8 +175,6 @@ class SqlUnitOfWork:
         self.fast = FastPath(conn.connection.driver_connection) if self.dialect == "sqlite" else None  # type: ignore[arg-type]
         # PostgreSQL's writer: inserts written behind, reads sent with what is queued.
         self.wire = wire
-        # (recipient, creation times of their latest acknowledgements newest first, all of them)
-        self._acks_ahead: tuple[str, list[datetime], bool] | None = None
 
     def flush(self) -> None:
         """Queue this unit's inserts as one statement (sent with the next one that needs an answer)."""
@@ -404,7 +400,6 @@ class SqlUnitOfWork:
 
     def enqueue(self, entry: OutboxEntry) -> int:
         values = _outbox_values(entry)
-        self._acks_ahead = None  # counts read ahead no longer hold
         if self.wire is not None:
             new_id = self.wire.next_id("outbox")
             self.wire.rows.outbox.append({"id": new_id, **values})
@@ -426,12 +421,6 @@ class SqlUnitOfWork:
 
     def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int:
         if self.wire is not None:
-            ahead = self._acks_ahead
-            if kind == "acknowledgement" and ahead is not None and ahead[0] == recipient:
-                _, stamps, complete = ahead
-                start = stored_utc(since)
-                if complete or stamps[-1] < start:  # every acknowledgement since ``since`` was read
-                    return sum(1 for stamp in stamps if stamp >= start)
             if recipient is None:
                 return int(self.wire.query(_WIRE_COUNT_OUTBOX_KIND, (kind, stored_utc(since)))[0][0])
             return int(self.wire.query(_WIRE_COUNT_OUTBOX_TO, (kind, stored_utc(since), recipient))[0][0])
@@ -453,11 +442,18 @@ class SqlUnitOfWork:
         return self._facts(row) if row is not None else None
 
     def count_tickets_since(self, *, requester: str, since: datetime) -> int:
-        if self.wire is not None:
-            count, stamps = self.wire.query(_WIRE_SENDER_COUNTS, (requester, stored_utc(since), requester))[0]
-            self._acks_ahead = (requester, list(stamps), len(stamps) < _ACKS_AHEAD)
-            return int(count)
         return int(self._first(_COUNT_TICKETS_OF, {"requester": requester, "since": since})[0])
+
+    def sender_counts(self, *, sender: str, tickets_since: datetime, acks_since: datetime) -> tuple[int, int]:
+        if self.wire is not None:  # one round trip for both
+            tickets, acks = self.wire.query(
+                _WIRE_SENDER_COUNTS, (sender, stored_utc(tickets_since), sender, stored_utc(acks_since))
+            )[0]
+            return int(tickets), int(acks)
+        return (
+            self.count_tickets_since(requester=sender, since=tickets_since),
+            self.count_outbox_since(kind="acknowledgement", recipient=sender, since=acks_since),
+        )
 
     def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]:
         rows = (
