@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
+from adapters.heap import settle_heap
 from adapters.settings import Settings
 from intake.acknowledgement import Outbound, TemplateBook
 from intake.dispatch import Dispatcher
@@ -368,6 +369,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
+    settle_heap()
     em = app.settings.email
     ready(
         f"intake {em.protocol.upper()} listening on {em.listen_host}:{app.email_listener.port} "
@@ -475,6 +477,7 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
 
         loop.add_reader(wake.fileno(), woken)
         app.store.start()
+        settle_heap()
         task = asyncio.create_task(app.dispatcher.run())
         await stopping.wait()
         app.dispatcher.stop()

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from adapters.email.parsing import parse_email
+from adapters.heap import settle_heap
 from adapters.settings import Settings
 from intake.hygiene import Automation, AutomationKind
 from intake.model import Attachment, Channel, InboundMessage, RuleHit, Severity, Verdict
@@ -384,6 +385,7 @@ def _worker_main(sock: socket.socket, settings: Settings) -> None:
     """A worker: set up, say ready, then answer requests until a request of 0 bytes or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _init_worker(settings)
+    settle_heap()
     sock.sendall(_HEADER.pack(len(_READY)) + _READY)
     while True:
         try:
