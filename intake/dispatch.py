@@ -45,8 +45,10 @@ class Dispatcher:
     # After a wake-up, gather what else commits in this many seconds: one claim for a burst of
     # acknowledgements instead of one per message (fewer transactions competing with intake).
     coalesce: float = 0.05
-    # Outcomes of sends that finish within this many seconds are recorded in one commit.
-    record_every: float = 0.02
+    # Outcomes of sends that finish within this many seconds are recorded in one commit (each
+    # commit is a turn at the write lock the listener waits for: 20 ms -> 100 ms took the Slack
+    # benchmark from 631 to 716 events/s, four interleaved pairs).
+    record_every: float = 0.1
     backoff_base: float = 5.0
     backoff_cap: float = 3600.0
     max_attempts: int = 48  # about two days at the cap
