@@ -36,6 +36,7 @@ _KEEP: list[ClauseElement] = []  # the statements planned (their ids key _PLANS:
 def _plan(statement: ClauseElement, keys: tuple[str, ...]) -> _Plan | None:
     compiled: Any = statement.compile(dialect=_DIALECT, column_keys=list(keys))  # an SQLCompiler
     table = getattr(statement, "table", None)
+    insert = bool(getattr(statement, "is_insert", False))
     params: list[tuple[str, Callable[[Any], Any] | None, Any]] = []
     for name in compiled.positiontup or ():
         bind = compiled.binds[name]
@@ -43,10 +44,17 @@ def _plan(statement: ClauseElement, keys: tuple[str, ...]) -> _Plan | None:
         default: Any = _MISSING
         if name not in keys:
             column = table.c.get(name) if table is not None else None
-            column_default = getattr(column, "default", None)
-            if column_default is None or not column_default.is_scalar:
-                return None  # a default SQLAlchemy computes at execution: leave it the statement
-            default = column_default.arg
+            if (column is None or not insert) and not bind.required and bind.callable is None:
+                # A literal written in the statement ("pending", an UPDATE's SET status = "sent",
+                # LIMIT's OFFSET 0), unless SQLAlchemy computes the value at execution.
+                if column is not None and column.onupdate is not None:
+                    return None
+                default = bind.value
+            else:
+                column_default = getattr(column, "default", None)
+                if column_default is None or not column_default.is_scalar:
+                    return None  # a default SQLAlchemy computes at execution: leave it the statement
+                default = column_default.arg
         params.append((name, processor, default))
     return str(compiled), params
 

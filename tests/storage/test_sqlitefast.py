@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from intake.errors import StorageUnavailableError
 from intake.model import Attachment, Channel, Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity
-from intake.ports import NewMessage, NewTicket, OutboxEntry
+from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
 from storage.repository import SqlUnitOfWork
 from storage.store import SqlStore
 
@@ -85,6 +85,12 @@ def one_of_everything(uow: SqlUnitOfWork) -> None:
     )  # fmt: skip
     uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=ack, created_at=NOW))
     uow.index_message_id(ticket.id, "ack1@intake", ours=True)
+    # The claim (an UPDATE ... RETURNING with literals in it: 'pending', LIMIT's OFFSET 0).
+    claimed = uow.claim_outbox(now=NOW, owner="outbox-1", lease_until=NOW + timedelta(minutes=2), limit=10)
+    assert [(i.kind, i.payload, i.attempts) for i in claimed] == [("acknowledgement", ack, 0)]
+    assert uow.claim_outbox(now=NOW, owner="outbox-2", lease_until=NOW + timedelta(minutes=2), limit=10) == []
+    uow.finish_outbox([SendResult(id=claimed[0].id, ok=True)], now=NOW + timedelta(seconds=1))  # sent: JSON ids
+    uow.finish_outbox([SendResult(id=claimed[0].id, ok=True)], now=NOW + timedelta(seconds=2))  # not pending: no-op
     assert uow.count_outbox_since(kind="acknowledgement", recipient="josé@acme.com", since=NOW) == 1
     assert uow.count_outbox_since(kind="acknowledgement", recipient=None, since=NOW + timedelta(seconds=1)) == 0
     assert uow.count_tickets_since(requester="josé@acme.com", since=NOW - timedelta(days=1)) == 1
