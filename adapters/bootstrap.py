@@ -479,6 +479,7 @@ class OutboxProcess:
 
 def _dispatcher_main(settings: Settings, wake: Any) -> None:
     """Entry point of the dispatcher process."""
+    _lower_priority(settings.outbound.process_nice)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s[outbox]: %(message)s")
     logging.getLogger("mailparser").setLevel(logging.CRITICAL)
@@ -508,6 +509,22 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
         await _close_senders_and_store(app)
 
     run_loop(settings, main())
+
+
+def _lower_priority(niceness: int) -> None:
+    """Let the listener have the CPU first (outbound.process_nice).
+
+    Measured with the outbox's SQLite transactions on the fast path (short, so a preempted
+    dispatcher rarely keeps the listener waiting on the write lock): niceness 10 against 0,
+    interleaved runs, bench_slack p99 81-119 -> 78-92 ms at the same rate (four pairs) and
+    bench_intake at 10 sessions 299 -> 323 msg/s, p99 56 -> 51 ms (three pairs).
+    """
+    if niceness <= 0:
+        return
+    try:
+        os.nice(niceness)
+    except OSError as exc:  # not permitted here: run at the parent's priority
+        log.warning("outbox process: cannot lower its priority: %s", exc)
 
 
 def _drain(conn: Any) -> bool:

@@ -118,6 +118,10 @@ class OutboundSettings(_Section):
     # "process": the outbox is delivered by a child process (its own interpreter, so sending
     # acknowledgements does not compete with intake for one GIL); "inline": on the serve loop.
     dispatcher: Literal["process", "inline"] = "process"
+    # The dispatcher process's niceness (0-19): under load the listener, whose senders wait
+    # for its answer (an SMTP session, Slack's 3-second clock), gets the CPU first, and
+    # acknowledgements go out a few milliseconds later. 0 shares the CPU equally.
+    process_nice: int = Field(10, ge=0, le=19)
     retry_base_seconds: float = Field(5.0, gt=0)
     retry_cap_seconds: float = Field(3600.0, gt=0)
 

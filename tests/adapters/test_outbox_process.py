@@ -1,11 +1,19 @@
-"""The listener wakes the outbox process at most once per wake_every, and never forgets one."""
+"""The outbox process: woken at most once per wake_every (never forgetting a wake-up), and run
+at a lower priority than the listener."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from adapters.bootstrap import OutboxProcess
+from adapters.settings import OutboundSettings
 from tests.adapters.harness import settings_for
 
 
@@ -46,3 +54,19 @@ async def test_stopping_cancels_a_wake_up_still_due(tmp_path: Path) -> None:
     await outbox.stop()  # no child was started: stop only forgets the pending wake-up
     await asyncio.sleep(outbox.wake_every * 2)
     assert len(pipe.sent) == 1
+
+
+@pytest.mark.parametrize(("niceness", "expected"), [(0, 0), (7, 7)])
+def test_the_dispatcher_process_lowers_its_own_priority(niceness: int, expected: int) -> None:
+    code = (
+        "import os\nfrom adapters.bootstrap import _lower_priority\n"
+        f"before = os.nice(0)\n_lower_priority({niceness})\nprint(os.nice(0) - before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
+    assert int(out.stdout.strip()) == expected
+
+
+def test_process_nice_is_checked() -> None:
+    assert OutboundSettings().process_nice == 10
+    with pytest.raises(ValidationError, match="process_nice"):
+        OutboundSettings(process_nice=20)
