@@ -147,15 +147,15 @@ class Receipt:
     """What happened to one message; adapters turn it into their protocol's answer."""
 
     route: Route
-    ticket_id: int
-    reference: str
-    created: bool
-    severity: Severity
-    security: bool
-    acknowledged: bool
     ack_note: str  # "queued", or why no acknowledgement was sent
-    alerted: bool  # this message queued the IRT alert
     note: str  # why the message went where it went
+    ticket_id: int = 0  # 0 and "": the message is on no ticket
+    reference: str = ""
+    severity: Severity = Severity.S4  # the ticket's, after this message
+    security: bool = False
+    created: bool = False  # this message opened the ticket
+    acknowledged: bool = False
+    alerted: bool = False  # this message queued the IRT alert
     escalated_to: str | None = None
 
 
@@ -280,12 +280,7 @@ class IntakeService:
                 route=Route.DUPLICATE,
                 ticket_id=dup.ticket_id,
                 reference=dup.reference,
-                created=False,
-                severity=Severity.S4,
-                security=False,
-                acknowledged=False,
                 ack_note="duplicate delivery",
-                alerted=False,
                 note="duplicate of a message already stored",
             )
         placement = self._place(uow, message, a)
@@ -398,14 +393,7 @@ class IntakeService:
         if ticket is None:
             return Receipt(
                 route=Route.IGNORED,
-                ticket_id=0,
-                reference="",
-                created=False,
-                severity=Severity.S4,
-                security=False,
-                acknowledged=False,
                 ack_note="staff message outside any ticket",
-                alerted=False,
                 note="staff message outside any ticket's thread; not stored",
             )
         uow.add_message(
@@ -426,12 +414,9 @@ class IntakeService:
             route=placement.route,
             ticket_id=ticket.id,
             reference=ticket.reference,
-            created=False,
             severity=ticket.severity,
             security=ticket.security,
-            acknowledged=False,
             ack_note="staff reply",
-            alerted=False,
             note=placement.note + "; staff reply",
         )
 
