@@ -13,11 +13,15 @@ What it does:
 4. sends N messages (default 1,000; one connection per message, unique sender and
    Message-ID each) the way an MTA does: a 4xx reply, a refused or dropped connection or a
    timeout means "try again later", on the other instance, with the same bytes;
-5. meanwhile kills a random instance's whole process group with SIGKILL every 1-4 s and starts
-   it again at once (every incarnation gets its own EHLO name, ``a3.crash.test``, so each
-   acknowledgement the relay receives names the incarnation that sent it);
+5. meanwhile kills a random instance's whole process group with SIGKILL every 1-4 s
+   (``--kill-min``, ``--kill-max``) and starts it again at once (every incarnation gets its
+   own EHLO name, ``a3.crash.test``, so each acknowledgement the relay receives names the
+   incarnation that sent it);
 6. once every message was answered 250 (or given up), lets the outboxes drain (leases of
    killed dispatchers run out after two minutes), stops everything and checks.
+
+With ``--sqlite`` the same runs against one instance on a SQLite file in the work directory
+(the embedded default: a SQLite file serves one instance).
 
 Targets (exit status 1 when one is missed, 2 when the set-up failed):
 
@@ -29,6 +33,7 @@ Targets (exit status 1 when one is missed, 2 when the set-up failed):
   it; and every copy carries the same Message-ID as its twin.
 
     .venv/bin/python scripts/crash_test.py                      # 1,000 messages
+    .venv/bin/python scripts/crash_test.py --sqlite -n 2000     # one instance on the embedded SQLite
     .venv/bin/python scripts/crash_test.py -n 300 --sessions 5 --json
 """
 
@@ -378,7 +383,11 @@ def pg_dsn(url: str) -> str:
     return u.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_database(admin_url: str) -> tuple[str, str]:
+def create_database(admin_url: str, workdir: Path, sqlite: bool) -> tuple[str, str]:
+    """A fresh database for this run: (its name, its URL)."""
+    if sqlite:
+        path = workdir / "crash.db"
+        return str(path), f"sqlite:///{path}"
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -390,6 +399,8 @@ def create_database(admin_url: str) -> tuple[str, str]:
 
 
 def drop_database(admin_url: str, name: str) -> None:
+    if name.endswith(".db"):
+        return  # SQLite: the file goes with the work directory
     import psycopg
 
     with psycopg.connect(pg_dsn(admin_url), autocommit=True, connect_timeout=5) as conn:
@@ -397,6 +408,14 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 def query(db_url: str, sql: str) -> list[tuple[Any, ...]]:
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        db = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=30)
+        try:
+            return list(db.execute(sql).fetchall())
+        finally:
+            db.close()
     import psycopg
 
     with psycopg.connect(pg_dsn(db_url), connect_timeout=5) as conn:
@@ -549,7 +568,8 @@ def print_report(r: dict[str, Any], elapsed: float, drained_in: float) -> None:
         f"messages sent                      {r['messages_sent']}",
         f"answered 250                       {r['answered_250']} (SMTP transactions: {r['transactions']}; "
         f"replies {r['replies']})",
-        f"SIGKILLs                           {r['kills']} (instance process groups, every 1-4 s)",
+        f"SIGKILLs                           {r['kills']} (instance process groups, every "
+        f"{r['kill_every'][0]:g}-{r['kill_every'][1]:g} s)",
         f"tickets stored                     {r['tickets_stored']} (messages stored: {r['messages_stored']})",
         f"duplicate tickets                  {r['duplicate_tickets']}",
         f"lost: 250 but not stored           {r['lost_answered_250_not_stored']}",
@@ -584,7 +604,7 @@ def print_report(r: dict[str, Any], elapsed: float, drained_in: float) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     intake = [str(REPO / ".venv/bin/intake")] if not args.intake_cmd else args.intake_cmd.split()
-    db_name, db_url = create_database(args.pg)
+    db_name, db_url = create_database(args.pg, workdir, args.sqlite)
     log(f"database {db_name}; work directory {workdir}")
     procs: list[Proc] = []
     instances: list[Instance] = []
@@ -642,6 +662,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["load_seconds"] = round(elapsed, 1)
         result["drain_seconds"] = round(drained_in, 1)
         result["database"] = db_name
+        result["kill_every"] = [args.kill_min, args.kill_max]
         print_report(result, elapsed, drained_in) if not args.json else print(json.dumps(result, indent=2))
         return result
     finally:
@@ -665,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=10, help="concurrent client sessions (default 10)")
     p.add_argument("--instances", type=int, default=2, choices=(1, 2))
     p.add_argument("--pg", default=DEFAULT_PG, help="a PostgreSQL URL whose server hosts the scratch database")
+    p.add_argument("--sqlite", action="store_true", help="one instance on a SQLite file (the embedded default) instead")
     p.add_argument("--kill-min", type=float, default=1.0)
     p.add_argument("--kill-max", type=float, default=4.0)
     p.add_argument("--give-up", type=float, default=300.0, help="seconds after which a message is given up")
@@ -676,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--relay", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sqlite:
+        args.instances = 1  # one SQLite file serves one instance (PostgreSQL is for several)
     if args.relay:
         relay_main(int(args.relay[0]), Path(args.relay[1]))
         return 0
