@@ -97,6 +97,7 @@ def make_engine(url: str, *, writer: bool = True, lock_timeout: float = 5.0) -> 
     )
 
 
+_COMMIT_ON_LOOP_MAX = 0.003  # seconds: a slower average COMMIT runs in the store's thread
 _LOCK_TAKEN = "intake_write_lock_taken"  # Connection.info key: BEGIN IMMEDIATE already sent
 _LOCK_PAUSE_FIRST = 0.0002  # seconds between attempts at the write lock: 0.2 ms, doubling...
 _LOCK_PAUSE_MAX = 0.002  # ...up to 2 ms
@@ -183,6 +184,7 @@ class SqlStore:
         self._loop_task: asyncio.Task[None] | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-db-io")  # close()
         self.batches = 0
+        self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT's own duration (its fsync)
         self.units = 0
         # PostgreSQL: the writer's connection runs in autocommit mode and a PgWire drives its
         # transaction (BEGIN with the first statement, inserts written behind, COMMIT with the
@@ -289,9 +291,9 @@ class SqlStore:
         """BEGIN IMMEDIATE on the loop, awaiting short pauses while another process writes.
 
         The writer's busy_timeout is 0, so a taken lock answers at once and the loop never
-        blocks on it. COMMIT runs on the loop too: its WAL write and fsync take 0.2-1 ms here,
-        less than the two hand-offs to a thread and back that BEGIN and COMMIT used to cost
-        (1.4 ms each under load, waiting for the GIL and the loop's turn). bench_intake, 10
+        blocks on it. COMMIT runs on the loop too while the disk is fast (see _commit): its WAL
+        write and fsync take 0.2-1 ms here, less than the two hand-offs to a thread and back
+        that BEGIN and COMMIT used to cost (1.4 ms each under load). bench_intake, 10
         sessions: time from parsed to committed 15 -> 10 ms; three interleaved pairs, p99
         52.7 -> 47.7 ms at the same rate.
         """
@@ -310,6 +312,26 @@ class SqlStore:
             conn.info[_LOCK_TAKEN] = True
             return
 
+    async def _commit(self, trans: Any) -> None:
+        """COMMIT on the loop while the disk syncs fast; in the thread when it does not.
+
+        Here a COMMIT (WAL write and fsync) takes 0.2-1 ms, less than a hand-off to a thread
+        and back. On a disk whose fsync takes 10 ms or more, the loop would spend most of its
+        time waiting in COMMIT and serve no session meanwhile: when the average commit passes
+        ``_COMMIT_ON_LOOP_MAX`` it goes to the thread, until the disk is fast again.
+        """
+
+        def timed() -> float:
+            started = time.perf_counter()
+            trans.commit()
+            return time.perf_counter() - started
+
+        if self.commit_seconds <= _COMMIT_ON_LOOP_MAX:
+            took = timed()
+        else:
+            took = await asyncio.get_running_loop().run_in_executor(self._io, timed)
+        self.commit_seconds += (took - self.commit_seconds) * 0.1
+
     async def _batch_on_loop(self, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
         started = time.perf_counter()
         outcomes: list[tuple[_Job, Any, BaseException | None]]
@@ -327,7 +349,7 @@ class SqlStore:
                     await self._take_write_lock(conn)
                     trans = conn.begin()
                     outcomes = [self._run_unit(conn, job) for job in batch]
-                trans.commit()  # on the loop: see _take_write_lock
+                await self._commit(trans)
             except BaseException:
                 if trans.is_active:
                     trans.rollback()
