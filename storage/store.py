@@ -11,7 +11,8 @@ run again, and then finds the duplicate.
 
 On SQLite the whole group runs on the event loop: BEGIN IMMEDIATE fails at once when another
 process (the outbox) holds the write lock, and the store awaits a short pause and tries again;
-the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too. On PostgreSQL one writer
+the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
+thread while the disk syncs slowly. On PostgreSQL one writer
 thread owns the connection and runs the groups.
 
 On PostgreSQL the writer's transaction goes through a :class:`storage.pgwire.PgWire`: BEGIN
