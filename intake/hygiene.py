@@ -29,7 +29,7 @@ from email.message import Message
 from email.policy import compat32
 from enum import StrEnum
 
-from intake.model import InboundMessage
+from intake.model import Channel, InboundMessage
 
 LOOP_HEADER = "X-Intake-Loop"  # our own loop marker; the value is an opaque token per installation
 
@@ -425,8 +425,12 @@ def detect_automation(message: InboundMessage, *, loop_token: str | None = None)
     """The first automation rule a message meets, or None for mail a person wrote.
 
     ``loop_token`` is this installation's :data:`LOOP_HEADER` value; with None any value of
-    that header counts as our own loop.
+    that header counts as our own loop. Every rule here is about mail (headers, envelope,
+    daemon addresses, bounce reports): a chat message is never one of them, whatever its words
+    (chat adapters leave out bots' messages themselves), and is not read at all.
     """
+    if message.channel is not Channel.EMAIL:
+        return None
     for _name, check in CHECKS:
         found = check(message, loop_token)
         if found is not None:

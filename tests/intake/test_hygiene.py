@@ -143,6 +143,12 @@ def test_people_writing_about_automation_are_not_automated(subject: str, body: s
 def test_a_chat_message_is_not_automated() -> None:
     chat = InboundMessage(channel=Channel.SLACK, sender="U024BE7LH", body="Out of office? No, it is down!")
     assert detect_automation(chat) is None
+    # Not even when its words are a bounce's, or it came with mail-like headers attached.
+    pasted = InboundMessage(
+        channel=Channel.SLACK, sender="mailer-daemon", subject="Undelivered Mail Returned to Sender",
+        body="Delivery to the following recipient failed permanently", headers={"auto-submitted": "auto-replied"},
+    )  # fmt: skip
+    assert detect_automation(pasted) is None
 
 
 def test_unknown_envelope_is_not_a_null_reverse_path() -> None:
