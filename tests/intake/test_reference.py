@@ -20,6 +20,16 @@ def test_shape_and_uniqueness() -> None:
         assert refs.normalise(r) == r
 
 
+def test_every_symbol_is_equally_likely_in_every_random_position() -> None:
+    counts = [dict.fromkeys(ALPHABET, 0) for _ in range(7)]
+    for _ in range(32_000):
+        body = refs.new().replace("-", "")[3:10]  # the seven random characters
+        for position, ch in enumerate(body):
+            counts[position][ch] += 1
+    # 1,000 expected per cell; a bit left out or counted twice would empty or double cells.
+    assert all(800 < n < 1200 for cell in counts for n in cell.values()), counts
+
+
 def test_not_counting_up() -> None:
     a, b = refs.new(), refs.new()
     # Consecutive references share no numeric relation: their bodies differ in several places.
