@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -54,6 +53,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from procs import Proc, ProcError, serve_smtp  # noqa: E402
 from smtp_load import LoadResult, run_load  # noqa: E402
 
 READY_RE = re.compile(r"listening on\s+\[?([0-9A-Za-z.:_-]*?)\]?:(\d+)")
@@ -73,22 +73,12 @@ def serve_null(port: int) -> None:
 
     Used both as the ``bare`` server under test and as intake's relay stand-in.
     """
-    from aiosmtpd.controller import Controller
 
     class Handler:
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
             return "250 OK"
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    # hostname= binds to loopback, and server_hostname= spares a getfqdn() per connection
-    # (aiosmtpd builds one SMTP instance per connection).
-    ctl = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="bench.localhost")
-    ctl.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    try:
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    finally:
-        ctl.stop()
+    serve_smtp(Handler(), port, "bench.localhost")
 
 
 # --------------------------------------------------------------------------- subprocesses
@@ -100,50 +90,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Proc:
-    """A server subprocess in its own process group, output to a log file."""
+class Server(Proc):
+    """A server subprocess that says "listening on HOST:PORT" when it is ready."""
 
-    live: set[Proc] = set()  # noqa: RUF012 - registry for the last-resort cleanup
-
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        self.name, self.argv, self.log = name, argv, log
-        self.popen: subprocess.Popen[bytes] | None = None
+    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
+        super().__init__(name, argv, logfile)
         self.host, self.port = "127.0.0.1", 0
 
-    def start(self) -> None:
-        with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,  # our Ctrl-C does not hit it; we stop it ourselves
-            )
-        Proc.live.add(self)
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + ln for ln in text[-lines:]) or "    (no output)"
-
     async def wait_ready(self, limit: float = 30.0) -> tuple[str, int]:
-        """Wait for a "listening on HOST:PORT" line (stdout or stderr); return (host, port)."""
-        assert self.popen is not None
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            m = READY_RE.search(self.log.read_text(errors="replace"))
-            if m:
-                self.host, self.port = m.group(1) or "127.0.0.1", int(m.group(2))
-                return self.host, self.port
-            if self.popen.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited with status {self.popen.returncode} before listening:\n" + self.tail()
-                )
-            await asyncio.sleep(0.05)
-        raise BenchError(f'{self.name}: no "listening on" line within {limit:.0f}s:\n' + self.tail())
+        """Wait for the "listening on HOST:PORT" line (stdout or stderr); return (host, port)."""
+        found = await self.wait_for(READY_RE, limit)
+        self.host, self.port = found.group(1) or "127.0.0.1", int(found.group(2))
+        return self.host, self.port
 
     def cpu_seconds(self) -> float | None:
         """User+system CPU so far of every live process in the server's process group (intake's
@@ -151,28 +109,6 @@ class Proc:
         if self.popen is None or self.popen.poll() is not None:
             return None
         return group_cpu(self.popen.pid)
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """SIGTERM the process group, SIGKILL it after ``timeout``; True if it left in time."""
-        Proc.live.discard(self)
-        p = self.popen
-        if p is None or p.poll() is not None:
-            return True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return False
-
-    @classmethod
-    def kill_all(cls) -> None:
-        for proc in list(cls.live):
-            proc.stop(timeout=3.0)
 
 
 def _proc_stat(pid: int | str) -> list[str] | None:
@@ -200,10 +136,10 @@ def group_cpu(pgid: int) -> float | None:
     return total if seen else None
 
 
-def null_server(name: str, workdir: Path) -> Proc:
+def null_server(name: str, workdir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-null", str(port)]
-    return Proc(name, argv, workdir / f"{name}.log")
+    return Server(name, argv, workdir / f"{name}.log")
 
 
 # --------------------------------------------------------------------------- config
@@ -371,10 +307,10 @@ class DbWatch:
 
 
 async def measure(
-    proc: Proc | list[Proc],
+    proc: Server | list[Server],
     args: argparse.Namespace,
     sessions: int,
-    helpers: tuple[Proc, ...] = (),
+    helpers: tuple[Server, ...] = (),
     db: DbWatch | None = None,
     messages: int | None = None,
 ) -> tuple[LoadResult, float | None, float | None, float | None]:
@@ -656,7 +592,7 @@ class Profiler:
         self.proc, self.out = proc, out
 
 
-def start_profiler(server: Proc, out: Path) -> Profiler | None:
+def start_profiler(server: Server, out: Path) -> Profiler | None:
     """py-spy on the server and its children (the outbox process), raw stacks, per thread."""
     if not PROFILING or server.popen is None:
         return None
@@ -736,7 +672,7 @@ def format_profile(profile: dict[str, Any]) -> str:
 
 
 async def intake_run(
-    args: argparse.Namespace, cmd: list[str], workdir: Path, relay: Proc, sessions: int, run: int, instances: int = 1
+    args: argparse.Namespace, cmd: list[str], workdir: Path, relay: Server, sessions: int, run: int, instances: int = 1
 ) -> tuple[dict, dict]:
     label = server_label(args, instances)
     rundir = workdir / f"{label}-c{sessions}-r{run + 1}"
@@ -746,7 +682,7 @@ async def intake_run(
     if args.postgres:
         db_name, db_url = create_database(args.postgres)
         extra = dump_toml(merge(tomllib.loads(extra) if extra else {}, {"storage": {"url": db_url}}))
-    procs: list[Proc] = []
+    procs: list[Server] = []
     configs: list[Path] = []
     clean_exit = True
     try:
@@ -763,7 +699,7 @@ async def intake_run(
         if upgrade.returncode != 0:
             raise BenchError(f"intake db upgrade failed: {err.decode(errors='replace')[-2000:]}")
         for k, config in enumerate(configs):
-            proc = Proc(f"intake{k + 1}", intake_argv(cmd, "serve", config=config), config.parent / "intake.log")
+            proc = Server(f"intake{k + 1}", intake_argv(cmd, "serve", config=config), config.parent / "intake.log")
             proc.start()
             procs.append(proc)
         try:
@@ -1021,14 +957,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if refused:
                 print(f"{refused} message(s) were not accepted; see the codes above")
-    except BenchError as exc:
+    except (BenchError, ProcError) as exc:
         log(f"error: {exc}")
         status = 2
     except KeyboardInterrupt:
         log("interrupted")
         status = 130
     finally:
-        Proc.kill_all()
+        Proc.stop_all()
         if args.keep or status == 2:
             log(f"logs and databases kept in {workdir}")
         else:

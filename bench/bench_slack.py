@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import re
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
+
+from procs import Proc, ProcError  # noqa: E402 - bench/ is this script's directory
 
 READY_FAKE = re.compile(r"fake slack listening on 127\.0\.0\.1:(\d+)")
 READY_SLACK = re.compile(r"intake Slack events: (http://\S+)")
@@ -125,51 +124,7 @@ def serve_intake(config: str, *, adapter_only: bool) -> None:
     bootstrap.run_loop(app.settings, bootstrap.serve(app, ready=lambda line: print(line, flush=True)))
 
 
-# --------------------------------------------------------------------------- processes
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
-        self.name, self.argv, self.logfile = name, argv, logfile
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.logfile, "wb") as out:
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                start_new_session=True,
-            )  # fmt: skip
-
-    def text(self) -> str:
-        try:
-            return self.logfile.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    async def wait_for(self, pattern: re.Pattern[str], limit: float = 30.0) -> re.Match[str]:
-        assert self.popen is not None
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            m = pattern.search(self.text())
-            if m:
-                return m
-            if self.popen.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.text()[-3000:]}")
-            await asyncio.sleep(0.05)
-        raise BenchError(f"{self.name}: not ready within {limit:.0f}s:\n{self.text()[-3000:]}")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        p = self.popen
-        if p is None or p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+# --------------------------------------------------------------------------- configuration
 
 
 def write_config(workdir: Path, fake_port: int) -> Path:
@@ -391,7 +346,7 @@ def main() -> int:
         p.error("--modes takes full and/or adapter")
     try:
         results = asyncio.run(bench(args))
-    except BenchError as exc:
+    except (BenchError, ProcError) as exc:
         log(f"bench_slack: {exc}")
         return 2
     print(f"\nSlack Events API, {args.events} new-message events per run, {args.runs} run(s), median of runs:")

@@ -62,6 +62,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from procs import Proc, ProcError, serve_smtp  # noqa: E402
 from smtp_load import build_messages  # noqa: E402
 
 READY_RE = re.compile(r"listening on\s+\[?([0-9A-Za-z.:_-]*?)\]?:(\d+)")
@@ -94,8 +95,6 @@ def relay_main(port: int, record: Path) -> None:
     """aiosmtpd answering 250; one JSON line per accepted message, flushed at once."""
     from email.parser import BytesHeaderParser
 
-    from aiosmtpd.controller import Controller
-
     out = open(record, "a", buffering=1)  # lives as long as the process
     parser = BytesHeaderParser()
 
@@ -118,78 +117,20 @@ def relay_main(port: int, record: Path) -> None:
             out.flush()
             return "250 2.0.0 OK: queued"
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    ctl = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="relay.crash.test")
-    ctl.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
     try:
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        serve_smtp(Handler(), port, "relay.crash.test")
     finally:
-        ctl.stop()
         out.close()
 
 
 # --------------------------------------------------------------------------- processes
 
 
-class Proc:
-    """A subprocess in a process group of its own, output to a log file."""
-
-    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
-        self.name, self.argv, self.logfile = name, argv, logfile
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.logfile, "wb") as out:
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                start_new_session=True,
-            )  # fmt: skip
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+class Server(Proc):
+    """A subprocess that says "listening on HOST:PORT" when it is ready."""
 
     async def wait_ready(self, limit: float = 60.0) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if READY_RE.search(self.logfile.read_text(errors="replace")):
-                return
-            if self.popen is not None and self.popen.poll() is not None:
-                raise SetupError(f"{self.name} exited ({self.popen.returncode}) before listening:\n{self.tail()}")
-            await asyncio.sleep(0.05)
-        raise SetupError(f"{self.name}: not listening within {limit:.0f}s:\n{self.tail()}")
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join("    " + ln for ln in self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def signal_group(self, sig: int) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (the listener and its outbox child): a machine crash."""
-        self.signal_group(signal.SIGKILL)
-        if self.popen is not None:
-            self.popen.wait()
-
-    def stop(self, timeout: float = 20.0) -> bool:
-        if self.popen is None or self.popen.poll() is not None:
-            self.signal_group(signal.SIGKILL)  # a leftover child, if any
-            return True
-        self.signal_group(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-            clean = True
-        except subprocess.TimeoutExpired:
-            clean = False
-        self.signal_group(signal.SIGKILL)
-        self.popen.wait()
-        return clean
+        await self.wait_for(READY_RE, limit)
 
 
 @dataclass
@@ -203,7 +144,7 @@ class Instance:
     relay_port: int
     intake: list[str]
     generation: int = 0
-    proc: Proc | None = None
+    proc: Server | None = None
     kills: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -237,10 +178,10 @@ level = "WARNING"
         )
         return path
 
-    def start(self) -> Proc:
+    def start(self) -> Server:
         self.generation += 1
         cfg = self.config()
-        self.proc = Proc(self.helo, [*self.intake, "--config", str(cfg), "serve"], self.workdir / f"{self.helo}.log")
+        self.proc = Server(self.helo, [*self.intake, "--config", str(cfg), "serve"], self.workdir / f"{self.helo}.log")
         self.proc.start()
         return self.proc
 
@@ -606,13 +547,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     intake = [str(REPO / ".venv/bin/intake")] if not args.intake_cmd else args.intake_cmd.split()
     db_name, db_url = create_database(args.pg, workdir, args.sqlite)
     log(f"database {db_name}; work directory {workdir}")
-    procs: list[Proc] = []
+    procs: list[Server] = []
     instances: list[Instance] = []
     try:
         record = workdir / "relay.jsonl"
         relay_port = free_port()
         argv = [sys.executable, __file__, "--relay", str(relay_port), str(record)]
-        relay = Proc("relay", argv, workdir / "relay.log")
+        relay = Server("relay", argv, workdir / "relay.log")
         relay.start()
         procs.append(relay)
         await relay.wait_ready()
@@ -713,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="intake-crash-"))
     try:
         result = asyncio.run(run(args, workdir))
-    except SetupError as exc:
+    except (SetupError, ProcError) as exc:
         log(f"setup failed: {exc}")
         log(f"logs kept in {workdir}")
         return 2
