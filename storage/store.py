@@ -12,8 +12,8 @@ run again, and then finds the duplicate.
 On SQLite the whole group runs on the event loop: BEGIN IMMEDIATE fails at once when another
 process (the outbox) holds the write lock, and the store awaits a short pause and tries again;
 the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
-thread while the disk syncs slowly. On PostgreSQL one writer
-thread owns the connection and runs the groups.
+thread while the disk syncs slowly. On PostgreSQL one writer thread owns the connection and
+runs the groups.
 
 On PostgreSQL the writer's transaction goes through a :class:`storage.pgwire.PgWire`: BEGIN
 travels with the first statement, each unit's inserts are one statement sent with the next
@@ -183,7 +183,8 @@ class SqlStore:
         self.on_loop = self.engine.dialect.name == "sqlite"
         self._loop_pending: list[_Job] = []
         self._loop_task: asyncio.Task[None] | None = None
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-db-io")  # close()
+        # SQLite: COMMIT on a slow disk, and closing the connection.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-db-io")
         self.batches = 0
         self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT's own duration (its fsync)
         self.units = 0
