@@ -44,11 +44,12 @@ log = logging.getLogger("intake")
 T = TypeVar("T")
 
 
-# Threads hand work to the event loop and back (the parsing pool's queue threads, the store's
-# BEGIN/COMMIT thread). Python makes a thread that wants the GIL wait up to the switch interval
-# (5 ms by default) while the loop's thread runs, and each message crosses such hand-offs
-# several times: at 0.5 ms, the listener's time from end of DATA to parsed went from 11 to
-# 8.5 ms (median, 10 sessions) and to committed from 23 to 17.5 ms (bench_intake).
+# Threads hand work to the event loop and back: the PostgreSQL writer thread (every message),
+# SQLite's COMMIT on a slow disk, the parsing of a large message. Python makes a thread that
+# wants the GIL wait up to the switch interval (5 ms by default) while the loop's thread runs.
+# Measured when the parsing pool and SQLite's BEGIN and COMMIT still went through threads: at
+# 0.5 ms, the listener's time from end of DATA to parsed went from 11 to 8.5 ms (median, 10
+# sessions) and to committed from 23 to 17.5 ms (bench_intake).
 GIL_SWITCH_INTERVAL = 0.0005
 
 

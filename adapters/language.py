@@ -21,8 +21,8 @@ team" is answered too: lingua was 15 % of the Slack listener's CPU) were checked
 lowest confidence lingua gave a text the rule answers was 0.72.
 tests/adapters/test_language.py keeps checking it on the texts in the repository and on
 chat-sized windows of them. Anything else, Spanish or not, goes to lingua. It remains a rule,
-not lingua: text made to fool it (English function words strung between Spanish nouns) can get "en"
-where lingua would say "es".
+not lingua: text made to fool it (English function words strung between Spanish nouns) can
+get "en" where lingua would say "es".
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ participant, message, Message-IDs and outbox entries become one statement, sent 
 statement whose result is needed or with the COMMIT), the duplicate lookup takes an advisory
 lock on the delivery and fetches ids for those inserts in the same statement, and the sender's
 counts for the flood limits (tickets opened, acknowledgements sent) are one statement.
-Claiming outbox entries is one ``UPDATE ... RETURNING``, and
-recording the sent ones one ``UPDATE``.
+On both databases claiming outbox entries is one ``UPDATE ... RETURNING``, and recording the
+sent ones one ``UPDATE``.
 """
 
 from __future__ import annotations
@@ -142,12 +142,8 @@ _WIRE_FIND_DUPLICATE = (
     ") AS d ON true"
 )
 
-# The flood limits ask for a sender's tickets within a period, and then, when the sender is to
-# be acknowledged, for the acknowledgements sent to them within another (intake/service.py).
-# The first question reads the second's answer ahead: the creation times of the sender's latest
-# acknowledgements, newest first. They answer any period that reaches back no further than the
-# oldest of them (or any period at all when there are fewer than the limit), exactly as a count
-# would; any other question is asked of the database.
+# The flood limits of a new email (intake/service.py): the tickets its sender opened within one
+# period and the acknowledgements sent to them within another, in one round trip.
 _WIRE_SENDER_COUNTS = (
     "SELECT (SELECT count(*) FROM ticket WHERE requester = %s AND created_at >= %s), "
     "(SELECT count(*) FROM outbox WHERE kind = 'acknowledgement' AND recipient = %s AND created_at >= %s)"
@@ -184,6 +180,7 @@ def _claim(locked: bool) -> Any:
 
 
 _CLAIM = _claim(locked=False)
+_CLAIM_LOCKED = _claim(locked=True)  # PostgreSQL: skip the rows another claimer holds
 # SQLite (on the fast path): the ids of the notes sent, as one JSON array parameter.
 _FINISH_SENT_SQLITE = (
     update(outbox)
@@ -195,7 +192,6 @@ _FINISH_SENT_SQLITE = (
         status="sent", sent_at=bindparam("now"), attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
     )
 )
-_CLAIM_LOCKED = _claim(locked=True)  # PostgreSQL: skip the rows another claimer holds
 
 
 def _json(value: Any) -> Any:

@@ -75,8 +75,6 @@ REPLY_TOO_BIG = "552 5.3.4 Message too big: this server accepts at most {limit} 
 REPLY_IDLE_TIMEOUT = "421 4.4.2 Timeout: nothing received for {seconds:g} s, closing connection"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timeout: the message took longer than {seconds:g} s to send, closing connection"
 REPLY_SESSION_TIMEOUT = "421 4.4.2 Session time limit of {seconds:g} s reached, closing connection"
-# aiosmtpd decodes command arguments as UTF-8 with surrogateescape: bytes that are not UTF-8
-# arrive as lone surrogates, which no database stores (nor NUL, in PostgreSQL).
 # The path of MAIL FROM / RCPT TO as nearly every client writes it: <dot-atom@host.name>, then
 # optional parameters. aiosmtpd reads every path with the email package's RFC 5322 parser (and
 # defines a typing.Protocol class on each call): 15 % of the listener's CPU under load. This
@@ -86,6 +84,8 @@ REPLY_SESSION_TIMEOUT = "421 4.4.2 Session time limit of {seconds:g} s reached, 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(.*))?\Z", re.DOTALL)
+# aiosmtpd decodes command arguments as UTF-8 with surrogateescape: bytes that are not UTF-8
+# arrive as lone surrogates, which no database stores (nor NUL, in PostgreSQL).
 _UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # Messages above this size are parsed in a worker thread so the loop keeps serving.
 PARSE_IN_THREAD_BYTES = 256 * 1024
