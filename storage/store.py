@@ -32,7 +32,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -104,9 +104,8 @@ _LOCK_PAUSE_FIRST = 0.0002  # seconds between attempts at the write lock: 0.2 ms
 _LOCK_PAUSE_MAX = 0.002  # ...up to 2 ms
 
 
-def _begin_immediate(db: Any, lock_timeout: float) -> bool:
-    """BEGIN IMMEDIATE, waiting up to ``lock_timeout`` s for another process's write to end;
-    False if the lock stayed taken (or BEGIN failed otherwise).
+def _lock_pauses(lock_timeout: float) -> Iterator[float]:
+    """The pauses between attempts at SQLite's write lock, until ``lock_timeout`` has passed.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25... ms between attempts: with the
     outbox process and intake's listener taking turns at one database, a listener that found
@@ -116,17 +115,36 @@ def _begin_immediate(db: Any, lock_timeout: float) -> bool:
     """
     pause = _LOCK_PAUSE_FIRST
     deadline = time.monotonic() + lock_timeout
-    while True:
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            return True
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                return False
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(pause)
+    while time.monotonic() < deadline:
+        yield pause
         pause = min(pause * 2, _LOCK_PAUSE_MAX)
+
+
+def _try_write_lock(db: Any) -> sqlite3.OperationalError | None:
+    """BEGIN IMMEDIATE once: None when the lock is ours, SQLite's error when another process
+    holds it; any other failure is raised."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return exc
+        raise
+    return None
+
+
+def _begin_immediate(db: Any, lock_timeout: float) -> bool:
+    """BEGIN IMMEDIATE, sleeping between attempts (callers off the event loop: migrations,
+    command-line tools); False if the lock stayed taken or BEGIN failed otherwise."""
+    pauses = _lock_pauses(lock_timeout)
+    try:
+        while _try_write_lock(db) is not None:
+            pause = next(pauses, None)
+            if pause is None:
+                return False
+            time.sleep(pause)
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def create_schema(engine: Engine) -> None:
@@ -300,19 +318,16 @@ class SqlStore:
         52.7 -> 47.7 ms at the same rate.
         """
         db: Any = conn.connection.driver_connection  # the sqlite3 connection
-        pause = _LOCK_PAUSE_FIRST
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() >= deadline:
-                    raise OperationalError("BEGIN IMMEDIATE", {}, exc) from exc
+        pauses = _lock_pauses(self.lock_timeout)
+        try:
+            while (busy := _try_write_lock(db)) is not None:
+                pause = next(pauses, None)
+                if pause is None:
+                    raise OperationalError("BEGIN IMMEDIATE", {}, busy) from busy
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, _LOCK_PAUSE_MAX)
-                continue
-            conn.info[_LOCK_TAKEN] = True
-            return
+        except sqlite3.Error as exc:
+            raise OperationalError("BEGIN IMMEDIATE", {}, exc) from exc
+        conn.info[_LOCK_TAKEN] = True
 
     async def _commit(self, trans: Any) -> None:
         """COMMIT on the loop while the disk syncs fast; in the thread when it does not.
