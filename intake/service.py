@@ -423,6 +423,8 @@ class IntakeService:
     def _open_ticket(
         self, uow: UnitOfWork, message: InboundMessage, a: Assessment, placement: Placement, acks_sent: int | None
     ) -> tuple[TicketFacts, str, bool]:
+        """``acks_sent``: acknowledgements sent to an email's sender within the limit's period
+        (None for chat, and for mail without a sender address)."""
         now = a.received_at
         severity = a.verdict.severity or self.policy.default_severity
         if a.verdict.security:
@@ -435,12 +437,10 @@ class IntakeService:
             if not (a.organisation or uow.is_known_participant(message.sender)):
                 why_not = f"sender not authenticated ({a.auth.reason}) and not a known customer"
         last_before_limit = False
-        if why_not is None and not message.chat_channel:
-            lim = self.limits
-            sent = acks_sent
-            if sent is None:  # not read with the sender's tickets (no sender address)
-                since = now - lim.ack_period
-                sent = uow.count_outbox_since(kind="acknowledgement", recipient=message.sender, since=since)
+        # acks_sent was counted for every email with a sender address (the only mail that can
+        # be acknowledged); chat replies go to the thread, with no flood limit.
+        if why_not is None and acks_sent is not None:
+            lim, sent = self.limits, acks_sent
             if sent >= lim.acks_per_sender:
                 why_not = f"flood limit: {sent} acknowledgements to this sender within {_period(lim.ack_period)}"
             last_before_limit = sent == lim.acks_per_sender - 1
