@@ -9,7 +9,9 @@ own parse and assessment would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import pickle
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,43 @@ def test_a_caller_that_gives_up_does_not_put_the_worker_out_of_step(service: Int
             await asyncio.to_thread(pool.close)
 
     asyncio.run(scenario())
+
+
+def test_large_requests_and_answers_cross_whole_and_in_order(service: IntakeService) -> None:
+    """Requests larger than the socket's buffer go out in pieces as the worker reads them, and
+    answers larger than one read (a long pasted log in the text) arrive in many: each caller
+    still gets its own message, with several in flight at once."""
+    blob = base64.encodebytes(random.Random(7).randbytes(3 * 1024 * 1024)).replace(b"\n", b"\r\n")
+    log = "".join(f"2026-11-22 08:{i // 60 % 60:02d}:{i % 60:02d} worker {i} export step ok\r\n" for i in range(6000))
+
+    def message(n: int) -> bytes:
+        return (
+            (
+                f"From: c{n}@customer.example\r\nSubject: export {n}\r\nMessage-ID: <big{n}@customer.example>\r\n"
+                'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                f"Content-Type: text/plain\r\n\r\nThe export number {n} is attached.\r\n{log}--b\r\n"
+                f'Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="e{n}.bin"\r\n'
+                "Content-Transfer-Encoding: base64\r\n\r\n"
+            ).encode()
+            + blob
+            + b"--b--\r\n"
+        )
+
+    raws = [message(n) for n in range(4)]
+    cut = {**KWARGS, "max_attachment_bytes": 1024}  # the worker cuts the attachment: raw comes back
+
+    async def scenario() -> list[Any]:
+        pool = workers.ParsePool(settings(), 1)
+        await asyncio.to_thread(pool.start)
+        try:
+            return await asyncio.gather(*(pool.parse(raw, **cut) for raw in raws))
+        finally:
+            await asyncio.to_thread(pool.close)
+
+    got = asyncio.run(scenario())
+    for n, (raw, answer) in enumerate(zip(raws, got, strict=True)):
+        assert answer is not None
+        expected = parse_email(raw, **cut)
+        assert answer[0] == expected and answer[0].subject == f"export {n}"
+        assert len(raw) > 4_000_000 and len(expected.raw) < len(raw)  # sent back, cut
+        assert len(answer[0].body) > 256 * 1024
