@@ -529,6 +529,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
     runs: list[dict] = []
     checks: list[dict] = []
     intake_cmd = resolve_cmd(args.intake_cmd) if not args.bare_only else []
+    # --compare-cmd: a second build measured in the same runs, the order alternating per run,
+    # so that both see the same minutes of this machine (its speed drifts by tens of percent).
+    variants = [("", intake_cmd)]
+    if args.compare_cmd and not args.bare_only:
+        variants.append(("-b", resolve_cmd(args.compare_cmd)))
 
     bare = null_server("bare", workdir)
     bare.start()
@@ -549,10 +554,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
                 runs.append(run_record("bare", run, res, cpu, other))
 
                 if relay is not None:
-                    for n in args.instances:
-                        rec, check = await intake_run(args, intake_cmd, workdir, relay, sessions, run, n)
-                        runs.append(rec)
-                        checks.append(check)
+                    for suffix, cmd in variants if run % 2 == 0 else variants[::-1]:
+                        for n in args.instances:
+                            rec, check = await intake_run(args, cmd, workdir, relay, sessions, run, n, suffix)
+                            runs.append(rec)
+                            checks.append(check)
     finally:
         bare.stop()
         if relay is not None:
@@ -672,9 +678,16 @@ def format_profile(profile: dict[str, Any]) -> str:
 
 
 async def intake_run(
-    args: argparse.Namespace, cmd: list[str], workdir: Path, relay: Server, sessions: int, run: int, instances: int = 1
+    args: argparse.Namespace,
+    cmd: list[str],
+    workdir: Path,
+    relay: Server,
+    sessions: int,
+    run: int,
+    instances: int = 1,
+    suffix: str = "",
 ) -> tuple[dict, dict]:
-    label = server_label(args, instances)
+    label = server_label(args, instances) + suffix
     rundir = workdir / f"{label}-c{sessions}-r{run + 1}"
     rundir.mkdir()
     db_name = None
@@ -870,6 +883,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--intake-cmd",
         default=".venv/bin/intake",
         help="how to run intake (shell words; relative paths from cwd or the repo)",
+    )
+    p.add_argument(
+        "--compare-cmd",
+        default="",
+        help="a second intake command measured in the same runs as 'intake-b' (A/B of two builds)",
     )
     p.add_argument(
         "--config-extra",
