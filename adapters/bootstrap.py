@@ -10,6 +10,7 @@ commits what is queued).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -273,6 +274,7 @@ def build(
 
 def make_email_listener(app: App) -> EmailListener:
     em = app.settings.email
+    shared = em.listener_processes > 1
     config = ListenerConfig(
         addresses=em.addresses,
         protocol=em.protocol,
@@ -288,14 +290,18 @@ def make_email_listener(app: App) -> EmailListener:
         max_sessions_per_client=em.max_sessions_per_client,
     )
     handler = IntakeHandler(app.service, config, SessionTracker())
-    return EmailListener(handler, config, host=em.listen_host, port=em.listen_port)
+    return EmailListener(handler, config, host=em.listen_host, port=em.listen_port, reuse_port=shared)
+
+
+async def start_email(app: App) -> None:
+    listener = make_email_listener(app)
+    await listener.start()
+    app.email_listener = listener
 
 
 async def start(app: App) -> None:
     app.store.start()
-    listener = make_email_listener(app)
-    await listener.start()
-    app.email_listener = listener
+    await start_email(app)
     if app.settings.slack.enabled:
         from adapters.slack.listener import SlackListener
 
@@ -368,6 +374,11 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         dispatcher_task = asyncio.create_task(worker.watch(), name="outbox-process")
     else:
         dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
+    listeners: ListenerProcesses | None = None
+    if app.settings.email.listener_processes > 1 and app.email_listener is not None:
+        wake = worker.wake if worker is not None else app.dispatcher.wake
+        listeners = ListenerProcesses(app.settings, app.email_listener.port, wake)
+        await listeners.start()
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
     settle_heap()
@@ -386,6 +397,8 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     finally:
         log.info("shutting down")
         app.sla.stop()
+        if listeners is not None:  # they stop as this process's listener does, side by side
+            await asyncio.gather(listeners.stop(app.settings.email.shutdown_grace), stop_listeners(app))
         if worker is not None:
             await stop_listeners(app)
             await worker.stop()
@@ -400,6 +413,211 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+
+
+class ListenerProcesses:
+    """The email listeners beyond the first (``email.listener_processes``), in child processes.
+
+    Each child binds the parent's port with SO_REUSEPORT, so the kernel spreads connections
+    over all of them, and takes a message in exactly as the parent does: parse, assess, one
+    transaction, 250 (the database arbitrates, as between several intake instances). One event
+    loop in one interpreter was the limit: on 2 cores the parent's loop was the busiest thing
+    on the machine while a quarter of the CPU stood idle. The children run no outbox, no
+    Slack, no web page and no response clocks: after a commit they wake the parent through a
+    pipe (at most once per ``OutboxProcess.wake_every``), which wakes the outbox. A child that
+    dies is restarted; a child whose parent died stops on its own (its port would otherwise
+    keep taking mail for nobody's outbox, and the restarted service could not be told apart).
+    """
+
+    def __init__(self, settings: Settings, port: int, wake: Callable[[], None]) -> None:
+        self.settings = settings
+        self.port = port
+        self.wake = wake
+        self.count = settings.email.listener_processes - 1
+        self._ctx = multiprocessing.get_context("spawn")
+        self._children: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start every child and wait until each listens."""
+        await asyncio.gather(*(self._spawn(k) for k in range(self.count)))
+        self._watch = asyncio.create_task(self._watch_children(), name="listener-processes")
+
+    async def _spawn(self, k: int) -> None:
+        reader, writer = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=_listener_main,
+            args=(self.settings, self.port, writer, k + 2),
+            name=f"intake-listener-{k + 2}",
+            daemon=False,  # a child with parsing workers of its own must be allowed children
+        )
+        proc.start()
+        writer.close()
+        self._children[k] = (proc, reader)
+        try:  # the first message says it listens (or why it could not)
+            ready = await asyncio.to_thread(_first_message, reader, 120.0)
+        except BaseException:
+            self._forget(k)
+            proc.kill()
+            raise
+        if ready != b"ready":
+            self._forget(k)
+            await asyncio.to_thread(proc.join, 5)
+            raise OSError(f"email listener {k + 2} did not start: {ready.decode(errors='replace')}")
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._woken, k)
+        log.info("email listener %d started (pid %s)", k + 2, proc.pid)
+
+    def _woken(self, k: int) -> None:
+        _, reader = self._children[k]
+        if _drain(reader):
+            self.wake()
+        else:  # the child is gone: stop watching its pipe; _watch_children restarts it
+            asyncio.get_running_loop().remove_reader(reader.fileno())
+
+    def _forget(self, k: int) -> None:
+        child = self._children.pop(k, None)
+        if child is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(child[1].fileno())
+        child[1].close()
+
+    async def _watch_children(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            for k, (proc, _) in list(self._children.items()):
+                if proc.is_alive() or self._stopping:
+                    continue
+                log.error("email listener %d exited (%s); restarting it", k + 2, proc.exitcode)
+                self._forget(k)
+                try:
+                    await self._spawn(k)
+                except (OSError, EOFError) as exc:
+                    log.error("email listener %d could not be restarted: %s", k + 2, exc)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM to every child: each finishes its sessions (up to ``grace`` s) and exits."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        procs = [proc for proc, _ in self._children.values()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.join, grace + 15)
+            if proc.is_alive():
+                log.error("email listener (pid %s) did not stop; killing it", proc.pid)
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
+        for k in list(self._children):
+            self._forget(k)
+
+
+def _first_message(conn: Any, timeout: float) -> bytes:
+    if not conn.poll(timeout):
+        return b"no answer within %d s" % timeout
+    try:
+        return bytes(conn.recv_bytes())
+    except (EOFError, OSError):
+        return b"it exited while starting"
+
+
+def _listener_main(settings: Settings, port: int, wake: Any, number: int) -> None:
+    """Entry point of an email listener child process (see ListenerProcesses)."""
+    from adapters.cli import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    setup_logging(settings)
+    for handler in logging.getLogger().handlers:  # each line says which listener wrote it
+        handler.addFilter(_ListenerTag(number))
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    parent = os.getppid()
+    settings = settings.model_copy(update={"email": settings.email.model_copy(update={"listen_port": port})})
+    try:
+        app = build(settings, create_tables=False)
+    except Exception as exc:
+        wake.send_bytes(f"{type(exc).__name__}: {exc}".encode())
+        raise
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        app.store.start()
+        try:
+            await start_email(app)
+        except OSError as exc:
+            wake.send_bytes(f"cannot listen on :{port}: {exc}".encode())
+            await _close_senders_and_store(app)
+            return
+        pool: ParsePool | None = None
+        if settings.email.parse_workers and app.email_listener is not None:
+            pool = ParsePool(settings, settings.email.parse_workers)
+            await asyncio.to_thread(pool.start)
+            app.email_listener.handler.pool = pool
+        waker = _ThrottledWake(lambda: wake.send_bytes(b"."))
+        app.service.on_commit = waker.wake
+        settle_heap()
+        wake.send_bytes(b"ready")
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=0.5)
+            except TimeoutError:
+                if os.getppid() != parent:
+                    log.error("email listener: the serving process is gone; stopping")
+                    stopping.set()
+        await stop_listeners(app)
+        waker.cancel()
+        if pool is not None:
+            await asyncio.to_thread(pool.close)
+        await _close_senders_and_store(app)
+
+    run_loop(settings, main())
+
+
+class _ListenerTag(logging.Filter):
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.number = number
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.listener = self.number
+        return True
+
+
+class _ThrottledWake:
+    """Calls ``send`` now, or once at the end of the current ``every`` window (see OutboxProcess)."""
+
+    def __init__(self, send: Callable[[], None], every: float = 0.01) -> None:
+        self._send = send
+        self.every = every
+        self._last = 0.0
+        self._later: asyncio.TimerHandle | None = None
+
+    def wake(self) -> None:
+        if self._later is not None:
+            return  # a wake-up is already due
+        loop = asyncio.get_running_loop()
+        wait = self._last + self.every - loop.time()
+        if wait > 0:
+            self._later = loop.call_later(wait, self._fire)
+        else:
+            self._fire()
+
+    def _fire(self) -> None:
+        self._later = None
+        self._last = asyncio.get_running_loop().time()
+        try:
+            self._send()
+        except (OSError, ValueError, AttributeError):  # the other end is restarting; it polls anyway
+            pass
+
+    def cancel(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
 
 
 class OutboxProcess:

@@ -398,11 +398,14 @@ class IntakeLMTP(_Limited, LMTP):
 class EmailListener:
     """Owns the listening socket; start() and stop() on the caller's loop."""
 
-    def __init__(self, handler: IntakeHandler, config: ListenerConfig, *, host: str, port: int) -> None:
+    def __init__(
+        self, handler: IntakeHandler, config: ListenerConfig, *, host: str, port: int, reuse_port: bool = False
+    ) -> None:
         self.handler = handler
         self.config = config
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port  # other processes listen on the same port (listener_processes)
         self.tracker = handler.tracker
         self._server: asyncio.AbstractServer | None = None
         self._template: SMTP | None = None
@@ -442,7 +445,9 @@ class EmailListener:
     async def start(self) -> None:
         self._template = None  # built on the loop that serves
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, self.host, self.port, reuse_address=True)
+        self._server = await loop.create_server(
+            self._factory, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port or None
+        )
         sock = self._server.sockets[0].getsockname()
         self.port = int(sock[1])
 

@@ -1,0 +1,173 @@
+"""`email.listener_processes`: several listeners on one port, as a user runs `intake serve`.
+
+Each test runs the real command with two listener processes (SO_REUSEPORT), real SMTP
+clients, and a relay stand-in that receives the acknowledgements: every message is stored
+once and acknowledged once whichever process took it, a listener that dies is replaced, and
+nothing outlives the serving process, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail
+from tests.conftest import free_port
+
+INTAKE = [sys.executable, "-m", "adapters.cli"]
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT spreading is Linux's")
+
+
+def _config(tmp_path: Path, relay_port: int, port: int) -> Path:
+    cfg = tmp_path / "intake.toml"
+    cfg.write_text(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/intake.db"\n'
+        f"[email]\nlisten_port = {port}\nlistener_processes = 2\nparse_workers = 0\n"
+        f"[outbound]\nrelay_port = {relay_port}\n"
+    )
+    subprocess.run([*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60)
+    return cfg
+
+
+async def _serve(cfg: Path, port: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        *INTAKE, "--config", str(cfg), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert b"listening on 127.0.0.1:%d" % port in line, line
+    return proc
+
+
+async def _send(port: int, n: int, tag: str) -> list[str]:
+    """n messages over 10 concurrent connections (the per-client cap is 20 per process)."""
+    import aiosmtplib
+
+    gate = asyncio.Semaphore(10)
+
+    async def one(i: int) -> str:
+        message = mail(sender=f"Customer {i} <c{i}@cust{i}.example>", message_id=f"<{tag}.{i}@cust.example>")
+        async with gate:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=20)
+            await client.connect()
+            try:
+                _, reply = await client.sendmail(f"c{i}@cust{i}.example", ["support@example.com"], message.as_bytes())
+            finally:
+                await client.quit()
+        return reply
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _stats(cfg: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INTAKE, "--config", str(cfg), "stats", "--json"], capture_output=True, text=True)
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _gone(pids: set[int], within: float) -> set[int]:
+    deadline = time.monotonic() + within
+    while (alive := {p for p in pids if _alive(p)}) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)  # other processes: no event to wait on
+    return alive
+
+
+async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowledged_once(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port)
+    proc = await _serve(cfg, port)
+    try:
+        replies = await _send(port, 60, "spread")
+        assert all("stored as SUP-" in r for r in replies)
+        assert len({re.search(r"SUP-\S+", r).group() for r in replies}) == 60  # type: ignore[union-attr]
+        acks = await smtp_relay.wait_for(60, timeout=30)  # acks of the child's messages too
+        assert sorted(a.rcpt_tos[0] for a in acks) == sorted(f"c{i}@cust{i}.example" for i in range(60))
+        # Redelivered, whichever listener takes it this time: a duplicate, not a ticket.
+        again = await _send(port, 60, "spread")
+        assert all("already stored as SUP-" in r for r in again), again[:3]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 40)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    log = err.decode()
+    assert "Traceback" not in log
+    took = re.findall(r"message received .*", log)
+    by_child = [line for line in took if "listener=2" in line]
+    assert len(took) == 120 and 0 < len(by_child) < 120  # the kernel spread the connections
+    stats = await asyncio.to_thread(_stats, cfg)
+    assert '"tickets": 60' in stats.stdout
+    await asyncio.sleep(0.5)
+    assert len(smtp_relay.messages) == 60  # no second acknowledgement for the redeliveries
+
+
+async def test_a_listener_that_dies_is_replaced_and_nothing_outlives_the_service(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port)
+    proc = await _serve(cfg, port)
+    children: set[int] = set()
+    try:
+        assert proc.stderr is not None
+        children = _children(proc.pid)
+        assert len(children) >= 2  # the outbox and the second listener (and multiprocessing's tracker)
+        started = re.compile(rb"email listener 2 started \(pid (\d+)\)")
+        text = b""
+        while not (found := started.search(text)):
+            text += await asyncio.wait_for(proc.stderr.readline(), 30)
+        listener = int(found.group(1))
+        os.kill(listener, signal.SIGKILL)
+        while not (again := started.search(text, found.end())):
+            text += await asyncio.wait_for(proc.stderr.readline(), 30)
+        replacement = int(again.group(1))
+        assert replacement != listener and _alive(replacement)
+        assert all("stored as SUP-" in r for r in await _send(port, 20, "after"))
+        children = _children(proc.pid)
+        # The serving process is killed outright: its children stop on their own.
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        assert not await _gone(children, within=15), "a child outlived the serving process"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    stats = await asyncio.to_thread(_stats, cfg)
+    assert '"tickets": 20' in stats.stdout
+
+
+def test_the_setting_is_checked(tmp_path: Path) -> None:
+    from adapters.settings import load_settings
+    from intake.errors import ConfigError
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[email]\nlistener_processes = 0\n")
+    with pytest.raises(ConfigError, match="listener_processes"):
+        load_settings(cfg)
