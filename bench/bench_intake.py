@@ -142,6 +142,42 @@ def null_server(name: str, workdir: Path) -> Server:
     return Server(name, argv, workdir / f"{name}.log")
 
 
+class SinkServer(Server):
+    """Postfix's smtp-sink as the relay stand-in: a C server that accepts mail and discards it."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        port = free_port()
+        root = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
+        super().__init__(name, [SMTP_SINK, *root, f"127.0.0.1:{port}", "256"], workdir / f"{name}.log")
+        self.port = port
+
+    async def wait_ready(self, limit: float = 30.0) -> tuple[str, int]:
+        deadline = time.monotonic() + limit
+        while True:
+            if not self.alive:
+                raise ProcError(f"{self.name} exited:\n{self.tail()}")
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ProcError(f"{self.name} did not listen on :{self.port} within {limit:g}s") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return self.host, self.port
+
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+def relay_server(args: argparse.Namespace, workdir: Path) -> Server:
+    if args.relay == "smtp-sink":
+        if not os.access(SMTP_SINK, os.X_OK):
+            raise BenchError("--relay smtp-sink needs Postfix's smtp-sink (Debian: apt-get install postfix)")
+        return SinkServer("relay", workdir)
+    return null_server("relay", workdir)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -531,19 +567,26 @@ async def bench(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
     intake_cmd = resolve_cmd(args.intake_cmd) if not args.bare_only else []
     # --compare-cmd: a second build measured in the same runs, the order alternating per run,
     # so that both see the same minutes of this machine (its speed drifts by tens of percent).
-    variants = [("", intake_cmd)]
-    if args.compare_cmd and not args.bare_only:
-        variants.append(("-b", resolve_cmd(args.compare_cmd)))
+    # --compare-config: the same for a second configuration (merged over --config-extra).
+    variants = [("", intake_cmd, args.config_extra)]
+    if (args.compare_cmd or args.compare_config) and not args.bare_only:
+        extra = args.config_extra
+        if args.compare_config:
+            extra = dump_toml(merge(tomllib.loads(extra) if extra else {}, tomllib.loads(args.compare_config)))
+        variants.append(("-b", resolve_cmd(args.compare_cmd) if args.compare_cmd else intake_cmd, extra))
 
     bare = null_server("bare", workdir)
     bare.start()
     await bare.wait_ready()
     relay = None
     if not args.bare_only:
-        relay = null_server("relay", workdir)
+        relay = relay_server(args, workdir)
         relay.start()
         await relay.wait_ready()
-    log(f"bare aiosmtpd on {bare.host}:{bare.port}" + (f", relay stand-in on :{relay.port}" if relay else ""))
+    log(
+        f"bare aiosmtpd on {bare.host}:{bare.port}"
+        + (f", relay stand-in ({args.relay}) on :{relay.port}" if relay else "")
+    )
 
     try:
         for sessions in args.sessions:
@@ -554,9 +597,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
                 runs.append(run_record("bare", run, res, cpu, other))
 
                 if relay is not None:
-                    for suffix, cmd in variants if run % 2 == 0 else variants[::-1]:
+                    for suffix, cmd, extra in variants if run % 2 == 0 else variants[::-1]:
                         for n in args.instances:
-                            rec, check = await intake_run(args, cmd, workdir, relay, sessions, run, n, suffix)
+                            rec, check = await intake_run(args, cmd, workdir, relay, sessions, run, n, suffix, extra)
                             runs.append(rec)
                             checks.append(check)
     finally:
@@ -686,12 +729,13 @@ async def intake_run(
     run: int,
     instances: int = 1,
     suffix: str = "",
+    extra: str | None = None,
 ) -> tuple[dict, dict]:
     label = server_label(args, instances) + suffix
     rundir = workdir / f"{label}-c{sessions}-r{run + 1}"
     rundir.mkdir()
     db_name = None
-    extra = args.config_extra
+    extra = args.config_extra if extra is None else extra
     if args.postgres:
         db_name, db_url = create_database(args.postgres)
         extra = dump_toml(merge(tomllib.loads(extra) if extra else {}, {"storage": {"url": db_url}}))
@@ -885,9 +929,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how to run intake (shell words; relative paths from cwd or the repo)",
     )
     p.add_argument(
+        "--relay",
+        choices=("aiosmtpd", "smtp-sink"),
+        default="aiosmtpd",
+        help="the stand-in for the outbound relay: a bare aiosmtpd (default) or Postfix's smtp-sink",
+    )
+    p.add_argument(
         "--compare-cmd",
         default="",
         help="a second intake command measured in the same runs as 'intake-b' (A/B of two builds)",
+    )
+    p.add_argument(
+        "--compare-config",
+        default="",
+        help="TOML merged over --config-extra for 'intake-b' only (A/B of two configurations); @FILE reads a file",
     )
     p.add_argument(
         "--config-extra",
@@ -923,6 +978,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.config_extra.startswith("@"):
         a.config_extra = Path(a.config_extra[1:]).read_text()
+    if a.compare_config.startswith("@"):
+        a.compare_config = Path(a.compare_config[1:]).read_text()
     if any(n > 1 for n in a.instances) and not a.postgres:
         p.error("--instances above 1 needs --postgres (SQLite is one process's database)")
     return a
