@@ -34,6 +34,7 @@ Targets (exit status 1 when one is missed, 2 when the set-up failed):
 
     .venv/bin/python scripts/crash_test.py                      # 1,000 messages
     .venv/bin/python scripts/crash_test.py --sqlite -n 2000     # one instance on the embedded SQLite
+    .venv/bin/python scripts/crash_test.py --sqlite --listener-processes 2   # two listeners on its port
     .venv/bin/python scripts/crash_test.py -n 300 --sessions 5 --json
 """
 
@@ -143,6 +144,7 @@ class Instance:
     db_url: str
     relay_port: int
     intake: list[str]
+    listeners: int = 1  # email.listener_processes: SIGKILL takes the whole process group
     generation: int = 0
     proc: Server | None = None
     kills: list[dict[str, Any]] = field(default_factory=list)
@@ -165,6 +167,7 @@ hostname = "{self.helo}"
 max_sessions = 500
 max_sessions_per_client = 500
 shutdown_grace = 5
+listener_processes = {self.listeners}
 [outbound]
 relay_host = "127.0.0.1"
 relay_port = {self.relay_port}
@@ -559,7 +562,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await relay.wait_ready()
 
         instances = [
-            Instance(name, free_port(), workdir, db_url, relay_port, intake) for name in ("a", "b")[: args.instances]
+            Instance(name, free_port(), workdir, db_url, relay_port, intake, args.listener_processes)
+            for name in ("a", "b")[: args.instances]
         ]
         upgrade = await asyncio.to_thread(
             subprocess.run,
@@ -628,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=2, choices=(1, 2))
     p.add_argument("--pg", default=DEFAULT_PG, help="a PostgreSQL URL whose server hosts the scratch database")
     p.add_argument("--sqlite", action="store_true", help="one instance on a SQLite file (the embedded default) instead")
+    p.add_argument(
+        "--listener-processes", type=int, default=1, help="email.listener_processes of each instance (default 1)"
+    )
     p.add_argument("--kill-min", type=float, default=1.0)
     p.add_argument("--kill-max", type=float, default=4.0)
     p.add_argument("--give-up", type=float, default=300.0, help="seconds after which a message is given up")
