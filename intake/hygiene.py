@@ -158,11 +158,33 @@ def _report_part_types(message: InboundMessage) -> set[str]:
 
 
 # A DSN body part may sit in a multipart/mixed when an MTA gets RFC 3464 half right; the raw
-# bytes are only parsed when this cheap scan finds the part's content type at all. It runs on
-# the lower-cased bytes (a bytes pattern ignores only ASCII case, as bytes.lower() changes only
-# ASCII letters): a literal prefix is found by a fast search, a case-insensitive pattern is
-# tried at every byte (~50 ms for a 1.5 MB message).
+# bytes are only parsed when this cheap scan finds the part's content type among the headers
+# of the top-level parts (the only ones _report_part_types looks at). The boundary is found by
+# a plain search and only each part's first bytes are lower-cased (a bytes pattern ignores only
+# ASCII case, as bytes.lower() changes only ASCII letters). For a 25.7 MB message: 25 ms to
+# lower-case all of it and search, 13 ms for the boundary search; a case-insensitive pattern
+# over the raw bytes took ~50 ms per 1.5 MB.
 _DSN_PART = re.compile(rb"content-type:[ \t]*message/delivery-status")
+_BOUNDARY = re.compile(r"""(?i);\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))""")
+_PART_HEAD = 4096  # bytes of a part read for its headers
+
+
+def _has_dsn_part(message: InboundMessage) -> bool:
+    found = _BOUNDARY.search(_header(message, "content-type"))
+    if found is None:
+        return False  # no parts to look at (nor would the parser find any)
+    delimiter = b"--" + (found.group(1) or found.group(2)).encode("utf-8", "surrogateescape")
+    raw = message.raw
+    at = raw.find(delimiter)
+    while at != -1:
+        head = raw[at + len(delimiter) : at + len(delimiter) + _PART_HEAD].lower()
+        end = head.find(b"\n\r\n")
+        if end == -1:
+            end = head.find(b"\n\n")
+        if _DSN_PART.search(head if end == -1 else head[:end]):
+            return True
+        at = raw.find(delimiter, at + len(delimiter))
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +291,7 @@ def _delivery_status(message: InboundMessage, loop_token: str | None) -> Automat
     ctype, report_type = _content_type(message)
     if report_type == "delivery-status" and ctype.startswith("multipart/"):
         return Automation(AutomationKind.BOUNCE, f"Content-Type: {ctype}; report-type=delivery-status")
-    if (ctype == "multipart/report" and not report_type) or (
-        ctype.startswith("multipart/") and _DSN_PART.search(message.raw.lower())
-    ):
+    if (ctype == "multipart/report" and not report_type) or (ctype.startswith("multipart/") and _has_dsn_part(message)):
         if "message/delivery-status" in _report_part_types(message):
             return Automation(AutomationKind.BOUNCE, f"Content-Type: {ctype} with a message/delivery-status part")
     return None

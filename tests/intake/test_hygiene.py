@@ -250,6 +250,29 @@ def test_the_delivery_status_part_is_found_in_any_case(written: bytes) -> None:
     assert kind(message) is BOUNCE
 
 
+def test_the_delivery_status_part_is_found_below_other_part_headers_and_a_quoted_boundary() -> None:
+    raw = DSN_RAW.replace(b"MULTIPART/REPORT; BOUNDARY=b1", b'multipart/mixed; boundary="b 1"').replace(
+        b"--b1", b"--b 1"
+    )
+    raw = raw.replace(
+        b"Content-Type: message/delivery-status",
+        b"Content-Description: Delivery report\r\nContent-Transfer-Encoding: 7bit\r\n"
+        b"Content-Type: message/delivery-status",
+    )
+    message = msg(sender="relay@relay.example", headers={"Content-Type": 'multipart/mixed; boundary="b 1"'}, raw=raw)
+    assert kind(message) is BOUNCE
+
+
+def test_a_delivery_status_line_in_a_text_part_is_not_a_part() -> None:
+    raw = (
+        b"From: alice@customer.example\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nOur MTA logs say:\r\n"
+        b"Content-Type: message/delivery-status\r\nwhat does it mean?\r\n--b1--\r\n"
+    )
+    message = msg(subject="Question", headers={"Content-Type": "multipart/mixed; boundary=b1"}, raw=raw)
+    assert detect_automation(message) is None
+
+
 def test_a_forwarded_dsn_inside_a_customer_message_is_not_a_bounce() -> None:
     inner = DSN_RAW.replace(b"\r\n", b"\n")
     raw = (
