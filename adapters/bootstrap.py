@@ -440,8 +440,12 @@ class ListenerProcesses:
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start every child and wait until each listens."""
-        await asyncio.gather(*(self._spawn(k) for k in range(self.count)))
+        """Start every child and wait until each listens; if one cannot, stop the others."""
+        outcomes = await asyncio.gather(*(self._spawn(k) for k in range(self.count)), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            await self.stop(0)  # a started child must not outlive a serve that failed to start
+            raise failed[0]
         self._watch = asyncio.create_task(self._watch_children(), name="listener-processes")
 
     async def _spawn(self, k: int) -> None:
