@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -377,7 +378,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     listeners: ListenerProcesses | None = None
     if app.settings.email.listener_processes > 1 and app.email_listener is not None:
         wake = worker.wake if worker is not None else app.dispatcher.wake
-        listeners = ListenerProcesses(app.settings, app.email_listener.port, wake)
+        listeners = ListenerProcesses(app.settings, app.email_listener.port, wake, app.recorder)
         await listeners.start()
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
@@ -424,15 +425,18 @@ class ListenerProcesses:
     loop in one interpreter was the limit: on 2 cores the parent's loop was the busiest thing
     on the machine while a quarter of the CPU stood idle. The children run no outbox, no
     Slack, no web page and no response clocks: after a commit they wake the parent through a
-    pipe (at most once per ``OutboxProcess.wake_every``), which wakes the outbox. A child that
+    pipe (at most once per ``OutboxProcess.wake_every``), which wakes the outbox, and once a
+    second they send what their counters moved, which the parent adds to its own (so that
+    /metrics counts every listener's messages). A child that
     dies is restarted; a child whose parent died stops on its own (its port would otherwise
     keep taking mail for nobody's outbox, and the restarted service could not be told apart).
     """
 
-    def __init__(self, settings: Settings, port: int, wake: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, port: int, wake: Callable[[], None], recorder: Recorder) -> None:
         self.settings = settings
         self.port = port
         self.wake = wake
+        self.recorder = recorder
         self.count = settings.email.listener_processes - 1
         self._ctx = multiprocessing.get_context("spawn")
         self._children: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
@@ -473,11 +477,24 @@ class ListenerProcesses:
         log.info("email listener %d started (pid %s)", k + 2, proc.pid)
 
     def _woken(self, k: int) -> None:
-        _, reader = self._children[k]
-        if _drain(reader):
+        if self._read(k):
             self.wake()
-        else:  # the child is gone: stop watching its pipe; _watch_children restarts it
-            asyncio.get_running_loop().remove_reader(reader.fileno())
+
+    def _read(self, k: int) -> bool:
+        """Take in what child k sent; True when it committed something since."""
+        _, reader = self._children[k]
+        committed = False
+        try:
+            while reader.poll():
+                data = reader.recv_bytes()
+                if data[:1] == _COUNTERS:
+                    self.recorder.add(pickle.loads(data[1:]))  # our own child's, not outside input
+                else:
+                    committed = True
+        except (EOFError, OSError):  # the child is gone: stop watching; _watch_children restarts it
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(reader.fileno())
+        return committed
 
     def _forget(self, k: int) -> None:
         child = self._children.pop(k, None)
@@ -494,6 +511,7 @@ class ListenerProcesses:
                 if proc.is_alive() or self._stopping:
                     continue
                 log.error("email listener %d exited (%s); restarting it", k + 2, proc.exitcode)
+                self._read(k)
                 self._forget(k)
                 try:
                     await self._spawn(k)
@@ -516,6 +534,7 @@ class ListenerProcesses:
                 proc.kill()
                 await asyncio.to_thread(proc.join, 5)
         for k in list(self._children):
+            self._read(k)  # the counters each child sent as it stopped
             self._forget(k)
 
 
@@ -563,8 +582,19 @@ def _listener_main(settings: Settings, port: int, wake: Any, number: int) -> Non
             app.email_listener.handler.pool = pool
         waker = _ThrottledWake(lambda: wake.send_bytes(b"."))
         app.service.on_commit = waker.wake
+        sent = app.recorder.copy()
+
+        def send_counters() -> None:
+            nonlocal sent
+            moved = app.recorder.since(sent)
+            if moved.counts or moved.histograms:
+                with contextlib.suppress(OSError, ValueError):
+                    wake.send_bytes(_COUNTERS + pickle.dumps(moved, protocol=pickle.HIGHEST_PROTOCOL))
+                sent = app.recorder.copy()
+
         settle_heap()
         wake.send_bytes(b"ready")
+        ticks = 0
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=0.5)
@@ -572,13 +602,20 @@ def _listener_main(settings: Settings, port: int, wake: Any, number: int) -> Non
                 if os.getppid() != parent:
                     log.error("email listener: the serving process is gone; stopping")
                     stopping.set()
+                ticks += 1
+                if ticks % 2 == 0:
+                    send_counters()
         await stop_listeners(app)
         waker.cancel()
+        send_counters()  # the last sessions' counts
         if pool is not None:
             await asyncio.to_thread(pool.close)
         await _close_senders_and_store(app)
 
     run_loop(settings, main())
+
+
+_COUNTERS = b"M"  # a message from a listener child: its counters' movement, pickled
 
 
 class _ListenerTag(logging.Filter):

@@ -261,6 +261,37 @@ class Recorder:
             hist = self.histograms[name] = Histogram()
         hist.observe(seconds)
 
+    def copy(self) -> Recorder:
+        return Recorder(
+            dict(self.counts),
+            {k: Histogram(h.buckets, list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
+        )
+
+    def since(self, earlier: Recorder) -> Recorder:
+        """What moved since ``earlier`` (a copy of this recorder taken before)."""
+        delta = Recorder({k: v - earlier.counts.get(k, 0) for k, v in self.counts.items()})
+        delta.counts = {k: v for k, v in delta.counts.items() if v}
+        for name, hist in self.histograms.items():
+            before = earlier.histograms.get(name)
+            if before is None:
+                delta.histograms[name] = Histogram(hist.buckets, list(hist.counts), hist.total, hist.n)
+            elif hist.n != before.n:
+                counts = [a - b for a, b in zip(hist.counts, before.counts, strict=True)]
+                delta.histograms[name] = Histogram(hist.buckets, counts, hist.total - before.total, hist.n - before.n)
+        return delta
+
+    def add(self, other: Recorder) -> None:
+        """Add what another recorder counted (another process's, see ``since``)."""
+        for key, value in other.counts.items():
+            self.inc(*key, by=value)
+        for name, hist in other.histograms.items():
+            mine = self.histograms.get(name)
+            if mine is None:
+                mine = self.histograms[name] = Histogram(hist.buckets)
+            mine.counts = [a + b for a, b in zip(mine.counts, hist.counts, strict=True)]
+            mine.total += hist.total
+            mine.n += hist.n
+
 
 def payload_recipient(payload: Any) -> str:
     if isinstance(payload, OutgoingEmail):

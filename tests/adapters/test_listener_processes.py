@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,17 @@ from tests.adapters.harness import mail
 from tests.conftest import free_port
 
 INTAKE = [sys.executable, "-m", "adapters.cli"]
+TOKEN = "listeners-test"
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT spreading is Linux's")
 
 
-def _config(tmp_path: Path, relay_port: int, port: int) -> Path:
+def _config(tmp_path: Path, relay_port: int, port: int, web_port: int | None = None) -> Path:
     cfg = tmp_path / "intake.toml"
+    web = f'[web]\nenabled = true\nlisten_port = {web_port}\ntoken = "{TOKEN}"\n' if web_port else ""
     cfg.write_text(
         f'[storage]\nurl = "sqlite:///{tmp_path}/intake.db"\n'
         f"[email]\nlisten_port = {port}\nlistener_processes = 2\nparse_workers = 0\n"
-        f"[outbound]\nrelay_port = {relay_port}\n"
+        f"[outbound]\nrelay_port = {relay_port}\n{web}"
     )
     subprocess.run([*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60)
     return cfg
@@ -70,6 +73,14 @@ async def _send(port: int, n: int, tag: str) -> list[str]:
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+def _messages_counted(web_port: int) -> dict[str, int]:
+    url = f"http://127.0.0.1:{web_port}/metrics?token={TOKEN}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'intake_messages_received_total\{channel="email",outcome="(\w+)"\} (\d+)', text)
+    return {outcome: int(n) for outcome, n in found}
+
+
 def _stats(cfg: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*INTAKE, "--config", str(cfg), "stats", "--json"], capture_output=True, text=True)
 
@@ -98,8 +109,8 @@ async def _gone(pids: set[int], within: float) -> set[int]:
 async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowledged_once(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
-    port = free_port()
-    cfg = _config(tmp_path, smtp_relay.port, port)
+    port, web_port = free_port(), free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port, web_port)
     proc = await _serve(cfg, port)
     try:
         replies = await _send(port, 60, "spread")
@@ -110,6 +121,12 @@ async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowle
         # Redelivered, whichever listener takes it this time: a duplicate, not a ticket.
         again = await _send(port, 60, "spread")
         assert all("already stored as SUP-" in r for r in again), again[:3]
+        # /metrics (served by the first process) counts every listener's messages: the second
+        # sends what its counters moved once a second.
+        deadline = time.monotonic() + 10
+        while (counted := await asyncio.to_thread(_messages_counted, web_port)) != {"new": 60, "duplicate": 60}:
+            assert time.monotonic() < deadline, counted
+            await asyncio.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 40)
