@@ -9,6 +9,7 @@ the composition root (``adapters.bootstrap``) and the CLI read settings.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -92,6 +93,13 @@ class EmailSettings(_Section):
     # Acknowledge only authenticated senders or known customers. Default: on when
     # trusted_authserv_ids is set.
     require_authentication: bool | None = None
+
+    @field_validator("listener_processes")
+    @classmethod
+    def _listeners(cls, v: int) -> int:
+        if v > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("more than 1 needs SO_REUSEPORT, which this system does not have")
+        return v
 
     @field_validator("subject_tag")
     @classmethod

@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,4 +188,16 @@ def test_the_setting_is_checked(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[email]\nlistener_processes = 0\n")
     with pytest.raises(ConfigError, match="listener_processes"):
+        load_settings(cfg)
+
+
+def test_several_listeners_need_so_reuseport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.settings import load_settings
+    from intake.errors import ConfigError
+
+    cfg = tmp_path / "two.toml"
+    cfg.write_text("[email]\nlistener_processes = 2\n")
+    assert load_settings(cfg).email.listener_processes == 2
+    monkeypatch.delattr(socket, "SO_REUSEPORT")  # as on a system without it
+    with pytest.raises(ConfigError, match=r"listener_processes(.|\n)*SO_REUSEPORT"):
         load_settings(cfg)
