@@ -629,7 +629,8 @@ class _ListenerTag(logging.Filter):
 
 
 class _ThrottledWake:
-    """Calls ``send`` now, or once at the end of the current ``every`` window (see OutboxProcess)."""
+    """Calls ``send`` now, or once at the end of the current ``every`` window: never more often,
+    and never forgetting a wake-up asked for meanwhile (see OutboxProcess)."""
 
     def __init__(self, send: Callable[[], None], every: float = 0.01) -> None:
         self._send = send
@@ -653,7 +654,7 @@ class _ThrottledWake:
         try:
             self._send()
         except (OSError, ValueError, AttributeError):  # the other end is restarting; it polls anyway
-            pass
+            pass  # (AttributeError: no pipe yet)
 
     def cancel(self) -> None:
         if self._later is not None:
@@ -683,8 +684,7 @@ class OutboxProcess:
         self._reader: Any = None
         self._writer: Any = None
         self._stopping = False
-        self._last_wake = 0.0
-        self._wake_later: asyncio.TimerHandle | None = None
+        self._waker = _ThrottledWake(self._send_wake, self.wake_every)
 
     def start(self) -> None:
         self._reader, self._writer = self._ctx.Pipe(duplex=False)
@@ -699,22 +699,10 @@ class OutboxProcess:
 
     def wake(self) -> None:
         """Wake the child now, or once at the end of the current ``wake_every`` window."""
-        if self._wake_later is not None:
-            return  # a wake-up is already due
-        loop = asyncio.get_running_loop()
-        wait = self._last_wake + self.wake_every - loop.time()
-        if wait > 0:
-            self._wake_later = loop.call_later(wait, self._send_wake)
-        else:
-            self._send_wake()
+        self._waker.wake()
 
     def _send_wake(self) -> None:
-        self._wake_later = None
-        self._last_wake = asyncio.get_running_loop().time()
-        try:
-            self._writer.send_bytes(b".")
-        except (OSError, ValueError, AttributeError):  # the child is restarting; it polls anyway
-            pass
+        self._writer.send_bytes(b".")  # failures: see _ThrottledWake._fire
 
     async def watch(self) -> None:
         while not self._stopping:
@@ -725,9 +713,7 @@ class OutboxProcess:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._wake_later is not None:
-            self._wake_later.cancel()
-            self._wake_later = None
+        self._waker.cancel()
         if self._proc is None:
             return
         self._proc.terminate()  # SIGTERM: the child finishes its batch and exits
