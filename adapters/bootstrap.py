@@ -159,6 +159,7 @@ class App:
     slack_listener: Any | None = None  # adapters.slack.listener.SlackListener when enabled
     chat_sender: Any | None = None  # adapters.slack.sender.SlackChatSender when enabled
     web: Any | None = None  # adapters.web.WebServer when enabled
+    listeners: ListenerProcesses | None = None  # email.listener_processes > 1
 
 
 def build_service(
@@ -380,6 +381,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         wake = worker.wake if worker is not None else app.dispatcher.wake
         listeners = ListenerProcesses(app.settings, app.email_listener.port, wake, app.recorder)
         await listeners.start()
+        app.listeners = listeners
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
     settle_heap()
@@ -442,6 +444,12 @@ class ListenerProcesses:
         self._children: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
+        self._sessions: dict[int, int] = {}  # open SMTP sessions each child last reported
+
+    @property
+    def sessions(self) -> int:
+        """Open sessions in the children, as of their last report (at most a second old)."""
+        return sum(n for k, n in self._sessions.items() if k in self._children)
 
     async def start(self) -> None:
         """Start every child and wait until each listens; if one cannot, stop the others."""
@@ -488,7 +496,8 @@ class ListenerProcesses:
             while reader.poll():
                 data = reader.recv_bytes()
                 if data[:1] == _COUNTERS:
-                    self.recorder.add(pickle.loads(data[1:]))  # our own child's, not outside input
+                    moved, self._sessions[k] = pickle.loads(data[1:])  # our own child's, not outside input
+                    self.recorder.add(moved)
                 else:
                     committed = True
         except (EOFError, OSError):  # the child is gone: stop watching; _watch_children restarts it
@@ -582,15 +591,17 @@ def _listener_main(settings: Settings, port: int, wake: Any, number: int) -> Non
             app.email_listener.handler.pool = pool
         waker = _ThrottledWake(lambda: wake.send_bytes(b"."))
         app.service.on_commit = waker.wake
-        sent = app.recorder.copy()
+        sent, sessions = app.recorder.copy(), 0
 
         def send_counters() -> None:
-            nonlocal sent
+            nonlocal sent, sessions
             moved = app.recorder.since(sent)
-            if moved.counts or moved.histograms:
+            active = len(app.email_listener.tracker.active) if app.email_listener is not None else 0
+            if moved.counts or moved.histograms or active != sessions:
+                report = (moved, active)
                 with contextlib.suppress(OSError, ValueError):
-                    wake.send_bytes(_COUNTERS + pickle.dumps(moved, protocol=pickle.HIGHEST_PROTOCOL))
-                sent = app.recorder.copy()
+                    wake.send_bytes(_COUNTERS + pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+                sent, sessions = app.recorder.copy(), active
 
         settle_heap()
         wake.send_bytes(b"ready")
@@ -615,7 +626,7 @@ def _listener_main(settings: Settings, port: int, wake: Any, number: int) -> Non
     run_loop(settings, main())
 
 
-_COUNTERS = b"M"  # a message from a listener child: its counters' movement, pickled
+_COUNTERS = b"M"  # from a listener child: its counters' movement and open sessions, pickled
 
 
 class _ListenerTag(logging.Filter):

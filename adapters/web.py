@@ -580,6 +580,8 @@ def render_metrics(app: App, stats: Mapping[str, Any], *, now: datetime) -> str:
     out.sample("intake_security_tickets", int(stats.get("security_tickets", 0)))
 
     sessions = len(app.email_listener.tracker.active) if app.email_listener is not None else 0
+    if app.listeners is not None:  # email.listener_processes: the other listeners' last reports
+        sessions += app.listeners.sessions
     out.family("intake_smtp_sessions_active", "gauge", "Open SMTP/LMTP sessions.")
     out.sample("intake_smtp_sessions_active", sessions)
 

@@ -82,6 +82,21 @@ def _messages_counted(web_port: int) -> dict[str, int]:
     return {outcome: int(n) for outcome, n in found}
 
 
+def _metric(web_port: int, name: str) -> int:
+    url = f"http://127.0.0.1:{web_port}/metrics?token={TOKEN}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        found = re.search(rf"^{name} (\d+)$", response.read().decode(), re.M)
+    assert found is not None, name
+    return int(found.group(1))
+
+
+async def _wait_for_sessions(web_port: int, expected: int) -> None:
+    deadline = time.monotonic() + 10
+    while (n := await asyncio.to_thread(_metric, web_port, "intake_smtp_sessions_active")) != expected:
+        assert time.monotonic() < deadline, f"{n} open sessions in /metrics, expected {expected}"
+        await asyncio.sleep(0.2)
+
+
 def _stats(cfg: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*INTAKE, "--config", str(cfg), "stats", "--json"], capture_output=True, text=True)
 
@@ -128,6 +143,14 @@ async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowle
         while (counted := await asyncio.to_thread(_messages_counted, web_port)) != {"new": 60, "duplicate": 60}:
             assert time.monotonic() < deadline, counted
             await asyncio.sleep(0.2)
+        # Open sessions: those in either process (the child reports its own once a second).
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+        for reader, _ in idle:
+            assert (await reader.readline()).startswith(b"220")
+        await _wait_for_sessions(web_port, 8)
+        for _, writer in idle:
+            writer.close()
+        await _wait_for_sessions(web_port, 0)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 40)
