@@ -480,6 +480,9 @@ class ListenerProcesses:
         if ready != b"ready":
             self._forget(k)
             await asyncio.to_thread(proc.join, 5)
+            if proc.is_alive():  # stuck while starting: it must not outlive us
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
             raise OSError(f"email listener {k + 2} did not start: {ready.decode(errors='replace')}")
         asyncio.get_running_loop().add_reader(reader.fileno(), self._woken, k)
         log.info("email listener %d started (pid %s)", k + 2, proc.pid)

@@ -106,6 +106,14 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -224,3 +232,22 @@ def test_several_listeners_need_so_reuseport(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delattr(socket, "SO_REUSEPORT")  # as on a system without it
     with pytest.raises(ConfigError, match=r"listener_processes(.|\n)*SO_REUSEPORT"):
         load_settings(cfg)
+
+
+async def test_a_listener_that_cannot_listen_fails_the_start_and_leaves_no_process(tmp_path: Path) -> None:
+    from adapters.bootstrap import ListenerProcesses, build
+    from intake.ports import Recorder
+    from tests.adapters.harness import settings_for
+
+    settings = settings_for(tmp_path, relay_port=1, extra="[email]\nlistener_processes = 3\nparse_workers = 0\n")
+    build(settings, create_tables=True).store.dispose()  # the schema, as `intake db upgrade` makes it
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no listener may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listeners = ListenerProcesses(settings, port, lambda: None, Recorder())
+        with pytest.raises(OSError, match=f"cannot listen on :{port}"):
+            await listeners.start()
+    assert listeners._children == {}
+    await asyncio.sleep(0.5)
+    assert not [p for p in _children(os.getpid()) if _alive(p) and b"spawn_main" in _cmdline(p)]
