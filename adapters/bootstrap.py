@@ -400,10 +400,11 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     finally:
         log.info("shutting down")
         app.sla.stop()
-        if listeners is not None:  # they stop as this process's listener does, side by side
-            await asyncio.gather(listeners.stop(app.settings.email.shutdown_grace), stop_listeners(app))
+        # Stop taking messages in first (the other listener processes side by side with this
+        # one's), then the outbox: what they committed is delivered by the next start.
+        others = [listeners.stop(app.settings.email.shutdown_grace)] if listeners is not None else []
+        await asyncio.gather(stop_listeners(app), *others)
         if worker is not None:
-            await stop_listeners(app)
             await worker.stop()
             dispatcher_task.cancel()
             dispatcher_task = None
@@ -512,6 +513,7 @@ class ListenerProcesses:
         child = self._children.pop(k, None)
         if child is None:
             return
+        self._sessions.pop(k, None)  # a restarted child reports its own, from none
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(child[1].fileno())
         child[1].close()

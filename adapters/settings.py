@@ -81,7 +81,8 @@ class EmailSettings(_Section):
     # Processes that take mail in on listen_port (SO_REUSEPORT: the kernel spreads connections
     # over them). Each parses, assesses and commits on its own; the first also runs the outbox,
     # Slack, the web page and the response clocks. On 2 cores, 2 with parse_workers = 0 took
-    # ~30 % more messages per second than 1 with a parsing worker (docs/benchmarks.md).
+    # 11-22 % more messages per second than the defaults at 10 SMTP sessions and 30-45 % more
+    # at 50 (docs/benchmarks.md).
     listener_processes: int = Field(1, ge=1, le=64)
     max_sessions: int = Field(200, ge=1)
     max_sessions_per_client: int = Field(20, ge=1)

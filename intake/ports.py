@@ -237,6 +237,9 @@ class Histogram:
                 return
         self.counts[-1] += 1
 
+    def copy(self) -> Histogram:
+        return Histogram(self.buckets, list(self.counts), self.total, self.n)
+
 
 @dataclass(slots=True)
 class Recorder:
@@ -262,10 +265,7 @@ class Recorder:
         hist.observe(seconds)
 
     def copy(self) -> Recorder:
-        return Recorder(
-            dict(self.counts),
-            {k: Histogram(h.buckets, list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
-        )
+        return Recorder(dict(self.counts), {name: hist.copy() for name, hist in self.histograms.items()})
 
     def since(self, earlier: Recorder) -> Recorder:
         """What moved since ``earlier`` (a copy of this recorder taken before)."""
@@ -274,7 +274,7 @@ class Recorder:
         for name, hist in self.histograms.items():
             before = earlier.histograms.get(name)
             if before is None:
-                delta.histograms[name] = Histogram(hist.buckets, list(hist.counts), hist.total, hist.n)
+                delta.histograms[name] = hist.copy()
             elif hist.n != before.n:
                 counts = [a - b for a, b in zip(hist.counts, before.counts, strict=True)]
                 delta.histograms[name] = Histogram(hist.buckets, counts, hist.total - before.total, hist.n - before.n)

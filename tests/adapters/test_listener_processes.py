@@ -177,12 +177,16 @@ async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowle
 async def test_a_listener_that_dies_is_replaced_and_nothing_outlives_the_service(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
-    port = free_port()
-    cfg = _config(tmp_path, smtp_relay.port, port)
+    port, web_port = free_port(), free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port, web_port)
     proc = await _serve(cfg, port)
     children: set[int] = set()
     try:
         assert proc.stderr is not None
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+        for reader, _ in idle:
+            assert (await reader.readline()).startswith(b"220")
+        await _wait_for_sessions(web_port, 8)
         children = _children(proc.pid)
         assert len(children) >= 2  # the outbox and the second listener (and multiprocessing's tracker)
         started = re.compile(rb"email listener 2 started \(pid (\d+)\)")
@@ -195,6 +199,18 @@ async def test_a_listener_that_dies_is_replaced_and_nothing_outlives_the_service
             text += await asyncio.wait_for(proc.stderr.readline(), 30)
         replacement = int(again.group(1))
         assert replacement != listener and _alive(replacement)
+        # The dead listener's sessions are gone, and so is its last report of them.
+        survivors = 0
+        for reader, writer in idle:
+            writer.write(b"NOOP\r\n")
+            try:
+                survivors += (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250")
+            except (ConnectionError, TimeoutError):
+                pass
+        assert survivors < 8  # the kernel gave the dead listener some of them
+        await _wait_for_sessions(web_port, survivors)
+        for _, writer in idle:
+            writer.close()
         assert all("stored as SUP-" in r for r in await _send(port, 20, "after"))
         children = _children(proc.pid)
         # The serving process is killed outright: its children stop on their own.
