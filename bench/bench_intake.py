@@ -93,8 +93,8 @@ def free_port() -> int:
 class Server(Proc):
     """A server subprocess that says "listening on HOST:PORT" when it is ready."""
 
-    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
-        super().__init__(name, argv, logfile)
+    def __init__(self, name: str, argv: list[str], logfile: Path, cwd: Path = REPO) -> None:
+        super().__init__(name, argv, logfile, cwd)
         self.host, self.port = "127.0.0.1", 0
 
     async def wait_ready(self, limit: float = 30.0) -> tuple[str, int]:
@@ -254,7 +254,9 @@ def intake_argv(cmd: list[str], *words: str, config: Path) -> list[str]:
 async def intake_stats(cmd: list[str], config: Path) -> dict[str, Any]:
     argv = intake_argv(cmd, "stats", "--json", config=config)
     try:
-        proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+        proc = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=config.parent
+        )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"{shlex.join(argv)} took more than 60s") from exc
     if proc.returncode != 0:
@@ -751,12 +753,16 @@ async def intake_run(
             *intake_argv(cmd, "db", "upgrade", config=configs[0]),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            cwd=configs[0].parent,
         )
         _, err = await asyncio.wait_for(upgrade.communicate(), 60)
         if upgrade.returncode != 0:
             raise BenchError(f"intake db upgrade failed: {err.decode(errors='replace')[-2000:]}")
         for k, config in enumerate(configs):
-            proc = Server(f"intake{k + 1}", intake_argv(cmd, "serve", config=config), config.parent / "intake.log")
+            # In the run's directory, not the repository's: `python -m adapters.cli` imports from
+            # its working directory first, and --compare-cmd's PYTHONPATH must win.
+            argv = intake_argv(cmd, "serve", config=config)
+            proc = Server(f"intake{k + 1}", argv, config.parent / "intake.log", cwd=config.parent)
             proc.start()
             procs.append(proc)
         try:

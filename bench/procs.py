@@ -29,14 +29,14 @@ class Proc:
 
     live: ClassVar[set[Proc]] = set()  # started and not yet stopped: for the last-resort cleanup
 
-    def __init__(self, name: str, argv: list[str], logfile: Path) -> None:
-        self.name, self.argv, self.logfile = name, argv, logfile
+    def __init__(self, name: str, argv: list[str], logfile: Path, cwd: Path = REPO) -> None:
+        self.name, self.argv, self.logfile, self.cwd = name, argv, logfile, cwd
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.logfile, "wb") as out:
             self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd,
                 start_new_session=True,
             )  # fmt: skip
         Proc.live.add(self)
