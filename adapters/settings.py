@@ -9,7 +9,6 @@ the composition root (``adapters.bootstrap``) and the CLI read settings.
 from __future__ import annotations
 
 import os
-import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -78,8 +77,9 @@ class EmailSettings(_Section):
     session_timeout: float = Field(1800.0, gt=0)  # a whole connection, however busy
     # Worker processes that parse and assess messages beside the listener (0: in the listener).
     parse_workers: int = Field(1, ge=0, le=16)
-    # Processes that take mail in on listen_port (SO_REUSEPORT: the kernel spreads connections
-    # over them). Each parses, assesses and commits on its own; the first also runs the outbox,
+    # Processes that take mail in on listen_port (the first one's listening socket, shared: a
+    # connection goes to whichever is free to accept it). Each parses, assesses and commits on
+    # its own; the first also runs the outbox,
     # Slack, the web page and the response clocks. On 2 cores, 2 with parse_workers = 0 took
     # 11-22 % more messages per second than the defaults at 10 SMTP sessions and 30-45 % more
     # at 50 (docs/benchmarks.md).
@@ -94,13 +94,6 @@ class EmailSettings(_Section):
     # Acknowledge only authenticated senders or known customers. Default: on when
     # trusted_authserv_ids is set.
     require_authentication: bool | None = None
-
-    @field_validator("listener_processes")
-    @classmethod
-    def _listeners(cls, v: int) -> int:
-        if v > 1 and not hasattr(socket, "SO_REUSEPORT"):
-            raise ValueError("more than 1 needs SO_REUSEPORT, which this system does not have")
-        return v
 
     @field_validator("subject_tag")
     @classmethod

@@ -44,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
+import socket
 import time
 import types
 from collections import Counter
@@ -396,18 +398,28 @@ class IntakeLMTP(_Limited, LMTP):
 
 
 class EmailListener:
-    """Owns the listening socket; start() and stop() on the caller's loop."""
+    """Owns the listening socket(s); start() and stop() on the caller's loop.
+
+    With ``socks`` it serves listening sockets made by another process instead of binding
+    its own (``email.listener_processes``: every listener accepts from the same sockets).
+    """
 
     def __init__(
-        self, handler: IntakeHandler, config: ListenerConfig, *, host: str, port: int, reuse_port: bool = False
+        self,
+        handler: IntakeHandler,
+        config: ListenerConfig,
+        *,
+        host: str,
+        port: int,
+        socks: list[socket.socket] | None = None,
     ) -> None:
         self.handler = handler
         self.config = config
         self.host = host
         self.port = port
-        self.reuse_port = reuse_port  # other processes listen on the same port (listener_processes)
+        self.socks = socks
         self.tracker = handler.tracker
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._template: SMTP | None = None
 
     def _factory(self) -> SMTP:
@@ -445,28 +457,33 @@ class EmailListener:
     async def start(self) -> None:
         self._template = None  # built on the loop that serves
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._factory, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port or None
-        )
-        sock = self._server.sockets[0].getsockname()
-        self.port = int(sock[1])
+        if self.socks is None:
+            self._servers = [await loop.create_server(self._factory, self.host, self.port, reuse_address=True)]
+        else:
+            for sock in self.socks:
+                self._servers.append(await loop.create_server(self._factory, sock=sock))
+        self.port = int(self._servers[0].sockets[0].getsockname()[1])
+
+    def shareable_sockets(self) -> list[socket.socket]:
+        """Duplicates of the listening sockets, for listener processes to accept from."""
+        return [socket.socket(fileno=os.dup(s.fileno())) for server in self._servers for s in server.sockets]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let messages in DATA finish (up to ``grace`` s); 421 to the rest."""
         self.tracker.closing = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         deadline = time.monotonic() + grace
         while self.tracker.busy and time.monotonic() < deadline:  # noqa: ASYNC110 - a set, not an event
             await asyncio.sleep(0.05)
         for proto in list(self.tracker.active):
             await proto.close_for_shutdown()
-        if self._server is not None:
+        for server in self._servers:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
             except TimeoutError:
                 pass
-            self._server = None
+        self._servers = []
 
 
 def _copy_protocol(template: SMTP) -> SMTP:

@@ -1,6 +1,6 @@
 """`email.listener_processes`: several listeners on one port, as a user runs `intake serve`.
 
-Each test runs the real command with two listener processes (SO_REUSEPORT), real SMTP
+Each test runs the real command with two listener processes (one shared listening socket), real SMTP
 clients, and a relay stand-in that receives the acknowledgements: every message is stored
 once and acknowledged once whichever process took it, a listener that dies is replaced, and
 nothing outlives the serving process, however it ends.
@@ -27,7 +27,7 @@ from tests.conftest import free_port
 
 INTAKE = [sys.executable, "-m", "adapters.cli"]
 TOKEN = "listeners-test"
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT spreading is Linux's")
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="reads processes from /proc (Linux)")
 
 
 def _config(tmp_path: Path, relay_port: int, port: int, web_port: int | None = None) -> Path:
@@ -167,7 +167,7 @@ async def test_both_listeners_take_mail_and_every_message_is_stored_and_acknowle
     assert "Traceback" not in log
     took = re.findall(r"message received .*", log)
     by_child = [line for line in took if "listener=2" in line]
-    assert len(took) == 120 and 0 < len(by_child) < 120  # the kernel spread the connections
+    assert len(took) == 120 and 0 < len(by_child) < 120  # both processes accepted connections
     stats = await asyncio.to_thread(_stats, cfg)
     assert '"tickets": 60' in stats.stdout
     await asyncio.sleep(0.5)
@@ -238,18 +238,6 @@ def test_the_setting_is_checked(tmp_path: Path) -> None:
         load_settings(cfg)
 
 
-def test_several_listeners_need_so_reuseport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.settings import load_settings
-    from intake.errors import ConfigError
-
-    cfg = tmp_path / "two.toml"
-    cfg.write_text("[email]\nlistener_processes = 2\n")
-    assert load_settings(cfg).email.listener_processes == 2
-    monkeypatch.delattr(socket, "SO_REUSEPORT")  # as on a system without it
-    with pytest.raises(ConfigError, match=r"listener_processes(.|\n)*SO_REUSEPORT"):
-        load_settings(cfg)
-
-
 async def test_a_listener_that_cannot_listen_fails_the_start_and_leaves_no_process(tmp_path: Path) -> None:
     from adapters.bootstrap import ListenerProcesses, build
     from intake.ports import Recorder
@@ -257,13 +245,13 @@ async def test_a_listener_that_cannot_listen_fails_the_start_and_leaves_no_proce
 
     settings = settings_for(tmp_path, relay_port=1, extra="[email]\nlistener_processes = 3\nparse_workers = 0\n")
     build(settings, create_tables=True).store.dispose()  # the schema, as `intake db upgrade` makes it
-    with socket.socket() as taken:  # bound without SO_REUSEPORT: no listener may share it
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        listeners = ListenerProcesses(settings, port, lambda: None, Recorder())
-        with pytest.raises(OSError, match=f"cannot listen on :{port}"):
-            await listeners.start()
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # no stream socket: nobody can accept from it
+    datagram.bind(("127.0.0.1", 0))
+    port = datagram.getsockname()[1]
+    listeners = ListenerProcesses(settings, [datagram], lambda: None, Recorder())
+    with pytest.raises(OSError, match=f"cannot listen on :{port}"):
+        await listeners.start()
     assert listeners._children == {}
+    assert datagram.fileno() == -1  # the failed start closed what it was given
     await asyncio.sleep(0.5)
     assert not [p for p in _children(os.getpid()) if _alive(p) and b"spawn_main" in _cmdline(p)]
