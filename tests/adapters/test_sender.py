@@ -14,6 +14,8 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from adapters.email.sender import MAX_REFERENCES, SmtpRelaySender, build_message
 from intake.errors import PermanentSendError, TransientSendError
@@ -479,3 +481,63 @@ def test_the_plain_fast_path_writes_what_the_stdlib_path_writes(body: str) -> No
     assert plain.get_content().replace("\r\n", "\n") == rich.get_content().replace("\r\n", "\n") == body
     assert plain["Subject"] == "[INC-42] Re: Login broken" and rich["Subject"].endswith("✓")
     assert plain.defects == [] and rich.defects == []
+
+
+# -- the wire-format check: regular expressions, judged against the line loop they replaced --
+
+
+def _wire_format_by_lines(data: bytes) -> str | None:
+    """The check as it was first written (a loop over the lines): the reference."""
+    if not data.isascii():
+        return "7-bit"
+    head, blank, _ = data.partition(b"\r\n\r\n")
+    if not blank:
+        return "separator"
+    for line in data.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            return "bare"
+        if len(line) > 998:
+            return f"line of {len(line)} octets"
+    for line in head.split(b"\r\n"):
+        if not line[:1].isspace() and not re.match(rb"[\x21-\x39\x3b-\x7e]+:", line):
+            return "neither"
+    return None
+
+
+def _wire_format_now(data: bytes) -> str | None:
+    from adapters.email.sender import _check_wire_format
+
+    try:
+        _check_wire_format(data)
+    except ValueError as exc:
+        text = str(exc)
+        found = re.search(r"line of \d+ octets", text)
+        for key, word in (("7-bit", "7-bit"), ("separator", "separator"), ("bare", "bare"), ("neither", "neither")):
+            if word in text:
+                return key
+        assert found is not None, text
+        return found.group()
+    return None
+
+
+_PIECES = [b"\r\n", b"\r", b"\n", b"\r\n\r\n", b"Subject: hi", b" folded", b"\tx", b"no colon", b":", b"X-A:", b"\x0b",
+           b"\xc3\xa9", b"a" * 500, b"b" * 999, b"", b"To: a@b.example"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_the_wire_format_check_agrees_with_the_line_loop(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    now, before = _wire_format_now(data), _wire_format_by_lines(data)
+    assert (now is None) == (before is None), (now, before)  # the same messages pass
+    if now in ("7-bit", "separator"):  # checked first by both; later defects may be named in another order
+        assert now == before
+
+
+def test_every_rendered_acknowledgement_passes_the_wire_format_check() -> None:
+    email = OutgoingEmail(
+        to=["c@client.example"], from_address="support@example.com", subject="Re: help [SUP-1234-567X]",
+        body="line\n" * 50 + "x" * 2000, message_id="ack.1@example.com",
+    )  # fmt: skip
+    data = build_message(email)  # the long body line is quoted-printable, so this one passes
+    assert _wire_format_by_lines(data) is None
+    assert data.count(b"\r\nDate: ") == 1
