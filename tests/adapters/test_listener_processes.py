@@ -238,6 +238,21 @@ def test_the_setting_is_checked(tmp_path: Path) -> None:
         load_settings(cfg)
 
 
+@pytest.mark.parametrize(("cores", "expected"), [({0}, 1), ({0, 1}, 2), (set(range(16)), 2)])
+def test_the_default_is_two_listeners_where_two_cores_may_run_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: set[int], expected: int
+) -> None:
+    from adapters.settings import load_settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: cores)  # as under taskset / a cgroup's cpuset
+    cfg = tmp_path / "none.toml"
+    cfg.write_text('[email]\nsupport_address = "help@example.com"\n')
+    email = load_settings(cfg).email
+    assert (email.listener_processes, email.parse_workers) == (expected, 0)
+    cfg.write_text("[email]\nlistener_processes = 1\n")
+    assert load_settings(cfg).email.listener_processes == 1  # a value given is kept
+
+
 async def test_a_listener_that_cannot_listen_fails_the_start_and_leaves_no_process(tmp_path: Path) -> None:
     from adapters.bootstrap import ListenerProcesses, build
     from intake.ports import Recorder
