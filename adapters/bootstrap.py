@@ -427,8 +427,8 @@ class ListenerProcesses:
     connection goes to whichever process calls accept() first, which is one idle in its event
     loop, not one busy with other sessions: with SO_REUSEPORT, which binds a socket per
     process and has the kernel hash connections over them, a busy listener got as many new
-    connections as an idle one (bench_intake, two listeners, 10 sessions: about 7 % more
-    messages per second and a p99 about 11 % lower with the shared sockets). One event
+    connections as an idle one (bench_intake, two listeners: 8 % more messages per second and
+    a p99 9 % lower at 10 sessions, 4 % more and a p99 28 % lower at 50). One event
     loop in one interpreter was the limit: on 2 cores the parent's loop was the busiest thing
     on the machine while a quarter of the CPU stood idle. The children run no outbox, no
     Slack, no web page and no response clocks: after a commit they wake the parent through a
@@ -444,7 +444,6 @@ class ListenerProcesses:
     ) -> None:
         self.settings = settings
         self.socks = socks  # ours until stop(): a restarted child gets them again
-        self.port = int(socks[0].getsockname()[1])
         self.wake = wake
         self.recorder = recorder
         self.count = settings.email.listener_processes - 1

@@ -91,9 +91,9 @@ class EmailSettings(_Section):
     # connection goes to whichever is free to accept it). Each parses, assesses and commits on
     # its own; the first also runs the outbox, Slack, the web page and the response clocks.
     # Default: 2 where this process may run on 2 cores or more, else 1. On 2 cores, two took
-    # 11-22 % more messages per second than one listener with a parsing worker at 10 SMTP
-    # sessions and 30-45 % more at 50, for the same memory (docs/benchmarks.md).
-    listener_processes: int = Field(default_factory=lambda: _default_listeners(), ge=1, le=64)
+    # 21 % more messages per second than one listener with a parsing worker at 10 SMTP
+    # sessions and 24 % more at 50, for the same memory (docs/benchmarks.md, fifth session).
+    listener_processes: int = Field(default_factory=_default_listeners, ge=1, le=64)
     max_sessions: int = Field(200, ge=1)
     max_sessions_per_client: int = Field(20, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)

@@ -511,10 +511,10 @@ def _wire_format_now(data: bytes) -> str | None:
         _check_wire_format(data)
     except ValueError as exc:
         text = str(exc)
-        found = re.search(r"line of \d+ octets", text)
-        for key, word in (("7-bit", "7-bit"), ("separator", "separator"), ("bare", "bare"), ("neither", "neither")):
-            if word in text:
+        for key in ("7-bit", "separator", "bare", "neither"):
+            if key in text:
                 return key
+        found = re.search(r"line of \d+ octets", text)
         assert found is not None, text
         return found.group()
     return None
