@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes
@@ -459,6 +461,64 @@ async def test_a_relay_that_never_answers_times_out_as_transient(silent_listener
 
     with pytest.raises(TransientSendError, match=f"{host}:{port}"):
         await sender.send(outgoing())
+
+
+class StallingRelay:
+    """A hand-written SMTP server that answers everything but the final dot of the first
+    ``stall`` transactions (it reads on and says nothing), and counts connections."""
+
+    def __init__(self, stall: int) -> None:
+        self.stall = stall
+        self.connections = 0
+        self.closed_by_client = 0
+        self.delivered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 stall.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-stall.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    while (body := await reader.readline()) and body != b".\r\n":
+                        pass
+                    if self.stall > 0:
+                        self.stall -= 1
+                        continue  # silence
+                    self.delivered += 1
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+            else:
+                self.closed_by_client += 1
+        finally:
+            writer.close()
+
+
+async def test_a_relay_that_stalls_after_the_data_times_out_the_transaction_and_the_next_one_goes_out() -> None:
+    relay = StallingRelay(stall=1)
+    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = SmtpRelaySender(host="127.0.0.1", port=port, timeout=0.3, local_hostname="intake.test", max_idle=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientSendError, match=r"took longer than 0\.3 s") as failure:
+            await sender.send(outgoing())
+        assert time.monotonic() - started < 2.0
+        assert f"127.0.0.1:{port}" in str(failure.value)
+        await sender.send(outgoing())  # a new connection: the stalled one was dropped, not pooled
+        assert (relay.connections, relay.delivered) == (2, 1)
+        await sender.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert relay.closed_by_client == 1  # the stalled connection, closed by the sender
 
 
 def test_sender_repr_hides_the_password() -> None:
