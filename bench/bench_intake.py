@@ -299,6 +299,9 @@ def run_record(
     d.update(server=server, run=run)
     d["server_cpu"] = None if server_cpu is None else round(server_cpu, 3)
     d["server_cpu_share"] = _share(server_cpu, res)
+    # CPU per accepted message, all of the server's processes: steadier than the rate on a
+    # machine whose speed drifts, and what a change to the per-message path moves first.
+    d["server_cpu_ms_per_message"] = None if server_cpu is None or not res.ok else round(1000 * server_cpu / res.ok, 3)
     d["db_cpu_share"] = _share(db, res)  # PostgreSQL backends of the run's database
     d["other_cpu_share"] = _share(other, res)  # processes other than client, server(s), relay, db
     return d
@@ -555,7 +558,8 @@ def describe(
 ) -> str:
     line = f"  {server:6} sessions={res.sessions:<3} run {run + 1}: {res.summary()}"
     if server_cpu is not None:
-        line += f", server CPU {server_cpu:.2f}s ({server_cpu / res.elapsed:.2f} core)"
+        line += f", server CPU {server_cpu:.2f}s ({server_cpu / res.elapsed:.2f} core"
+        line += f", {1000 * server_cpu / res.ok:.2f} ms/msg)" if res.ok else ")"
     if db is not None:
         line += f", db CPU {db:.2f}s ({db / res.elapsed:.2f} core)"
     if other is not None and other / res.elapsed > BUSY_WARN:
@@ -852,6 +856,7 @@ def summarize(runs: list[dict], sessions_list: list[int]) -> list[dict]:
             srv_cpu = [r["server_cpu_share"] for r in rs if r["server_cpu_share"] is not None]
             other = [r["other_cpu_share"] for r in rs if r["other_cpu_share"] is not None]
             db = [r["db_cpu_share"] for r in rs if r.get("db_cpu_share") is not None]
+            per_msg = [r["server_cpu_ms_per_message"] for r in rs if r.get("server_cpu_ms_per_message") is not None]
             row = {
                 "server": server,
                 "sessions": sessions,
@@ -864,6 +869,7 @@ def summarize(runs: list[dict], sessions_list: list[int]) -> list[dict]:
                 "server_cpu_share": statistics.median(srv_cpu) if srv_cpu else None,
                 "other_cpu_share": statistics.median(other) if other else None,
                 "db_cpu_share": statistics.median(db) if db else None,
+                "server_cpu_ms_per_message": statistics.median(per_msg) if per_msg else None,
             }
             if server == "bare":
                 base = row
@@ -891,6 +897,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         "failed",
         "client CPU",
         "server CPU",
+        "server ms/msg",
         "db CPU",
         "other CPU",
         "rate x bare",
@@ -908,6 +915,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
             str(r["failed"]),
             f(r["client_cpu_share"], ".2f"),
             f(r["server_cpu_share"], ".2f"),
+            f(r.get("server_cpu_ms_per_message"), ".2f"),
             f(r.get("db_cpu_share"), ".2f"),
             f(r["other_cpu_share"], ".2f"),
             f(r.get("rate_ratio"), ".2f"),
