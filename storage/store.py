@@ -11,10 +11,9 @@ run again, and then finds the duplicate.
 
 On SQLite the whole group runs on the event loop: BEGIN IMMEDIATE fails at once when another
 process (the outbox) holds the write lock, and the store awaits a short pause and tries again;
-the units run; COMMIT runs on the loop too, or in the store's thread while the disk syncs
-slowly. COMMIT releases the write lock without syncing, and the store then syncs the WAL file
-itself before it answers anyone (:class:`_WalSync`): other processes write while this one
-waits for its disk. On PostgreSQL one writer thread owns the connection and runs the groups.
+the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
+thread while the disk syncs slowly. On PostgreSQL one writer thread owns the connection and
+runs the groups.
 
 On PostgreSQL the writer's transaction goes through a :class:`storage.pgwire.PgWire`: BEGIN
 travels with the first statement, each unit's inserts are one statement sent with the next
@@ -30,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -156,51 +154,6 @@ def create_schema(engine: Engine) -> None:
     schema.upgrade(engine)
 
 
-class _WalSync:
-    """Durability of the writer's commits on SQLite in WAL mode, with the sync out of the lock.
-
-    With ``synchronous=FULL`` SQLite syncs the WAL inside COMMIT, while it still holds the one
-    write lock every process shares. Under load that sync took 2-5 ms (0.3 ms on an idle
-    machine), two thirds of the time the lock was held, and the lock was busy 70-90 % of the
-    time (two listeners and the outbox, 10 sessions). Here the writer's connection runs with
-    ``synchronous=NORMAL`` (COMMIT writes the WAL and releases the lock without a sync) and
-    the store syncs the WAL file itself right after, before any caller is answered: what a
-    caller is told is committed is on disk, as with FULL. A sync that fails fails the group
-    (the callers answer 451; a retry finds what did reach the disk as a duplicate).
-    Checkpoints sync the WAL before copying it and the database after, in either mode.
-    Used only when the database is a file in WAL mode whose WAL file could be opened here;
-    otherwise the connection keeps ``synchronous=FULL``.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    @classmethod
-    def attach(cls, db: sqlite3.Connection) -> _WalSync | None:
-        try:
-            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                return None
-            path = db.execute("PRAGMA database_list").fetchone()[2]
-            if not path:  # in memory: nothing to sync
-                return None
-            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens (creates) the WAL
-            fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("storage: cannot sync the WAL file itself (%s); COMMIT syncs it", exc)
-            return None
-        db.execute("PRAGMA synchronous=NORMAL")
-        return cls(fd)
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-
 @dataclass(slots=True)
 class _Job:
     work: Callable[[UnitOfWork], Any]
@@ -248,11 +201,10 @@ class SqlStore:
         self.on_loop = self.engine.dialect.name == "sqlite"
         self._loop_pending: list[_Job] = []
         self._loop_task: asyncio.Task[None] | None = None
-        self._wal: _WalSync | None = None  # SQLite: the writer connection's own WAL sync
         # SQLite: COMMIT on a slow disk, and closing the connection.
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-db-io")
         self.batches = 0
-        self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT and its sync
+        self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT's own duration (its fsync)
         self.units = 0
         # PostgreSQL: the writer's connection runs in autocommit mode and a PgWire drives its
         # transaction (BEGIN with the first statement, inserts written behind, COMMIT with the
@@ -291,7 +243,6 @@ class SqlStore:
         if self.on_loop and self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
             self._conn = None
-        self._close_wal()
         self._io.shutdown(wait=False)
         if self._read_engine is not None:
             self._read_engine.dispose()
@@ -379,22 +330,17 @@ class SqlStore:
         conn.info[_LOCK_TAKEN] = True
 
     async def _commit(self, trans: Any) -> None:
-        """COMMIT and the WAL's sync on the loop while the disk syncs fast; in the thread when
-        it does not.
+        """COMMIT on the loop while the disk syncs fast; in the thread when it does not.
 
-        On an idle machine here the two take 0.2-1 ms, less than a hand-off to a thread and
-        back. On a disk whose fsync takes 10 ms or more, the loop would spend most of its
+        Here a COMMIT (WAL write and fsync) takes 0.2-1 ms, less than a hand-off to a thread
+        and back. On a disk whose fsync takes 10 ms or more, the loop would spend most of its
         time waiting in COMMIT and serve no session meanwhile: when the average commit passes
         ``_COMMIT_ON_LOOP_MAX`` it goes to the thread, until the disk is fast again.
         """
 
-        wal = self._wal
-
         def timed() -> float:
             started = time.perf_counter()
             trans.commit()
-            if wal is not None:
-                wal.sync()  # the write lock is free again: other processes commit meanwhile
             return time.perf_counter() - started
 
         if self.commit_seconds <= _COMMIT_ON_LOOP_MAX:
@@ -463,10 +409,6 @@ class SqlStore:
                 conn.execution_options(isolation_level="AUTOCOMMIT")  # the wire sends BEGIN and COMMIT
                 pg: Any = conn.connection.driver_connection  # psycopg's Connection
                 self._wire = PgWire(pg, self._ids, self.statement_observers)
-            elif self.on_loop:
-                self._close_wal()
-                db: Any = conn.connection.driver_connection  # the sqlite3 connection
-                self._wal = _WalSync.attach(db)
             self._conn = conn
         return self._conn
 
@@ -565,14 +507,8 @@ class SqlStore:
             return job, value, None
         raise AssertionError("unreachable")
 
-    def _close_wal(self) -> None:
-        if self._wal is not None:
-            self._wal.close()
-            self._wal = None
-
     def _drop_connection(self) -> None:
         self._wire = None
-        self._close_wal()
         if self._conn is not None:
             try:
                 self._conn.invalidate()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
-import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,70 +244,3 @@ async def test_commit_runs_on_the_loop_until_the_disk_is_slow(tmp_path: Path) ->
     assert threads[0] == threading.current_thread().name  # the event loop's own thread
     assert threads[1].startswith("intake-db-io")  # the loop served sessions meanwhile
     assert store.commit_seconds < 0.05  # measured again there: back on the loop once fast
-
-
-def _synchronous(store: SqlStore) -> int:
-    assert store._conn is not None
-    return int(store._conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0])
-
-
-async def test_the_writer_syncs_the_wal_itself_after_each_commit_before_answering(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = SqlStore(f"sqlite:///{tmp_path}/wal.db", create=True)
-    wal = tmp_path / "wal.db-wal"
-    synced: list[tuple[int, int]] = []  # (WAL inode synced, messages visible to a reader then)
-    real = os.fdatasync
-
-    def spy(fd: int) -> None:
-        real(fd)
-        synced.append((os.fstat(fd).st_ino, count_messages()))
-
-    def count_messages() -> int:
-        with sqlite3.connect(tmp_path / "wal.db") as reader:
-            return int(reader.execute("SELECT count(*) FROM message").fetchone()[0])
-
-    monkeypatch.setattr(os, "fdatasync", spy)
-    try:
-        await store.transact(lambda uow: store_message(uow, "one@x"))
-        assert _synchronous(store) == 1  # NORMAL: COMMIT leaves the sync to the store
-        assert synced == [(wal.stat().st_ino, 1)]  # the WAL itself, after COMMIT, before the answer
-        await asyncio.gather(*(store.transact(lambda uow, n=n: store_message(uow, f"g{n}@x")) for n in range(5)))
-        assert 2 <= len(synced) <= 6 and synced[-1][1] == 6  # a group shares its sync
-    finally:
-        await store.close()
-
-
-async def test_a_failed_wal_sync_fails_the_group_and_the_store_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = SqlStore(f"sqlite:///{tmp_path}/eio.db", create=True)
-    real = os.fdatasync
-    failures = [OSError(errno.EIO, "Input/output error")]
-
-    def flaky(fd: int) -> None:
-        if failures:
-            raise failures.pop()
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
-    try:
-        # Committed but not known to be on disk: the caller is told to try again (451), and the
-        # retry of a message finds it as a duplicate by its Message-ID.
-        with pytest.raises(StorageUnavailableError):
-            await store.transact(lambda uow: store_message(uow, "unsure@x"))
-        await store.transact(lambda uow: store_message(uow, "after@x"))
-        assert _synchronous(store) == 1  # a new connection, its own WAL sync again
-    finally:
-        await store.close()
-
-
-async def test_a_database_in_memory_keeps_full_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SqlStore("sqlite://", create=True)
-    calls: list[int] = []
-    monkeypatch.setattr(os, "fdatasync", calls.append)
-    try:
-        await store.transact(lambda uow: uow.stats())
-        assert _synchronous(store) == 2 and calls == []
-    finally:
-        await store.close()
