@@ -880,6 +880,52 @@ def summarize(runs: list[dict], sessions_list: list[int]) -> list[dict]:
     return rows
 
 
+def compare_pairs(runs: list[dict], sessions_list: list[int]) -> list[dict]:
+    """intake-b against intake run by run (the two measured in the same minutes).
+
+    On a machine whose speed drifts, the two medians of a few runs can differ by more than the
+    change being measured; the share of pairs in which intake-b did better says how
+    consistent a difference is (5 of 5 is still possible by chance in a disturbed set).
+    """
+    out = []
+    for sessions in sessions_list:
+        a = {r["run"]: r for r in runs if r["server"] == "intake" and r["sessions"] == sessions}
+        b = {r["run"]: r for r in runs if r["server"] == "intake-b" and r["sessions"] == sessions}
+        pairs = [(a[k], b[k]) for k in sorted(a) if k in b and a[k]["rate"]]
+        if not pairs:
+            continue
+        rate = [rb["rate"] / ra["rate"] for ra, rb in pairs]
+        cpu = [
+            rb["server_cpu_ms_per_message"] / ra["server_cpu_ms_per_message"]
+            for ra, rb in pairs
+            if ra.get("server_cpu_ms_per_message") and rb.get("server_cpu_ms_per_message")
+        ]
+        out.append(
+            {
+                "sessions": sessions,
+                "pairs": len(pairs),
+                "rate_ratio_median": round(statistics.median(rate), 3),
+                "rate_ratio_range": [round(min(rate), 3), round(max(rate), 3)],
+                "b_faster": sum(x > 1 for x in rate),
+                "cpu_ratio_median": round(statistics.median(cpu), 3) if cpu else None,
+                "b_less_cpu": sum(x < 1 for x in cpu),
+            }
+        )
+    return out
+
+
+def print_pairs(pairs: list[dict]) -> None:
+    for p in pairs:
+        line = (
+            f"intake-b / intake, {p['sessions']} sessions, {p['pairs']} pairs: rate x{p['rate_ratio_median']:.3f} "
+            f"(pairs {p['rate_ratio_range'][0]:.2f}-{p['rate_ratio_range'][1]:.2f}; intake-b faster in "
+            f"{p['b_faster']} of {p['pairs']})"
+        )
+        if p["cpu_ratio_median"] is not None:
+            line += f", CPU per message x{p['cpu_ratio_median']:.3f} (less in {p['b_less_cpu']} of {p['pairs']})"
+        print(line)
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     def f(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -1035,10 +1081,18 @@ def main(argv: list[str] | None = None) -> int:
         failed_checks = [c for c in checks if not c["ok"]]
         refused = sum(r["failed"] for r in runs)
         status = 1 if failed_checks or refused else 0
+        pairs = compare_pairs(runs, args.sessions)
         if args.json:
-            print(json.dumps({"summary": rows, "runs": runs, "checks": checks, "ok": status == 0}, indent=2))
+            print(
+                json.dumps(
+                    {"summary": rows, "pairs": pairs, "runs": runs, "checks": checks, "ok": status == 0}, indent=2
+                )
+            )
         else:
             print_table(rows, args)
+            if pairs:
+                print()
+                print_pairs(pairs)
             if checks:
                 print(
                     f"\nintake checks (tickets == 250s, one acknowledgement per ticket, nothing refused): "
