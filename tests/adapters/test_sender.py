@@ -467,8 +467,9 @@ class StallingRelay:
     """A hand-written SMTP server that answers everything but the final dot of the first
     ``stall`` transactions (it reads on and says nothing), and counts connections."""
 
-    def __init__(self, stall: int) -> None:
+    def __init__(self, stall: int, delay: float = 0.0) -> None:
         self.stall = stall
+        self.delay = delay  # before each reply within a transaction (MAIL, RCPT, DATA, the dot)
         self.connections = 0
         self.closed_by_client = 0
         self.delivered = 0
@@ -479,6 +480,8 @@ class StallingRelay:
         try:
             while line := await reader.readline():
                 verb = line[:4].upper()
+                if self.delay and verb in (b"MAIL", b"RCPT", b"DATA"):
+                    await asyncio.sleep(self.delay)
                 if verb == b"EHLO":
                     writer.write(b"250-stall.test\r\n250 8BITMIME\r\n")
                 elif verb == b"DATA":
@@ -488,6 +491,7 @@ class StallingRelay:
                     if self.stall > 0:
                         self.stall -= 1
                         continue  # silence
+                    await asyncio.sleep(self.delay)
                     self.delivered += 1
                     writer.write(b"250 2.0.0 queued\r\n")
                 elif verb == b"QUIT":
@@ -519,6 +523,20 @@ async def test_a_relay_that_stalls_after_the_data_times_out_the_transaction_and_
         server.close()
         await server.wait_closed()
     assert relay.closed_by_client == 1  # the stalled connection, closed by the sender
+
+
+async def test_a_relay_that_dribbles_its_replies_is_bounded_by_the_transaction_not_each_reply() -> None:
+    relay = StallingRelay(stall=0, delay=0.15)  # each of the four replies well within 0.4 s
+    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = SmtpRelaySender(host="127.0.0.1", port=port, timeout=0.4, local_hostname="intake.test")
+    try:
+        with pytest.raises(TransientSendError, match=r"took longer than 0\.4 s"):
+            await sender.send(outgoing())
+        assert relay.delivered == 0
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def test_sender_repr_hides_the_password() -> None:
