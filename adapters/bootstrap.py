@@ -579,8 +579,7 @@ def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, nu
         handler.addFilter(_ListenerTag(number))
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     parent = os.getppid()
-    port = int(socks[0].getsockname()[1])
-    settings = settings.model_copy(update={"email": settings.email.model_copy(update={"listen_port": port})})
+    port = int(socks[0].getsockname()[1])  # for messages: the child binds nothing itself
     try:
         app = build(settings, create_tables=False)
     except Exception as exc:

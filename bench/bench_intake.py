@@ -292,6 +292,10 @@ def _share(cpu: float | None, res: LoadResult) -> float | None:
     return None if cpu is None or not res.elapsed else round(cpu / res.elapsed, 3)
 
 
+def _ms_per_message(cpu: float | None, res: LoadResult) -> float | None:
+    return None if cpu is None or not res.ok else round(1000 * cpu / res.ok, 3)
+
+
 def run_record(
     server: str, run: int, res: LoadResult, server_cpu: float | None, other: float | None, db: float | None = None
 ) -> dict:
@@ -301,7 +305,7 @@ def run_record(
     d["server_cpu_share"] = _share(server_cpu, res)
     # CPU per accepted message, all of the server's processes: steadier than the rate on a
     # machine whose speed drifts, and what a change to the per-message path moves first.
-    d["server_cpu_ms_per_message"] = None if server_cpu is None or not res.ok else round(1000 * server_cpu / res.ok, 3)
+    d["server_cpu_ms_per_message"] = _ms_per_message(server_cpu, res)
     d["db_cpu_share"] = _share(db, res)  # PostgreSQL backends of the run's database
     d["other_cpu_share"] = _share(other, res)  # processes other than client, server(s), relay, db
     return d
@@ -559,7 +563,8 @@ def describe(
     line = f"  {server:6} sessions={res.sessions:<3} run {run + 1}: {res.summary()}"
     if server_cpu is not None:
         line += f", server CPU {server_cpu:.2f}s ({server_cpu / res.elapsed:.2f} core"
-        line += f", {1000 * server_cpu / res.ok:.2f} ms/msg)" if res.ok else ")"
+        per_message = _ms_per_message(server_cpu, res)
+        line += ")" if per_message is None else f", {per_message:.2f} ms/msg)"
     if db is not None:
         line += f", db CPU {db:.2f}s ({db / res.elapsed:.2f} core)"
     if other is not None and other / res.elapsed > BUSY_WARN:
