@@ -1,8 +1,10 @@
 """Outbound email: render an :class:`OutgoingEmail` as RFC 5322 bytes and hand it to the relay.
 
 :func:`build_message` is pure: it turns the stored, fully rendered email into the bytes the
-relay receives. :class:`SmtpRelaySender` delivers them with aiosmtplib and maps every failure
-onto the send errors of :mod:`intake.errors`::
+relay receives. :class:`SmtpRelaySender` delivers them with aiosmtplib (connection, EHLO,
+STARTTLS, AUTH; the transaction itself is pipelined when the relay offers PIPELINING, which
+aiosmtplib cannot do: see :func:`_pipelined`) and maps every failure onto the send errors of
+:mod:`intake.errors`::
 
     ValueError                     build_message: the email can never be a valid message
     SendError
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import functools
 import logging
 import re
@@ -46,6 +49,7 @@ from email.header import Header
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime, formataddr
+from typing import cast
 
 import aiosmtplib
 
@@ -252,6 +256,10 @@ class SmtpRelaySender:
     verified); ``False`` never upgrades, not even when the relay offers it (aiosmtplib's own
     default would upgrade opportunistically). ``username``/``password`` log in after EHLO.
 
+    ``pipelining`` (default on) sends MAIL, RCPT and DATA in one write when the relay offers
+    PIPELINING (RFC 2920; Postfix, Exim and the big providers do): two round trips for an
+    acknowledgement instead of four.
+
     ``timeout`` bounds connecting (with the greeting and EHLO) and, separately, each whole
     transaction (MAIL to the reply after the final dot), not each reply: a relay that dribbles
     its replies cannot hold a send for four timeouts, and aiosmtplib's per-reply timer and
@@ -269,7 +277,9 @@ class SmtpRelaySender:
         starttls: bool = False,
         local_hostname: str | None = None,
         max_idle: int = 0,
+        pipelining: bool = True,
     ) -> None:
+        self.pipelining = pipelining  # when the relay offers it (RFC 2920)
         self.host = host
         self.port = port
         self.max_idle = max_idle
@@ -356,6 +366,8 @@ class SmtpRelaySender:
         )
         try:
             await client.connect()
+            if self.pipelining and client.is_ehlo_or_helo_needed:
+                await _greet(client)  # so that the first transaction knows whether it may pipeline
             refused = await self._sendmail(client, sender, recipients, data)
         except BaseException:
             _drop(client)
@@ -370,6 +382,8 @@ class SmtpRelaySender:
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
+                if self.pipelining and client.supports_extension("pipelining"):
+                    return await _pipelined(client, sender, recipients, data)
                 refused, _ = await client.sendmail(sender, recipients, data, timeout=None)
         except TimeoutError:
             if deadline.expired():
@@ -411,6 +425,141 @@ class SmtpRelaySender:
         if codes and all(500 <= code <= 599 for code in codes):
             return PermanentSendError(text)
         return TransientSendError(text)
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO now, or HELO where EHLO is refused, as aiosmtplib's first transaction would (its
+    connect leaves the greeting to it when there is no STARTTLS and no login)."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
+
+
+class _Replies(asyncio.Protocol):
+    """Reads the replies to pipelined commands, in order, for :func:`_pipelined`.
+
+    aiosmtplib parses one reply per command it wrote, and drops what arrives while it expects
+    none, so it cannot read the several replies that answer a pipelined group. While a
+    transaction runs, this protocol stands in for aiosmtplib's on the same transport.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[str] = []  # the lines of the reply being read
+        self._code = 0
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._failure: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if len(line) > _MAX_REPLY_LINE or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed reply line: {_excerpt(repr(line))}"))
+                return
+            code = int(line[:3])
+            if self._lines and code != self._code:
+                self._fail(aiosmtplib.SMTPResponseException(-1, "reply code changed within a multi-line reply"))
+                return
+            self._code = code
+            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            if line[3:4] != b"-":
+                self._replies.append(aiosmtplib.SMTPResponse(code, "\n".join(self._lines)))
+                self._lines = []
+                self._wake()
+        if len(self._buffer) > _MAX_REPLY_LINE:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply line too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected(f"connection lost: {exc}" if exc else "connection lost"))
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("unexpected EOF"))
+        return False
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> aiosmtplib.SMTPResponse:
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._replies.popleft()
+
+
+_MAX_REPLY_LINE = 2048  # RFC 5321 4.5.3.1.5: 512 octets; be lenient, not unbounded
+
+
+async def _pipelined(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """One transaction in two round trips (RFC 2920): MAIL, every RCPT and DATA in one write,
+    then the message. aiosmtplib writes each command and waits for its reply: four round
+    trips, four writes and four wake-ups for an acknowledgement, which made them the largest
+    share of the outbox's CPU (py-spy, bench_intake at 10 sessions: the outbox's CPU per
+    message 0.8-1.0 ms with aiosmtplib's transaction, 0.63 ms pipelined; one connection to
+    Postfix's smtp-sink, 0.33 ms a transaction against 0.77). aiosmtplib still connects,
+    says EHLO, upgrades to TLS and logs in; the caller closes the connection after any
+    failure, so no RSET is needed.
+
+    Raises aiosmtplib's exceptions, as ``sendmail`` does, for the caller to map.
+    """
+    for address in (sender, *recipients):
+        if address and not answerable(address):
+            raise ValueError(f"not a plain ASCII addr-spec: {address[:80]!r}")
+    # uvloop's transports are not registered as asyncio.Transport: no isinstance check.
+    transport = cast(asyncio.Transport | None, client.transport)
+    own = client.protocol
+    if transport is None or transport.is_closing() or own is None:
+        raise aiosmtplib.SMTPServerDisconnected("not connected")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    mail = f"MAIL FROM:<{sender}>"
+    if client.supports_extension("size"):
+        mail += f" SIZE={len(data)}"
+    commands = [mail, *(f"RCPT TO:<{rcpt}>" for rcpt in recipients), "DATA"]
+    replies = _Replies()
+    transport.set_protocol(replies)
+    try:
+        transport.write("".join(c + "\r\n" for c in commands).encode("ascii"))
+        mailed = await replies.next()
+        rcpt_replies = [await replies.next() for _ in recipients]
+        started = await replies.next()
+        if mailed.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(mailed.code, mailed.message, sender)
+        refused = {r: reply for r, reply in zip(recipients, rcpt_replies, strict=True) if reply.code not in (250, 251)}
+        if len(refused) == len(recipients):
+            if started.code == 354:  # RFC 2920 3.1: end the empty message the server expects
+                transport.write(b".\r\n")
+                await replies.next()
+            raise aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, r) for r, reply in refused.items()]
+            )
+        if started.code != 354:
+            raise aiosmtplib.SMTPDataError(started.code, started.message)
+        transport.write(_DOT_LINE.sub(b"..", data) + b".\r\n")
+        done = await replies.next()
+        if done.code != 250:
+            raise aiosmtplib.SMTPDataError(done.code, done.message)
+        return refused
+    finally:
+        transport.set_protocol(own)
+
+
+_DOT_LINE = re.compile(rb"(?m)^\.")
 
 
 def _drop(client: aiosmtplib.SMTP) -> None:

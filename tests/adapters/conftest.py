@@ -49,11 +49,14 @@ class RelayStandIn:
     RCPT every recipient of the transaction gets the reply). ``reject_recipient(address, reply)``:
     always refuse that one recipient. ``stop()`` / ``start()``: take the relay down and bring it
     back on the same port. ``await wait_for(n)``: the captured messages once there are exactly n.
+    ``pipelining``: whether EHLO offers PIPELINING (RFC 2920), as Postfix and Exim do; aiosmtpd
+    itself does not offer it, but reads pipelined commands in order as RFC 2920 asks.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, pipelining: bool = True) -> None:
         self.host = "127.0.0.1"
         self.port = port
+        self.pipelining = pipelining
         self.messages: list[CapturedMessage] = []
         self.transactions = 0  # MAIL commands seen, refused ones included
         self._lock = threading.Lock()
@@ -131,6 +134,14 @@ class _Handler:
     def __init__(self, relay: RelayStandIn) -> None:
         self._relay = relay
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves it to a handler that has this hook
+        if self._relay.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]) -> str:
         failure = self._relay._begin_transaction()
         if failure is not None and failure.stage == "MAIL":
@@ -176,12 +187,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def smtp_relay_factory() -> Iterator[Callable[[], RelayStandIn]]:
+def smtp_relay_factory() -> Iterator[Callable[..., RelayStandIn]]:
     """Make running relay stand-ins on free loopback ports; all are stopped at teardown."""
     relays: list[RelayStandIn] = []
 
-    def make() -> RelayStandIn:
-        relay = RelayStandIn(_free_port())
+    def make(*, pipelining: bool = True) -> RelayStandIn:
+        relay = RelayStandIn(_free_port(), pipelining=pipelining)
         relay.start()
         relays.append(relay)
         return relay
@@ -192,6 +203,12 @@ def smtp_relay_factory() -> Iterator[Callable[[], RelayStandIn]]:
 
 
 @pytest.fixture
-def smtp_relay(smtp_relay_factory: Callable[[], RelayStandIn]) -> RelayStandIn:
-    """One running relay stand-in (see RelayStandIn)."""
+def smtp_relay(smtp_relay_factory: Callable[..., RelayStandIn]) -> RelayStandIn:
+    """One running relay stand-in that offers PIPELINING (see RelayStandIn)."""
     return smtp_relay_factory()
+
+
+@pytest.fixture
+def smtp_relay_without_pipelining(smtp_relay_factory: Callable[..., RelayStandIn]) -> RelayStandIn:
+    """One running relay stand-in that does not offer PIPELINING: aiosmtplib's own transaction."""
+    return smtp_relay_factory(pipelining=False)

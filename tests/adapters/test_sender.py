@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes
 from email import policy as email_policy
@@ -619,3 +620,200 @@ def test_every_rendered_acknowledgement_passes_the_wire_format_check() -> None:
     data = build_message(email)  # the long body line is quoted-printable, so this one passes
     assert _wire_format_by_lines(data) is None
     assert data.count(b"\r\nDate: ") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# PIPELINING (RFC 2920): MAIL, RCPT and DATA in one write, then the message
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-command-at-a-time"])
+def smtp_relay(request: pytest.FixtureRequest, smtp_relay_factory: Any) -> Any:
+    """Every relay test of this module runs against a relay that offers PIPELINING (the
+    pipelined transaction) and one that does not (aiosmtplib's own)."""
+    return smtp_relay_factory(pipelining=request.param)
+
+
+class PipeliningRelay:
+    """A hand-written SMTP server that offers PIPELINING and answers MAIL, RCPT and DATA only
+    once it has read all three: a client that waited for each reply before its next command
+    would get no reply at all, and its deadline would fail the test.
+
+    ``replies`` maps ``MAIL``, ``RCPT``, ``DATA`` and ``DOT`` (the final dot) to the raw reply
+    (CRLFs included), or to ``None``: close the connection instead of answering. Records the
+    commands of each transaction and its message as received (dot-unstuffed).
+    """
+
+    def __init__(self, **replies: bytes | None) -> None:
+        self.replies: dict[str, bytes | None] = {
+            "MAIL": b"250-sender\r\n250 ok\r\n",  # a multi-line reply
+            "RCPT": b"250 ok\r\n",
+            "DATA": b"354 go ahead\r\n",
+            "DOT": b"250 2.0.0 queued\r\n",
+        }
+        self.replies.update(replies)
+        self.connections = 0
+        self.commands: list[list[bytes]] = []
+        self.messages: list[bytes] = []
+        self.open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}  # closed at the end of the test
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open[writer] = asyncio.current_task()  # type: ignore[assignment]
+        writer.write(b"220 pipe.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-pipe.test\r\n250-SIZE 1000000\r\n250 PIPELINING\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                elif verb != b"MAIL":
+                    writer.write(b"250 ok\r\n")
+                elif not await self._transaction(line, reader, writer):
+                    return
+        finally:
+            writer.close()
+
+    async def _transaction(self, mail: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        commands = [mail.rstrip(b"\r\n")]
+        while not commands[-1].upper().startswith(b"DATA"):
+            commands.append((await reader.readline()).rstrip(b"\r\n"))
+        self.commands.append(commands)
+        replies = [self.replies["MAIL"], *[self.replies["RCPT"]] * (len(commands) - 2), self.replies["DATA"]]
+        if any(reply is None for reply in replies):
+            return False
+        writer.write(b"".join(r for r in replies if r is not None))
+        if not (self.replies["DATA"] or b"").startswith(b"354"):
+            return True
+        body = []
+        while (line := await reader.readline()) and line != b".\r\n":
+            body.append(line[1:] if line.startswith(b"..") else line)
+        self.messages.append(b"".join(body))
+        final = self.replies["DOT"]
+        if final is None:
+            return False
+        writer.write(final)
+        return True
+
+
+@contextlib.asynccontextmanager
+async def pipelining_relay(**replies: bytes | None) -> AsyncIterator[tuple[PipeliningRelay, int]]:
+    relay = PipeliningRelay(**replies)
+    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    try:
+        yield relay, int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+        await _close_all(relay.open)
+
+
+async def _close_all(connections: dict[asyncio.StreamWriter, asyncio.Task[Any]]) -> None:
+    """Close the server's side of every connection and let its handler end (no ResourceWarning
+    from a transport still open when the test's loop closes)."""
+    for writer, task in connections.items():
+        writer.close()
+        task.cancel()
+    await asyncio.gather(*connections.values(), return_exceptions=True)
+
+
+def pipelining_sender(port: int, **kwargs: Any) -> SmtpRelaySender:
+    return SmtpRelaySender(host="127.0.0.1", port=port, timeout=2.0, local_hostname="intake.test", **kwargs)
+
+
+async def test_with_pipelining_the_envelope_goes_in_one_round_trip_on_a_kept_connection() -> None:
+    body = "A line\n.\n..two dots\nFrom the start\n"  # dot-stuffing must be transparent
+    email = outgoing(body=body, to=("alice@customer.example", "bob@customer.example"))
+    async with pipelining_relay() as (relay, port):
+        sender = pipelining_sender(port, max_idle=1)
+        await sender.send(email)
+        await sender.send(email)
+        await sender.close()
+
+    assert relay.connections == 1
+    size = len(build_message(email, date=parse(relay.messages[0])["Date"].datetime))
+    assert (
+        relay.commands
+        == [
+            [
+                f"MAIL FROM:<> SIZE={size}".encode(),
+                b"RCPT TO:<alice@customer.example>",
+                b"RCPT TO:<bob@customer.example>",
+                b"DATA",
+            ]
+        ]
+        * 2
+    )
+    for received in relay.messages:
+        assert received == build_message(email, date=parse(received)["Date"].datetime)
+        assert text_of(parse(received)) == body
+
+
+async def test_with_pipelining_every_recipient_refused_ends_the_empty_message_and_is_permanent() -> None:
+    # RFC 2920 3.1: a server may answer DATA with 354 although no recipient was accepted; the
+    # client then sends the final dot alone.
+    async with pipelining_relay(RCPT=b"550 5.1.1 no such user\r\n", DOT=b"554 5.5.1 no valid recipients\r\n") as (
+        relay,
+        port,
+    ):
+        with pytest.raises(PermanentSendError, match="refused every recipient"):
+            await pipelining_sender(port).send(outgoing())
+    assert relay.messages == [b""]
+
+
+@pytest.mark.parametrize(
+    ("replies", "error", "text"),
+    [
+        ({"MAIL": b"553 5.7.1 sender rejected\r\n", "RCPT": b"503 5.5.1 no MAIL\r\n", "DATA": b"503 5.5.1 no\r\n"},
+         PermanentSendError, "553 to MAIL"),
+        ({"RCPT": b"451 4.3.0 try later\r\n", "DATA": b"503 5.5.1 no valid recipients\r\n"},
+         TransientSendError, "451"),
+        ({"DATA": b"451 4.3.0 not now\r\n"}, TransientSendError, "451 to DATA"),
+        ({"DOT": b"554 5.7.1 spam\r\n"}, PermanentSendError, "554 to DATA"),
+        ({"MAIL": b"hello there\r\n"}, TransientSendError, "malformed reply"),
+        ({"DATA": None}, TransientSendError, "unreachable"),
+        ({"DOT": None}, TransientSendError, "unreachable"),
+    ],
+)  # fmt: skip
+async def test_with_pipelining_each_refusal_and_breakage_maps_like_the_plain_transaction(
+    replies: dict[str, bytes | None], error: type[Exception], text: str
+) -> None:
+    async with pipelining_relay(**replies) as (relay, port):
+        sender = pipelining_sender(port, max_idle=1)
+        with pytest.raises(error, match=text) as failure:
+            await sender.send(outgoing())
+        assert "127.0.0.1" in str(failure.value)
+        relay.replies = PipeliningRelay().replies  # the relay recovers...
+        await sender.send(outgoing())  # ...and the next send goes out on a fresh connection
+        await sender.close()
+    assert relay.connections == 2
+    assert len(relay.commands) == 2
+    last = relay.messages[-1]
+    assert last == build_message(outgoing(), date=parse(last)["Date"].datetime)
+
+
+async def test_with_pipelining_a_relay_that_stops_answering_is_bounded_by_the_deadline() -> None:
+    connections: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+
+    async def silent_after_commands(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[writer] = asyncio.current_task()  # type: ignore[assignment]
+        writer.write(b"220 pipe.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"EHLO"):
+                writer.write(b"250-pipe.test\r\n250 PIPELINING\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(silent_after_commands, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientSendError, match=r"took longer than 0\.3 s"):
+            await SmtpRelaySender(host="127.0.0.1", port=port, timeout=0.3, local_hostname="intake.test").send(
+                outgoing()
+            )
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.close()
+        await server.wait_closed()
+        await _close_all(connections)
