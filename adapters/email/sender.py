@@ -42,6 +42,7 @@ import collections
 import functools
 import logging
 import re
+import ssl
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from email import policy as email_policy
@@ -278,7 +279,9 @@ class SmtpRelaySender:
         local_hostname: str | None = None,
         max_idle: int = 0,
         pipelining: bool = True,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls_context = tls_context  # for STARTTLS: trust (a private CA) beyond the system's
         self.pipelining = pipelining  # when the relay offers it (RFC 2920)
         self.host = host
         self.port = port
@@ -361,6 +364,7 @@ class SmtpRelaySender:
             timeout=self.timeout,
             local_hostname=self.local_hostname,
             start_tls=self.starttls,
+            tls_context=self.tls_context,
             username=self._username,
             password=self._password,
         )

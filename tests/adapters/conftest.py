@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ class CapturedMessage:
     mail_from: str  # as aiosmtpd reports it: "<>" for the null reverse-path
     rcpt_tos: tuple[str, ...]
     content: bytes  # exactly as received after DATA (CRLF line endings, dot-unstuffed)
+    tls: bool  # the session had upgraded to TLS
     message: EmailMessage  # content parsed with policy.default (encoded words decoded)
 
 
@@ -53,10 +55,11 @@ class RelayStandIn:
     itself does not offer it, but reads pipelined commands in order as RFC 2920 asks.
     """
 
-    def __init__(self, port: int, *, pipelining: bool = True) -> None:
+    def __init__(self, port: int, *, pipelining: bool = True, tls_context: ssl.SSLContext | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.pipelining = pipelining
+        self.tls_context = tls_context  # set: STARTTLS offered and required before MAIL
         self.messages: list[CapturedMessage] = []
         self.transactions = 0  # MAIL commands seen, refused ones included
         self._lock = threading.Lock()
@@ -71,7 +74,14 @@ class RelayStandIn:
     def start(self) -> None:
         if self._controller is not None:
             raise RuntimeError("the relay stand-in is already running")
-        controller = Controller(_Handler(self), hostname=self.host, port=self.port, server_hostname="relay.test")
+        controller = Controller(
+            _Handler(self),
+            hostname=self.host,
+            port=self.port,
+            server_hostname="relay.test",
+            tls_context=self.tls_context,
+            require_starttls=self.tls_context is not None,
+        )
         controller.start()
         self._controller = controller
 
@@ -173,6 +183,7 @@ class _Handler:
                 mail_from=envelope.mail_from,
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 content=content,
+                tls=session.ssl is not None,
                 message=message,
             )
         )
@@ -191,8 +202,8 @@ def smtp_relay_factory() -> Iterator[Callable[..., RelayStandIn]]:
     """Make running relay stand-ins on free loopback ports; all are stopped at teardown."""
     relays: list[RelayStandIn] = []
 
-    def make(*, pipelining: bool = True) -> RelayStandIn:
-        relay = RelayStandIn(_free_port(), pipelining=pipelining)
+    def make(*, pipelining: bool = True, tls_context: ssl.SSLContext | None = None) -> RelayStandIn:
+        relay = RelayStandIn(_free_port(), pipelining=pipelining, tls_context=tls_context)
         relay.start()
         relays.append(relay)
         return relay

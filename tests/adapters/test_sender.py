@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -817,3 +818,41 @@ async def test_with_pipelining_a_relay_that_stops_answering_is_bounded_by_the_de
         server.close()
         await server.wait_closed()
         await _close_all(connections)
+
+
+async def test_with_starttls_the_transaction_is_pipelined_inside_tls(
+    smtp_relay_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STARTTLS, EHLO again inside TLS (RFC 3207), then the pipelined transaction on the TLS
+    transport, twice on one kept connection; aiosmtplib's own commands work after it."""
+    import trustme
+
+    from adapters.email import sender as sender_module
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    relay = smtp_relay_factory(tls_context=server_context)  # refuses MAIL before STARTTLS
+    pipelined = 0
+    original = sender_module._pipelined
+
+    async def counting(*args: Any) -> Any:
+        nonlocal pipelined
+        pipelined += 1
+        return await original(*args)
+
+    monkeypatch.setattr(sender_module, "_pipelined", counting)
+    sender = sender_for(relay, starttls=True, tls_context=client_context, max_idle=1)
+    await sender.send(outgoing())
+    await sender.send(outgoing(message_id="ack.inc-42.2@intake.example"))
+    await sender.close()  # QUIT through aiosmtplib, on the same connection
+
+    captured = await relay.wait_for(2)
+    assert [c.tls for c in captured] == [True, True]
+    assert pipelined == 2
+    assert [c.message["Message-ID"] for c in captured] == [
+        "<ack.inc-42.1@intake.example>",
+        "<ack.inc-42.2@intake.example>",
+    ]
