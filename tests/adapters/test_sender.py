@@ -17,6 +17,7 @@ from email import policy as email_policy
 from email.message import EmailMessage
 from typing import Any
 
+import aiosmtplib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -856,3 +857,29 @@ async def test_with_starttls_the_transaction_is_pipelined_inside_tls(
         "<ack.inc-42.1@intake.example>",
         "<ack.inc-42.2@intake.example>",
     ]
+
+
+async def test_the_pipelined_reply_reader_takes_replies_split_anywhere_and_refuses_garbage() -> None:
+    from adapters.email.sender import _Replies
+
+    replies = _Replies()
+    for byte in b"250-first\r\n250 second\r\n354 go ahead\n":  # one byte per segment; a bare LF too
+        replies.data_received(bytes([byte]))
+    assert [await replies.next(), await replies.next()] == [(250, "first\nsecond"), (354, "go ahead")]
+
+    for garbage, why in [
+        (b"hello\r\n", "malformed"),
+        (b"250-one\r\n550 two\r\n", "changed within"),
+        (b"250 " + b"x" * 3000, "too long"),
+    ]:
+        broken = _Replies()
+        broken.data_received(garbage)
+        with pytest.raises(aiosmtplib.SMTPResponseException, match=why):
+            await broken.next()
+
+    gone = _Replies()
+    gone.data_received(b"250 ok\r\n")
+    gone.connection_lost(None)
+    assert await gone.next() == (250, "ok")  # what arrived before the loss is still read
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await gone.next()
