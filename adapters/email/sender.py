@@ -315,6 +315,8 @@ class SmtpRelaySender:
 
         try:
             refused = await self._transaction(envelope_from, list(email.to), data)
+        except ValueError as exc:  # an address no SMTP command may carry (checked before sending)
+            raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
             raise self._all_refused(email, exc) from exc
         except aiosmtplib.SMTPSenderRefused as exc:
@@ -383,6 +385,11 @@ class SmtpRelaySender:
         self, client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
     ) -> dict[str, aiosmtplib.SMTPResponse]:
         """One transaction under one deadline (the caller drops the connection if it passes)."""
+        # Again here, whichever path: aiosmtplib would send the address parseaddr finds in a
+        # malformed one ("a@b\r\nRCPT TO:<x@evil>" becomes x@evil), and ours writes it as it is.
+        for address in (sender, *recipients):
+            if address and not answerable(address):
+                raise ValueError(f"not a plain ASCII addr-spec: {address[:80]!r}")
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
@@ -517,13 +524,10 @@ async def _pipelined(
     message 0.8-1.0 ms with aiosmtplib's transaction, 0.63 ms pipelined; one connection to
     Postfix's smtp-sink, 0.33 ms a transaction against 0.77). aiosmtplib still connects,
     says EHLO, upgrades to TLS and logs in; the caller closes the connection after any
-    failure, so no RSET is needed.
+    failure, so no RSET is needed. The caller has checked the addresses.
 
     Raises aiosmtplib's exceptions, as ``sendmail`` does, for the caller to map.
     """
-    for address in (sender, *recipients):
-        if address and not answerable(address):
-            raise ValueError(f"not a plain ASCII addr-spec: {address[:80]!r}")
     # uvloop's transports are not registered as asyncio.Transport: no isinstance check.
     transport = cast(asyncio.Transport | None, client.transport)
     own = client.protocol
