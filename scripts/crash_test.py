@@ -6,7 +6,8 @@ What it does:
 1. creates a dedicated database (``intake_crash_<random>``) on the PostgreSQL server named by
    ``--pg`` (default $INTAKE_TEST_PG_URL or postgresql://postgres@127.0.0.1:5432/test), runs
    ``intake db upgrade`` once, and drops the database at the end (``--keep`` keeps it);
-2. starts a relay stand-in (a subprocess of this script: aiosmtpd answering 250) that appends
+2. starts a relay stand-in (a subprocess of this script: aiosmtpd answering 250, offering
+   PIPELINING as Postfix does) that appends
    every acknowledgement it accepts (time, Message-ID, To, the sender's EHLO name) to a file;
 3. starts two ``intake --config C serve`` instances (each in its own process group: the
    listener and its outbox child process) on one database, each with its own port;
@@ -100,6 +101,14 @@ def relay_main(port: int, record: Path) -> None:
     parser = BytesHeaderParser()
 
     class Handler:
+        async def handle_EHLO(
+            self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+        ) -> list[str]:
+            # Offer PIPELINING, as Postfix does, so that the acknowledgements go out through
+            # the sender's pipelined transaction, the one intake uses against real relays.
+            session.host_name = hostname
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
             headers = parser.parsebytes(bytes(envelope.original_content or envelope.content))
             out.write(
