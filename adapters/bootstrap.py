@@ -29,7 +29,7 @@ from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
 from adapters.heap import settle_heap
-from adapters.settings import Settings
+from adapters.settings import Settings, relay_tls_context
 from intake.acknowledgement import Outbound, TemplateBook
 from intake.dispatch import Dispatcher
 from intake.model import Severity
@@ -226,6 +226,7 @@ def build(
         username=ob.relay_username,
         password=ob.relay_password,
         starttls=ob.relay_starttls,
+        tls_context=relay_tls_context(ob.relay_ca_file) if ob.relay_ca_file else None,
         local_hostname=settings.email.hostname,
         # Keep a connection for each send the dispatcher runs at once: with fewer, a burst
         # opened (and the relay set up) a new SMTP session for most acknowledgements.

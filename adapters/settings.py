@@ -9,6 +9,7 @@ the composition root (``adapters.bootstrap``) and the CLI read settings.
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -40,6 +41,14 @@ def _default_listeners() -> int:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def relay_tls_context(ca_file: str) -> ssl.SSLContext:
+    """A client TLS context that trusts the certificates in ``ca_file`` (PEM) and no other."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA certificates from {ca_file!r}: {exc}") from None
 
 
 def _address(value: str) -> str:
@@ -127,6 +136,9 @@ class OutboundSettings(_Section):
     relay_username: str | None = None
     relay_password: str | None = None
     relay_starttls: bool = False
+    # PEM file of the CA certificate(s) the relay's certificate must chain to, instead of the
+    # system's (a relay with a private CA). Used with relay_starttls.
+    relay_ca_file: str | None = None
     from_address: Address = "support@example.com"
     from_name: str = "Support"
     bounce_address: str = ""  # "" sends with the null reverse-path <> (RFC 3834)
@@ -146,6 +158,13 @@ class OutboundSettings(_Section):
     @classmethod
     def _bounce(cls, v: str) -> str:
         return _address(v) if v else ""
+
+    @field_validator("relay_ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            relay_tls_context(v)  # raises ValueError with the reason
+        return v
 
 
 class IrtSettings(_Section):

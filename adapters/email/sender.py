@@ -315,8 +315,6 @@ class SmtpRelaySender:
 
         try:
             refused = await self._transaction(envelope_from, list(email.to), data)
-        except ValueError as exc:  # an address no SMTP command may carry (checked before sending)
-            raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
             raise self._all_refused(email, exc) from exc
         except aiosmtplib.SMTPSenderRefused as exc:
@@ -331,10 +329,13 @@ class SmtpRelaySender:
                 f"relay {self.relay} answered {exc.code} before the transaction: {_excerpt(exc.message)}"
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            # Connection refused or reset, timeouts, disconnects, TLS failures.
+            # Connection refused or reset, timeouts, disconnects, TLS failures (a certificate
+            # that does not verify is an OSError and a ValueError: it stays here, transient).
             raise TransientSendError(
                 f"relay {self.relay} unreachable ({type(exc).__name__}): {_excerpt(str(exc))}"
             ) from exc
+        except ValueError as exc:  # an address no SMTP command may carry (checked before sending)
+            raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
         if refused:
             log.warning(
                 "relay %s refused %d of %d recipients of %s: %s",

@@ -893,3 +893,49 @@ async def test_an_envelope_address_no_command_may_carry_is_refused_before_any_co
         await sender_for(smtp_relay)._transaction("", ["alice@customer.example\r\nRCPT TO:<x@evil.example>"], b"x\r\n")
     assert smtp_relay.messages == []
     assert smtp_relay.transactions == 0
+
+
+async def test_the_relay_ca_file_setting_verifies_the_relay_and_a_bad_file_stops_start_up(
+    tmp_path: Any, smtp_relay_factory: Any
+) -> None:
+    """`outbound.relay_ca_file`: the relay's certificate must chain to that CA (a private CA),
+    checked by a sender built from settings; a file that is not a CA certificate is refused
+    when the settings load, with the key's name."""
+    import trustme
+
+    from adapters.bootstrap import build
+    from intake.errors import ConfigError
+    from tests.adapters.harness import settings_for
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    relay = smtp_relay_factory(tls_context=server_context)
+    ca_file = tmp_path / "relay-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    extra = f'[outbound]\nrelay_starttls = true\nrelay_ca_file = "{ca_file}"\n'
+    app = build(settings_for(tmp_path, relay_port=relay.port, extra=extra), create_tables=True)
+    try:
+        await app.dispatcher.email.send(outgoing())
+        [captured] = await relay.wait_for(1)
+        assert captured.tls
+        await app.dispatcher.email.close()  # type: ignore[attr-defined]
+    finally:
+        app.store.dispose()
+
+    other = trustme.CA()  # a CA the relay's certificate does not chain to
+    other_file = tmp_path / "other-ca.pem"
+    other.cert_pem.write_to_path(str(other_file))
+    extra = f'[outbound]\nrelay_starttls = true\nrelay_ca_file = "{other_file}"\n'
+    app = build(settings_for(tmp_path, relay_port=relay.port, extra=extra), create_tables=True)
+    try:
+        with pytest.raises(TransientSendError, match=r"unreachable \(SSLCertVerificationError\)"):
+            await app.dispatcher.email.send(outgoing())
+    finally:
+        app.store.dispose()
+
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("hello\n")
+    with pytest.raises((ConfigError, ValueError), match="relay_ca_file"):
+        settings_for(tmp_path, relay_port=relay.port, extra=f'[outbound]\nrelay_ca_file = "{not_pem}"\n')
