@@ -257,7 +257,7 @@ class SmtpRelaySender:
     verified); ``False`` never upgrades, not even when the relay offers it (aiosmtplib's own
     default would upgrade opportunistically). ``username``/``password`` log in after EHLO.
 
-    ``pipelining`` (default on) sends MAIL, RCPT and DATA in one write when the relay offers
+    MAIL, RCPT and DATA go in one write when the relay offers
     PIPELINING (RFC 2920; Postfix, Exim and the big providers do): two round trips for an
     acknowledgement instead of four.
 
@@ -278,11 +278,9 @@ class SmtpRelaySender:
         starttls: bool = False,
         local_hostname: str | None = None,
         max_idle: int = 0,
-        pipelining: bool = True,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.tls_context = tls_context  # for STARTTLS: trust (a private CA) beyond the system's
-        self.pipelining = pipelining  # when the relay offers it (RFC 2920)
         self.host = host
         self.port = port
         self.max_idle = max_idle
@@ -329,13 +327,10 @@ class SmtpRelaySender:
                 f"relay {self.relay} answered {exc.code} before the transaction: {_excerpt(exc.message)}"
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            # Connection refused or reset, timeouts, disconnects, TLS failures (a certificate
-            # that does not verify is an OSError and a ValueError: it stays here, transient).
+            # Connection refused or reset, timeouts, disconnects, TLS failures.
             raise TransientSendError(
                 f"relay {self.relay} unreachable ({type(exc).__name__}): {_excerpt(str(exc))}"
             ) from exc
-        except ValueError as exc:  # an address no SMTP command may carry (checked before sending)
-            raise PermanentSendError(f"cannot send {email.message_id!r}: {exc}") from exc
         if refused:
             log.warning(
                 "relay %s refused %d of %d recipients of %s: %s",
@@ -373,7 +368,7 @@ class SmtpRelaySender:
         )
         try:
             await client.connect()
-            if self.pipelining and client.is_ehlo_or_helo_needed:
+            if client.is_ehlo_or_helo_needed:
                 await _greet(client)  # so that the first transaction knows whether it may pipeline
             refused = await self._sendmail(client, sender, recipients, data)
         except BaseException:
@@ -385,16 +380,17 @@ class SmtpRelaySender:
     async def _sendmail(
         self, client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
     ) -> dict[str, aiosmtplib.SMTPResponse]:
-        """One transaction under one deadline (the caller drops the connection if it passes)."""
-        # Again here, whichever path: aiosmtplib would send the address parseaddr finds in a
-        # malformed one ("a@b\r\nRCPT TO:<x@evil>" becomes x@evil), and ours writes it as it is.
-        for address in (sender, *recipients):
-            if address and not answerable(address):
-                raise ValueError(f"not a plain ASCII addr-spec: {address[:80]!r}")
+        """One transaction under one deadline (the caller drops the connection if it passes).
+
+        The addresses are plain addr-specs: send() checked them (build_message every To,
+        send the envelope sender). Neither path may get any other: aiosmtplib would send what
+        ``parseaddr`` finds in a malformed one ("a@b\r\nRCPT TO:<x@evil>" becomes x@evil), and
+        the pipelined path writes it as it is.
+        """
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
-                if self.pipelining and client.supports_extension("pipelining"):
+                if client.supports_extension("pipelining"):
                     return await _pipelined(client, sender, recipients, data)
                 refused, _ = await client.sendmail(sender, recipients, data, timeout=None)
         except TimeoutError:
@@ -525,7 +521,7 @@ async def _pipelined(
     message 0.8-1.0 ms with aiosmtplib's transaction, 0.63 ms pipelined; one connection to
     Postfix's smtp-sink, 0.33 ms a transaction against 0.77). aiosmtplib still connects,
     says EHLO, upgrades to TLS and logs in; the caller closes the connection after any
-    failure, so no RSET is needed. The caller has checked the addresses.
+    failure, so no RSET is needed. The addresses were checked (see ``_sendmail``).
 
     Raises aiosmtplib's exceptions, as ``sendmail`` does, for the caller to map.
     """
