@@ -12,7 +12,8 @@ run again, and then finds the duplicate.
 On SQLite the whole group runs on the event loop, after a few turns of the loop that let the
 sessions whose data already arrived queue their units too: BEGIN IMMEDIATE fails at once when another
 process (the outbox) holds the write lock, and the store awaits a short pause and tries again;
-the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
+the group is what has queued once the lock is ours (the units that came while another process
+wrote join it); the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
 thread while the disk syncs slowly. On PostgreSQL one writer thread owns the connection and
 runs the groups.
 
@@ -310,11 +311,9 @@ class SqlStore:
                 # loop first let it read them and bring their units into this group.
                 for _ in range(_GATHER_TURNS):
                     await asyncio.sleep(0)
-                batch = self._loop_pending[: self.max_batch]
-                del self._loop_pending[: self.max_batch]
-                outcomes = await self._batch_on_loop(batch)
+                outcomes = await self._batch_on_loop()
                 self.batches += 1
-                self.units += len(batch)
+                self.units += len(outcomes)
                 _resolve([(job.future, value, failure) for job, value, failure in outcomes])
         finally:
             self._loop_task = None
@@ -361,12 +360,21 @@ class SqlStore:
             took = await asyncio.get_running_loop().run_in_executor(self._io, timed)
         self.commit_seconds += (took - self.commit_seconds) * 0.1
 
-    async def _batch_on_loop(self, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+    def _take_batch(self) -> list[_Job]:
+        batch = self._loop_pending[: self.max_batch]
+        del self._loop_pending[: self.max_batch]
+        return batch
+
+    async def _batch_on_loop(self) -> list[tuple[_Job, Any, BaseException | None]]:
         started = time.perf_counter()
         outcomes: list[tuple[_Job, Any, BaseException | None]]
+        batch: list[_Job] = []
         try:
             conn = self._connection()
             await self._take_write_lock(conn)
+            # The group is what waits once the lock is ours: the units queued while another
+            # process held it join this commit instead of waiting for a commit of their own.
+            batch = self._take_batch()
             trans = conn.begin()
             try:
                 try:
@@ -384,11 +392,13 @@ class SqlStore:
                     trans.rollback()
                 raise
         except (OperationalError, DBAPIError, OSError) as exc:
+            batch = batch or self._take_batch()  # no lock, no connection: the waiting group fails
             log.error("storage: commit of %d unit(s) failed: %s", len(batch), _short(exc))
             self._drop_connection()
             error = StorageUnavailableError(f"database unavailable: {_short(exc)}")
             outcomes = [(job, None, error) for job in batch]
         except Exception as exc:  # a bug: fail the group, keep serving
+            batch = batch or self._take_batch()
             log.exception("storage: unexpected error in a batch of %d", len(batch))
             self._drop_connection()
             error = StorageUnavailableError(f"storage error: {type(exc).__name__}")

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from intake.errors import StorageUnavailableError
 from intake.model import Attachment, Channel, Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity
 from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
+from intake.reference import References
 from storage.repository import SqlUnitOfWork
 from storage.store import SqlStore
 
@@ -203,3 +204,64 @@ async def test_a_writer_waits_for_another_processs_write_lock_then_commits(tmp_p
         blocker.execute("ROLLBACK")
         blocker.close()
         await quick.close()
+
+
+def a_ticket(uow: SqlUnitOfWork) -> int:
+    """A unit that opens a ticket of its own (a new reference each time)."""
+    return uow.create_ticket(
+        NewTicket(
+            reference=References().new(),
+            subject="printer",
+            channel=Channel.EMAIL,
+            requester="alice@acme.com",
+            requester_name="Alice",
+            organisation=None,
+            severity=Severity.S3,
+            security=False,
+            created_at=NOW,
+            response_due=NOW + timedelta(hours=8),
+        )
+    ).id
+
+
+async def test_units_queued_while_another_process_writes_join_the_waiting_group(tmp_path: Path) -> None:
+    """The group is taken once the write lock is ours: the units that queued while the outbox
+    (here a plain connection) held it commit together, once, instead of one commit each."""
+    path = tmp_path / "g.db"
+    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=5.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.transact(lambda uow: uow.stats())  # the writer's connection is open
+        batches = store.batches
+        blocker.execute("BEGIN IMMEDIATE")
+        first = asyncio.ensure_future(store.transact(a_ticket))
+        await asyncio.sleep(0.1)  # the first unit's group now waits for the lock
+        later = [asyncio.ensure_future(store.transact(a_ticket)) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        assert not first.done() and not any(f.done() for f in later)
+        blocker.execute("ROLLBACK")
+        await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
+        assert store.batches == batches + 1  # one group, one commit, for all six
+        assert store.run_sync(lambda uow: uow.stats())["tickets"] == 6
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_every_unit_waiting_for_a_lock_that_never_comes_fails_and_the_store_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "n.db"
+    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=0.3)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        first = asyncio.ensure_future(store.transact(a_ticket))
+        await asyncio.sleep(0.1)
+        later = [asyncio.ensure_future(store.transact(a_ticket)) for _ in range(3)]
+        outcomes = await asyncio.wait_for(asyncio.gather(first, *later, return_exceptions=True), timeout=5)
+        assert all(isinstance(o, StorageUnavailableError) for o in outcomes), outcomes  # 451, none hangs
+        blocker.execute("ROLLBACK")
+        await store.transact(a_ticket)
+        assert store.run_sync(lambda uow: uow.stats())["tickets"] == 1
+    finally:
+        blocker.close()
+        await store.close()
