@@ -65,3 +65,60 @@ async def test_serve_takes_mail_acknowledges_and_stops_on_sigterm(
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"intake stopped" in out
     assert b"Traceback" not in err
+
+
+async def test_a_killed_outbox_process_is_restarted_and_delivers_what_waited(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """Killed (SIGKILL, no goodbye), the outbox process is started again within a second or so,
+    and the acknowledgement committed while it was gone (its wake-up lost) goes out."""
+    import re
+
+    import aiosmtplib
+
+    port = free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port, 'dispatcher = "process"\n')
+    await asyncio.to_thread(
+        subprocess.run, [*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *INTAKE, "--config", str(cfg), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    seen: list[str] = []
+
+    async def log_line(pattern: str) -> re.Match[str]:
+        assert proc.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+            assert line, "intake exited:\n" + "".join(seen[-20:])
+            seen.append(line)
+            if found := re.search(pattern, line):
+                return found
+
+    async def send(n: int) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10)
+        await client.connect()
+        message = mail(sender=f"C{n} <c{n}@acme.com>", subject=f"Printer {n} on fire").as_bytes()
+        _, reply = await client.sendmail(f"c{n}@acme.com", ["support@example.com"], message)
+        await client.quit()
+        assert "stored as SUP-" in reply
+
+    try:
+        first = int((await log_line(r"outbox dispatcher process started \(pid (\d+)\)"))[1])
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # listening
+        await send(1)
+        await smtp_relay.wait_for(1, timeout=15)
+        os.kill(first, signal.SIGKILL)
+        await send(2)  # committed while the outbox is gone: its wake-up finds no one
+        await log_line(r"outbox dispatcher process exited .*; restarting it")
+        second = int((await log_line(r"outbox dispatcher process started \(pid (\d+)\)"))[1])
+        assert second != first
+        acks = await smtp_relay.wait_for(2, timeout=15)
+        assert sorted(a.rcpt_tos for a in acks) == [("c1@acme.com",), ("c2@acme.com",)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, "".join(seen[-20:]) + err.decode()[-2000:]
+    assert "Traceback" not in "".join(seen) + err.decode()
