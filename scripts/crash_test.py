@@ -29,9 +29,11 @@ Targets (exit status 1 when one is missed, 2 when the set-up failed):
 * no message lost: every message answered 250 is stored, and every message got a 250;
 * no duplicate ticket: one ticket per Message-ID;
 * every ticket acknowledged;
-* a duplicate acknowledgement only from a crash between the relay's 250 and the commit that
-  records it: the incarnation that sent the earlier copy was SIGKILLed after the relay accepted
-  it; and every copy carries the same Message-ID as its twin.
+* a duplicate acknowledgement only from a crash between the sending of a copy and the commit
+  that records it: the incarnation that sent the earlier copy was SIGKILLed while that copy was
+  on its way (it had written it whole; the relay took it in at most ``IN_FLIGHT`` seconds
+  later) or after the relay accepted it; and every copy carries the same Message-ID as its
+  twin.
 
     .venv/bin/python scripts/crash_test.py                      # 1,000 messages
     .venv/bin/python scripts/crash_test.py --sqlite -n 2000     # one instance on the embedded SQLite
@@ -69,6 +71,10 @@ from smtp_load import build_messages  # noqa: E402
 
 READY_RE = re.compile(r"listening on\s+\[?([0-9A-Za-z.:_-]*?)\]?:(\d+)")
 REFERENCE_RE = re.compile(r"stored as (\S+)")
+# Seconds between an outbox process writing a copy whole and the relay stand-in taking it in
+# (both on the same loaded cores): a SIGKILL that soon before the relay's record still came
+# after the copy was sent. Seen: 3 ms.
+IN_FLIGHT = 0.5
 DEFAULT_PG = os.environ.get("INTAKE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -441,9 +447,12 @@ def analyse(
         explained = []
         for earlier, later in itertools.pairwise(recs):
             kill = kills_by_helo.get(earlier["helo"])
-            # The incarnation that sent the earlier copy was SIGKILLed after the relay's 250 and
-            # before the next copy went out (which a new claim after the lease sent).
-            ok = kill is not None and earlier["t"] <= kill["t"] <= later["t"]
+            # The incarnation that sent the earlier copy was SIGKILLed before the next copy went
+            # out (which a new claim after the lease sent), and no sooner than IN_FLIGHT before
+            # the relay took the earlier copy in: it had written the whole copy (in one write,
+            # the relay pipelining) and died before it read the 250, or after, before it
+            # recorded it. Either way it could not record the copy as sent.
+            ok = kill is not None and earlier["t"] - IN_FLIGHT <= kill["t"] <= later["t"]
             explained.append(
                 {
                     "sent_by": earlier["helo"],
@@ -484,9 +493,7 @@ def analyse(
         "stray_acknowledgements": len(strays),
         "duplicate_acknowledgements": sum(d["copies"] - 1 for d in duplicates),
         "duplicates_same_message_id": all(d["same_message_id"] and d["matches_outbox"] for d in duplicates),
-        "duplicates_explained_by_a_kill_after_the_relay_250": all(
-            p["explained"] for d in duplicates for p in d["pairs"]
-        ),
+        "duplicates_explained_by_a_kill": all(p["explained"] for d in duplicates for p in d["pairs"]),
         "duplicates": duplicates,
         "outbox": outbox_status,
         "kills": len(kills),
@@ -503,8 +510,8 @@ def analyse(
         problems.append(f"{len(unacked)} ticket(s) never acknowledged")
     if not result["duplicates_same_message_id"]:
         problems.append("a duplicate acknowledgement carries another Message-ID than its twin")
-    if not result["duplicates_explained_by_a_kill_after_the_relay_250"]:
-        problems.append("a duplicate acknowledgement without a crash between the relay's 250 and the commit")
+    if not result["duplicates_explained_by_a_kill"]:
+        problems.append("a duplicate acknowledgement without a crash between sending its twin and recording it")
     if wrong_ref:
         problems.append(f"{len(wrong_ref)} 250 replies named another reference than the stored ticket")
     if strays:
@@ -532,7 +539,7 @@ def print_report(r: dict[str, Any], elapsed: float, drained_in: float) -> None:
         f"acknowledgements received          {r['acknowledgements_received']} "
         f"(duplicates: {r['duplicate_acknowledgements']}, strays: {r['stray_acknowledgements']})",
         f"duplicates carry their twin's Message-ID      {r['duplicates_same_message_id']}",
-        f"duplicates follow a SIGKILL of their sender   {r['duplicates_explained_by_a_kill_after_the_relay_250']}",
+        f"duplicates follow a SIGKILL of their sender   {r['duplicates_explained_by_a_kill']}",
         f"outbox at the end                  {r['outbox']}",
         f"load phase {elapsed:.1f}s, drain {drained_in:.1f}s",
     ]
