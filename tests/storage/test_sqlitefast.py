@@ -15,9 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from intake.errors import StorageUnavailableError
 from intake.model import Attachment, Channel, Direction, InboundMessage, OutgoingEmail, Route, RuleHit, Severity
 from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
-from intake.reference import References
 from storage.repository import SqlUnitOfWork
 from storage.store import SqlStore
+from tests.storage.test_store import new_ticket
 
 NOW = datetime(2026, 11, 22, 9, 30, 15, 123456, tzinfo=UTC)
 HIT = RuleHit(
@@ -208,20 +208,7 @@ async def test_a_writer_waits_for_another_processs_write_lock_then_commits(tmp_p
 
 def a_ticket(uow: SqlUnitOfWork) -> int:
     """A unit that opens a ticket of its own (a new reference each time)."""
-    return uow.create_ticket(
-        NewTicket(
-            reference=References().new(),
-            subject="printer",
-            channel=Channel.EMAIL,
-            requester="alice@acme.com",
-            requester_name="Alice",
-            organisation=None,
-            severity=Severity.S3,
-            security=False,
-            created_at=NOW,
-            response_due=NOW + timedelta(hours=8),
-        )
-    ).id
+    return uow.create_ticket(new_ticket()).id
 
 
 async def test_units_queued_while_another_process_writes_join_the_waiting_group(tmp_path: Path) -> None:
