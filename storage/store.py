@@ -11,7 +11,7 @@ run again, and then finds the duplicate.
 
 On SQLite the whole group runs on the event loop, after a few turns of the loop that let the
 sessions whose data already arrived queue their units too: BEGIN IMMEDIATE fails at once when another
-process (the outbox) holds the write lock, and the store awaits a short pause and tries again;
+process (another listener, the outbox) holds the write lock, and the store awaits a short pause and tries again;
 the group is what has queued once the lock is ours (the units that came while another process
 wrote join it); the units run; COMMIT (its fsync, 0.2-1 ms here) runs on the loop too, or in the store's
 thread while the disk syncs slowly. On PostgreSQL one writer thread owns the connection and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,8 +73,6 @@ async def test_a_killed_outbox_process_is_restarted_and_delivers_what_waited(
 ) -> None:
     """Killed (SIGKILL, no goodbye), the outbox process is started again within a second or so,
     and the acknowledgement committed while it was gone (its wake-up lost) goes out."""
-    import re
-
     import aiosmtplib
 
     port = free_port()
