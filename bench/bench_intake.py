@@ -497,6 +497,8 @@ async def count_round_trips(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for m in messages:
                     await app.service.receive(m)
             elapsed = time.perf_counter() - t0
+            if proxy.unreadable:
+                raise SystemExit("round trips: a connection could not be followed (TLS?), figures would be low")
             txns = store.batches - b0
             statements = sum(kinds.values())  # BEGIN and COMMIT included (the wire sends them)
             row = {

@@ -43,9 +43,13 @@ class TcpProxy:
         self.port = port  # 0 until the first start() picks a free port; kept for restarts
         self.accepted = 0  # connections accepted over the proxy's life
         self.resets = 0  # connections reset by stop()
-        # Client-to-server turns: a client write that follows a server write (or opens the
-        # connection). With a request/response protocol and no pipelining, one per round trip.
+        # Round trips: the times a client waited for PostgreSQL to answer, counted as the Sync
+        # and simple Query messages clients sent (each asks for a ReadyForQuery, which the client
+        # waits for). Counted from the client's own bytes, not from who wrote last: a Flush the
+        # client sends right after its Sync, without waiting, may reach the proxy after the
+        # server's answer and would look like a turn of its own (CI saw 2.2 for 2.0 that way).
         self.round_trips = 0
+        self.unreadable = 0  # connections whose messages could not be followed (TLS): not counted
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -129,17 +133,18 @@ class TcpProxy:
             return
         self.accepted += 1
         self._live.update((client_w, up_w))
-        turn = ["server"]  # who spoke last on this connection
+        frontend = _FrontendMessages()
 
-        def spoke(side: str) -> None:
-            if side == "client" and turn[0] == "server":
-                self.round_trips += 1
-            turn[0] = side
+        def client_sent(data: bytes) -> None:
+            self.round_trips += frontend.waits_in(data)
+            if frontend.lost and not counted_lost:
+                counted_lost.append(True)
+                self.unreadable += 1
+
+        counted_lost: list[bool] = []
 
         try:
-            await asyncio.gather(
-                _pipe(client_r, up_w, lambda: spoke("client")), _pipe(up_r, client_w, lambda: spoke("server"))
-            )
+            await asyncio.gather(_pipe(client_r, up_w, client_sent), _pipe(up_r, client_w, lambda _: None))
         finally:
             for w in (client_w, up_w):
                 if w in self._live:
@@ -147,10 +152,64 @@ class TcpProxy:
                     _drop(w, False)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Callable[[], None]) -> None:
+class _FrontendMessages:
+    """The client's side of PostgreSQL's wire protocol, message by message, across reads.
+
+    A connection opens with untyped messages (length, then a request code): SSLRequest or
+    GSSENCRequest, answered with one byte, then the StartupMessage; a CancelRequest is alone
+    on its connection. After the StartupMessage every message is a type byte and a length
+    that counts itself. Only the framing is read; the payloads are skipped. Bytes that do not
+    frame (TLS after an accepted SSLRequest) make the connection ``lost``: nothing more counted.
+    """
+
+    _REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: more untyped messages follow
+    _PROTOCOL_3 = 196608  # StartupMessage
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._typed = False
+        self.lost = False  # a cancel request, or bytes that do not frame: nothing more to read
+
+    def waits_in(self, data: bytes) -> int:
+        """How many Sync ('S') and Query ('Q') messages ``data`` completes."""
+        if self.lost:
+            return 0
+        self._buf += data
+        waits = 0
+        while True:
+            if not self._typed:
+                if len(self._buf) < 8:
+                    return waits
+                length, code = struct.unpack("!ii", self._buf[:8])
+                if not 8 <= length <= 10_000:
+                    self.lost = True
+                    return waits
+                if len(self._buf) < length:
+                    return waits
+                self._buf = self._buf[length:]
+                if code == self._PROTOCOL_3:
+                    self._typed = True
+                elif code not in self._REQUESTS:
+                    self.lost = True
+                    return waits
+                continue
+            if len(self._buf) < 5:
+                return waits
+            kind = self._buf[:1]
+            (length,) = struct.unpack("!i", self._buf[1:5])
+            if length < 4:
+                self.lost = True
+                return waits
+            if len(self._buf) < 1 + length:
+                return waits
+            self._buf = self._buf[1 + length :]
+            waits += kind in (b"S", b"Q")
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Callable[[bytes], None]) -> None:
     try:
         while data := await reader.read(_CHUNK):
-            seen()
+            seen(data)
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():

@@ -61,6 +61,7 @@ class Measured:
         for k in range(0, len(messages), at_once):
             receipts += await asyncio.gather(*(self.app.service.receive(m) for m in messages[k : k + at_once]))
         n = len(messages)
+        assert self.proxy.unreadable == 0, "a connection's messages could not be followed (TLS?): not counted"
         return receipts, (self.proxy.round_trips - rt0) / n, (store.batches - b0) / n
 
 
