@@ -119,7 +119,10 @@ def _lock_pauses(lock_timeout: float) -> Iterator[float]:
     outbox process and intake's listener taking turns at one database, a listener that found
     the lock taken slept through most of the turns that followed, and every SMTP session in
     its group commit waited with it. Short pauses (from 0.2 ms, the time a group's commit
-    takes here) take the lock about as soon as it is free.
+    takes here) take the lock about as soon as it is free. On uvloop, whose timers count
+    whole milliseconds, the waits come out as a turn of the loop twice, then 1.15 and 2.2 ms
+    (measured); a notice on release that wakes the waiter at once did not make the wait
+    shorter under load (docs/benchmarks.md, ninth session).
     """
     pause = _LOCK_PAUSE_FIRST
     deadline = time.monotonic() + lock_timeout
