@@ -32,6 +32,7 @@ import pickle
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -228,6 +229,7 @@ class ParsePool:
         self._pool: list[_Worker] = []
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing = threading.Lock()  # close() against a replacement finished in its thread
 
     def start(self) -> None:
         """Start the workers and wait until each is ready (imports, rules, language models)."""
@@ -276,6 +278,14 @@ class ParsePool:
         except (OSError, EOFError, pickle.PickleError, _WorkerFailed) as exc:
             log.error("a parsing worker failed (%s); parsing this message in the listener's process", exc)
             return None
+        finally:
+            # Left before the answer came (the send failed, the caller gave up): the reader
+            # drops a cancelled answer when it comes, and a failure set on it meanwhile is
+            # taken here, not reported later as "never retrieved".
+            if not answer.done():
+                answer.cancel()
+            elif not answer.cancelled():
+                answer.exception()
         return _unpack(packed, raw)
 
     async def _send(self, worker: _Worker, data: bytes) -> None:
@@ -327,23 +337,30 @@ class ParsePool:
     async def _replace(self) -> None:
         """Start a worker in place of a broken one (off the loop: it takes seconds to load)."""
         try:
-            fresh = await asyncio.to_thread(self._spawn_ready)
+            await asyncio.to_thread(self._spawn_replacement)
         except Exception:
             log.exception("a parsing worker could not be restarted; parsing in the listener's process")
-            return
-        if self._closed:
-            fresh.close()
-            return
-        self._pool.append(fresh)
+
+    def _spawn_replacement(self) -> None:
+        # The thread itself joins the new worker to the pool, or stops it if the pool was
+        # closed meanwhile: a task awaiting it may be cancelled at shutdown (asyncio.run
+        # cancels what is left), and the worker's process and socket would be nobody's.
+        fresh = self._spawn_ready()
+        with self._closing:
+            if not self._closed:
+                self._pool.append(fresh)
+                return
+        fresh.close()
 
     def close(self) -> None:
-        self._closed = True
-        for worker in self._pool:
+        with self._closing:
+            self._closed = True
+            pool, self._pool = self._pool, []
+        for worker in pool:
             with contextlib.suppress(OSError):
                 worker.sock.setblocking(True)
                 worker.sock.sendall(_HEADER.pack(0))  # a request of 0 bytes: stop
             worker.close()
-        self._pool = []
 
 
 class _WorkerFailed(Exception):
