@@ -136,12 +136,9 @@ class TcpProxy:
         frontend = _FrontendMessages()
 
         def client_sent(data: bytes) -> None:
+            was_lost = frontend.lost
             self.round_trips += frontend.waits_in(data)
-            if frontend.lost and not counted_lost:
-                counted_lost.append(True)
-                self.unreadable += 1
-
-        counted_lost: list[bool] = []
+            self.unreadable += frontend.lost and not was_lost
 
         try:
             await asyncio.gather(_pipe(client_r, up_w, client_sent), _pipe(up_r, client_w, lambda _: None))

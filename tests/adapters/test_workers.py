@@ -141,6 +141,14 @@ def test_a_worker_that_dies_is_replaced_and_costs_no_message(service: IntakeServ
     asyncio.run(scenario())
 
 
+async def abandon(pool: workers.ParsePool, raw: bytes) -> asyncio.Future[Any]:
+    """A caller that sends ``raw`` and gives up before the answer (its client hung up)."""
+    abandoned = asyncio.ensure_future(pool.parse(raw, **KWARGS))
+    await asyncio.sleep(0)  # sent, not answered yet
+    abandoned.cancel()
+    return abandoned
+
+
 def test_a_caller_that_gives_up_does_not_put_the_worker_out_of_step(service: IntakeService) -> None:
     """An SMTP client that hangs up cancels its session while the worker parses: the answer
     must still be read, or the next message would get this one's."""
@@ -151,9 +159,7 @@ def test_a_caller_that_gives_up_does_not_put_the_worker_out_of_step(service: Int
         pool = workers.ParsePool(settings(), 1)
         await asyncio.to_thread(pool.start)
         try:
-            abandoned = asyncio.ensure_future(pool.parse(one, **KWARGS))
-            await asyncio.sleep(0)  # sent, not answered yet
-            abandoned.cancel()
+            await abandon(pool, one)
             got = await pool.parse(other, **KWARGS)
             assert got is not None and got[0].subject == "second"
         finally:
@@ -216,9 +222,7 @@ def test_an_abandoned_answer_that_fails_later_is_not_reported_as_never_retrieved
         pool = workers.ParsePool(settings(), 1)
         await asyncio.to_thread(pool.start)
         try:
-            abandoned = asyncio.ensure_future(pool.parse(raw, **KWARGS))
-            await asyncio.sleep(0)  # sent, not answered yet
-            abandoned.cancel()
+            abandoned = await abandon(pool, raw)
             [worker] = pool._pool
             worker.proc.kill()  # its answer will never come: the reader fails what is pending
             await asyncio.to_thread(worker.proc.join, 5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -173,14 +175,29 @@ async def test_a_conflict_on_the_fast_path_is_sqlalchemys_integrity_error(tmp_pa
         await store.close()
 
 
+@contextlib.asynccontextmanager
+async def store_and_blocker(
+    path: Path, *, lock_timeout: float, create: bool = True
+) -> AsyncIterator[tuple[SqlStore, sqlite3.Connection]]:
+    """A store on ``path`` and a plain connection beside it, standing for another process
+    that takes the write lock (``BEGIN IMMEDIATE``); both closed afterwards."""
+    store = SqlStore(f"sqlite:///{path}", create=create, lock_timeout=lock_timeout)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield store, blocker
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        await store.close()
+
+
 async def test_a_writer_waits_for_another_processs_write_lock_then_commits(tmp_path: Path) -> None:
     """The writer's connection does not use SQLite's busy handler (busy_timeout 0) but waits
     for the lock itself, in short pauses: it must still wait, not fail, while another process
     writes, and fail cleanly only after lock_timeout."""
     path = tmp_path / "i.db"
-    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=5.0)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with store_and_blocker(path, lock_timeout=5.0) as (store, blocker):
         blocker.execute("BEGIN IMMEDIATE")
         pending = asyncio.ensure_future(store.transact(one_of_everything))
         await asyncio.sleep(0.3)
@@ -188,22 +205,13 @@ async def test_a_writer_waits_for_another_processs_write_lock_then_commits(tmp_p
         blocker.execute("ROLLBACK")
         await asyncio.wait_for(pending, timeout=2)
         assert store.run_sync(lambda uow: uow.stats())["tickets"] == 1
-    finally:
-        blocker.close()
-        await store.close()
 
-    quick = SqlStore(f"sqlite:///{path}", lock_timeout=0.2)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with store_and_blocker(path, lock_timeout=0.2, create=False) as (quick, blocker):
         blocker.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         with pytest.raises(StorageUnavailableError, match="locked"):
             await quick.transact(lambda uow: uow.count_tickets_since(requester="x", since=NOW))
         assert 0.15 < time.monotonic() - started < 3
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        await quick.close()
 
 
 def a_ticket(uow: SqlUnitOfWork) -> int:
@@ -214,10 +222,7 @@ def a_ticket(uow: SqlUnitOfWork) -> int:
 async def test_units_queued_while_another_process_writes_join_the_waiting_group(tmp_path: Path) -> None:
     """The group is taken once the write lock is ours: the units that queued while the outbox
     (here a plain connection) held it commit together, once, instead of one commit each."""
-    path = tmp_path / "g.db"
-    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=5.0)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with store_and_blocker(tmp_path / "g.db", lock_timeout=5.0) as (store, blocker):
         await store.transact(lambda uow: uow.stats())  # the writer's connection is open
         batches = store.batches
         blocker.execute("BEGIN IMMEDIATE")
@@ -230,16 +235,10 @@ async def test_units_queued_while_another_process_writes_join_the_waiting_group(
         await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
         assert store.batches == batches + 1  # one group, one commit, for all six
         assert store.run_sync(lambda uow: uow.stats())["tickets"] == 6
-    finally:
-        blocker.close()
-        await store.close()
 
 
 async def test_every_unit_waiting_for_a_lock_that_never_comes_fails_and_the_store_recovers(tmp_path: Path) -> None:
-    path = tmp_path / "n.db"
-    store = SqlStore(f"sqlite:///{path}", create=True, lock_timeout=0.3)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with store_and_blocker(tmp_path / "n.db", lock_timeout=0.3) as (store, blocker):
         blocker.execute("BEGIN IMMEDIATE")
         first = asyncio.ensure_future(store.transact(a_ticket))
         await asyncio.sleep(0.1)
@@ -249,6 +248,3 @@ async def test_every_unit_waiting_for_a_lock_that_never_comes_fails_and_the_stor
         blocker.execute("ROLLBACK")
         await store.transact(a_ticket)
         assert store.run_sync(lambda uow: uow.stats())["tickets"] == 1
-    finally:
-        blocker.close()
-        await store.close()
