@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from adapters.bootstrap import OutboxProcess
+from adapters.bootstrap import OutboxProcess, build, outbox_settings
 from adapters.settings import OutboundSettings
 from tests.adapters.harness import settings_for
 
@@ -24,6 +24,17 @@ class _Pipe:
     def send_bytes(self, data: bytes) -> None:
         assert data == b"."
         self.sent.append(asyncio.get_running_loop().time())
+
+
+def test_the_outbox_builds_no_language_detector(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, relay_port=1)
+    listener, outbox = build(settings), build(outbox_settings(settings))
+    listener.store.dispose()
+    outbox.store.dispose()
+    assert listener.service.detector is not None  # the listener's: it takes messages in
+    assert outbox.service.detector is None  # lingua's models stay out of the outbox's memory
+    assert outbox_settings(settings).storage == settings.storage  # the rest is the same
+    assert outbox_settings(settings).outbound == settings.outbound
 
 
 async def test_a_burst_of_commits_makes_two_wake_ups_not_one_each(tmp_path: Path) -> None:
