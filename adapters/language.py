@@ -36,8 +36,9 @@ lingua is undecided (English at 0.55 and 0.59, below ``min_confidence``: the def
 language), and the first list answered one of those too. On English texts it answers 13-16 %
 instead of 9-13 % (most windows are too short for five function words), 46 of the corpus's
 120 mails, and every message of the load client. Taking in the load client's messages
-in-process (parse, assessment, unit of work, commit) costs 10 % fewer instructions a message
-(cachegrind, 700 messages: 36.6 against 40.7 ms a message under it).
+in-process (parse, assessment, unit of work, commit) costs 10 % less CPU a message under
+cachegrind (600 messages: 36.6 against 40.7 ms a message; it runs them instruction by
+instruction, so the machine's drift does not show).
 
 tests/adapters/test_language.py keeps checking it on the texts in the repository and on
 chat-sized windows of them. Anything else, Spanish or not, goes to lingua. It remains a rule,
