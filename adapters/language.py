@@ -134,10 +134,14 @@ class LinguaDetector:
         self._rule = set(known) == {Language.ENGLISH, Language.SPANISH} and min_confidence <= _RULE_MAX_CONFIDENCE
 
     def detect(self, text: str) -> str | None:
+        if self._rule and _surely_english(text):  # only with lingua loaded; five words at least
+            return "en"
+        return self.lingua(text)
+
+    def lingua(self, text: str) -> str | None:
+        """lingua's own answer, without the English rule (what the rule is checked against)."""
         if self._detector is None or len(text.strip()) < 3:
             return None
-        if self._rule and _surely_english(text):
-            return "en"
         values = self._detector.compute_language_confidence_values(text)
         if not values or values[0].value < self._min:
             return None
