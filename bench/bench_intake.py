@@ -1002,6 +1002,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the stand-in for the outbound relay: a bare aiosmtpd (default) or Postfix's smtp-sink",
     )
     p.add_argument(
+        "--client-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of the load client (and this harness): asyncio (default, as every "
+        "figure in docs/benchmarks.md) or uvloop (about half the client's CPU)",
+    )
+    p.add_argument(
         "--compare-cmd",
         default="",
         help="a second intake command measured in the same runs as 'intake-b' (A/B of two builds)",
@@ -1083,6 +1090,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="intake-bench-"))
     status = 0
     try:
+        if args.client_loop == "uvloop":
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         runs, checks = asyncio.run(bench(args, workdir))
         rows = summarize(runs, args.sessions)
         failed_checks = [c for c in checks if not c["ok"]]
