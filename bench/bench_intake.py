@@ -1093,8 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.client_loop == "uvloop":
             import uvloop
 
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        runs, checks = asyncio.run(bench(args, workdir))
+            runs, checks = uvloop.run(bench(args, workdir))
+        else:
+            runs, checks = asyncio.run(bench(args, workdir))
         rows = summarize(runs, args.sessions)
         failed_checks = [c for c in checks if not c["ok"]]
         refused = sum(r["failed"] for r in runs)

@@ -88,6 +88,15 @@ def _period(delta: timedelta) -> str:
     return f"{minutes // 60} hour(s)" if minutes % 60 == 0 else f"{minutes} minutes"
 
 
+def language_sample(message: InboundMessage) -> str:
+    """The text whose language is the message's: its subject and new text, 300 characters.
+
+    A few hundred characters decide the language as well as the whole text, at a fraction of
+    the cost (lingua is linear in the text: 4 KB took 1.4 ms).
+    """
+    return f"{message.subject}\n{message.new_text or message.body}".strip()[:300]
+
+
 def thread_id(thread_key: str) -> str:
     """How a chat thread is indexed beside Message-IDs: one lookup finds either."""
     return f"thread:{thread_key}"
@@ -202,9 +211,7 @@ class IntakeService:
         default = self.templates.default
         if self.detector is None:
             return default
-        # A few hundred characters decide the language as well as the whole text, at a fraction
-        # of the cost (lingua is linear in the text: 4 KB took 1.4 ms).
-        text = f"{message.subject}\n{message.new_text or message.body}".strip()[:300]
+        text = language_sample(message)
         lang = self.detector.detect(text) if text else None
         return lang if lang in self.templates.languages else default
 

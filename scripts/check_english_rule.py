@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.email.parsing import parse_email  # noqa: E402
 from adapters.language import _ENGLISH, LinguaDetector, _surely_english  # noqa: E402
+from intake.service import language_sample  # noqa: E402
 
 CORPUS = Path("/work/shared/corpus")
 MAN = Path("/usr/share/man")
@@ -56,21 +57,17 @@ _ROFF_LINE = re.compile(r"^[.'].*$", re.M)
 _ROFF_ESCAPE = re.compile(r"\\(f[BIRP]|f\(..|f\[[^]]*\]|s[-+]?\d|\(..|\[[^]]*\]|\*.|e|-|&|\^|\||0|c|%|:|~)")
 
 
-def _service_text(subject: str, body: str, new_text: str) -> str:
-    return f"{subject}\n{new_text or body}".strip()[:300]
-
-
 def _mail_texts() -> Iterator[str]:
     mails = [*sorted(CORPUS.rglob("*.eml")), *sorted((ROOT / "tests" / "data" / "email").glob("*.eml"))]
     for path in mails:
         m = parse_email(path.read_bytes(), recipient="support@example.com")
-        yield _service_text(m.subject, m.body, m.new_text)
+        yield language_sample(m)
     sys.path.insert(0, str(ROOT / "bench"))
     from smtp_load import build_messages  # type: ignore[import-not-found]
 
     for _, data in build_messages(48):
         m = parse_email(data, recipient="support@example.com")
-        yield _service_text(m.subject, m.body, m.new_text)
+        yield language_sample(m)
     for module in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 15:

@@ -18,6 +18,7 @@ import pytest
 
 from adapters.email.parsing import parse_email
 from adapters.language import LinguaDetector, _surely_english
+from intake.service import language_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = Path("/work/shared/corpus")
@@ -28,16 +29,11 @@ def detector() -> LinguaDetector:
     return LinguaDetector(["en", "es"])
 
 
-def _service_text(subject: str, body: str, new_text: str) -> str:
-    # What IntakeService.language_of passes to the detector.
-    return f"{subject}\n{new_text or body}".strip()[:300]
-
-
 def _texts() -> Iterator[str]:
     mails = [*sorted(CORPUS.rglob("*.eml")), *sorted((ROOT / "tests" / "data" / "email").glob("*.eml"))]
     for path in mails:
         m = parse_email(path.read_bytes(), recipient="support@example.com")
-        yield _service_text(m.subject, m.body, m.new_text)
+        yield language_sample(m)
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from smtp_load import build_messages
@@ -45,7 +41,7 @@ def _texts() -> Iterator[str]:
         sys.path.remove(str(ROOT / "bench"))
     for _, data in build_messages(16):
         m = parse_email(data, recipient="support@example.com")
-        yield _service_text(m.subject, m.body, m.new_text)
+        yield language_sample(m)
     for template in resources.files("intake").joinpath("data", "templates").iterdir():
         for path in template.iterdir():
             yield path.read_text(encoding="utf-8")[:300]
