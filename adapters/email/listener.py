@@ -44,6 +44,7 @@ meanwhile closes the session after the reply.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -455,6 +456,7 @@ class EmailListener:
         )
         proto.tracker = self.tracker
         proto.config = self.config
+        proto.command_size_limits = _command_size_limits(proto)
         return proto
 
     async def start(self) -> None:
@@ -500,6 +502,10 @@ def _copy_protocol(template: SMTP) -> SMTP:
         client_connected_cb=proto._cb_client_connected,
         loop=loop,
     )
+    # aiosmtpd keeps these limits in one dict on its class, cleared by every __init__ and raised
+    # by every EHLO (+36 for MAIL): with one template and no __init__ per connection, MAIL's
+    # limit grew with every session served. Each connection has its own, as if just built.
+    proto.command_size_limits = _command_size_limits(template)
     proto._smtp_methods = {
         name: types.MethodType(method.__func__, proto) for name, method in template._smtp_methods.items()
     }
@@ -508,3 +514,8 @@ def _copy_protocol(template: SMTP) -> SMTP:
         for name, m in template._auth_methods.items()
     }
     return proto  # type: ignore[no-any-return]
+
+
+def _command_size_limits(proto: SMTP) -> collections.defaultdict[str, int]:
+    """A fresh per-command line limit table, as aiosmtpd's __init__ leaves its shared one."""
+    return collections.defaultdict(type(proto).command_size_limits.default_factory)  # type: ignore[attr-defined]

@@ -249,6 +249,24 @@ async def test_overlong_command_lines_get_500_and_the_session_goes_on(tmp_path: 
         await still_serving(h)
 
 
+async def test_the_mail_line_limit_is_the_same_in_every_session(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """After EHLO, MAIL may be 512 + 26 (SIZE=) + 10 (SMTPUTF8) bytes long. aiosmtpd keeps that
+    limit in a dict shared by all its instances that each EHLO raises and each __init__ resets;
+    with the listener's copied protocols (no __init__ per connection) it grew by 36 bytes with
+    every session until a line of any length passed. Each session now starts from its own."""
+    async with intake_with(tmp_path, smtp_relay) as h:
+        longest = b"MAIL FROM:<" + b"a" * (548 - len(b"MAIL FROM:<@acme.com>")) + b"@acme.com>"
+        assert len(longest) == 548
+        for session in range(4):
+            client, _ = await RawClient.open(h.port)
+            await client.cmd("EHLO client.test")
+            one_more = longest[:-10] + b"b" + longest[-10:]
+            assert await client.cmd(one_more) == Reply(500, "Command line too long"), session
+            r = await client.cmd(longest)
+            assert r is not None and r.code == 250, (session, r)
+            await client.close()
+
+
 async def test_overlong_data_line_refuses_the_message_and_the_session_goes_on(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
@@ -614,6 +632,8 @@ async def test_a_copied_protocol_holds_what_a_normally_built_one_holds(
                     assert mech.method.__self__ is owner and mech.is_builtin == value[k].is_builtin, k
             elif name == "_handle_hooks":  # bound to the one handler, which every session shares
                 assert copied == value
+            elif name == "command_size_limits":  # raised by EHLO: each session's own
+                assert copied == value and copied is not vars(template)[name]
             elif isinstance(value, (asyncio.Future, weakref.ref, collections.deque, asyncio.StreamReader)):
                 assert copied is not vars(template)[name], f"{name} is shared with the template"
             elif name == "_strong_reader":
