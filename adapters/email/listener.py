@@ -62,6 +62,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, syntax
 
 from adapters.email.parsing import parse_email
 from adapters.email.smtpdata import ChunkedData
+from adapters.email.smtploop import LeanLoop
 from adapters.email.workers import ParsePool
 from intake.errors import StorageUnavailableError
 from intake.model import InboundMessage, Route
@@ -393,11 +394,11 @@ class _Limited:
             transport.close()
 
 
-class IntakeSMTP(_Limited, ChunkedData, SMTP):
+class IntakeSMTP(_Limited, LeanLoop, ChunkedData, SMTP):
     pass
 
 
-class IntakeLMTP(_Limited, ChunkedData, LMTP):
+class IntakeLMTP(_Limited, LeanLoop, ChunkedData, LMTP):
     pass
 
 
