@@ -155,6 +155,14 @@ class IntakeHandler:
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """EHLO (and LMTP's LHLO) offers PIPELINING (RFC 2920; RFC 2033 requires it of an LMTP
+        server): senders may send MAIL, RCPT and DATA without waiting for each reply."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handler that has this hook
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
@@ -353,6 +361,7 @@ class _Limited:
         if transport is None or transport.is_closing():
             return
         log.info("closing session of %s: %s", getattr(self, "_client", "?"), reply)
+        self.flush_held()  # type: ignore[attr-defined]  # replies held for a pipelined group come first
         transport.write(reply.encode("ascii") + b"\r\n")
         transport.close()  # flushes the reply first; connection_lost cancels the session task
 

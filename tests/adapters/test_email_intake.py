@@ -342,6 +342,38 @@ async def test_lmtp_answers_once_per_recipient(tmp_path: Path, smtp_relay: Relay
         assert h.stats()["tickets"] == 2
 
 
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+async def test_a_pipelined_transaction_is_taken_in(tmp_path: Path, smtp_relay: RelayStandIn, protocol: str) -> None:
+    """EHLO (LHLO) offers PIPELINING, as Postfix, Exim and Dovecot's LMTP do (RFC 2033 requires
+    it of an LMTP server): a sender sends MAIL, both RCPTs and DATA in one write and reads the
+    replies together, in order; then the message, and QUIT right behind its final dot."""
+    extra = f'[email]\nprotocol = "{protocol}"\n'
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+
+        async def reply() -> bytes:
+            lines = [await asyncio.wait_for(reader.readline(), 5)]
+            while lines[-1][3:4] == b"-":
+                lines.append(await asyncio.wait_for(reader.readline(), 5))
+            return b"".join(lines)
+
+        assert (await reply()).startswith(b"220")
+        writer.write(b"LHLO mta.test\r\n" if protocol == "lmtp" else b"EHLO mta.test\r\n")
+        assert b"250-PIPELINING\r\n" in await reply()
+        writer.write(
+            b"MAIL FROM:<alice@acme.com>\r\nRCPT TO:<support@example.com>\r\n"
+            b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<billing@example.com>\r\nDATA\r\n"
+        )
+        replies = [await reply() for _ in range(5)]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"550", b"250", b"354"], replies
+        writer.write(mail(subject="Pipelined").as_bytes().replace(b"\n", b"\r\n") + b".\r\nQUIT\r\n")
+        finals = [await reply() for _ in range(2 if protocol == "lmtp" else 1)]
+        assert all(r.startswith(b"250 2.0.0") for r in finals), finals
+        assert (await reply()).startswith(b"221")
+        writer.close()
+        assert h.stats()["tickets"] == 2
+
+
 async def test_shutdown_mid_session_gets_421_and_loses_nothing(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
         reader, writer = await asyncio.open_connection("127.0.0.1", h.port)

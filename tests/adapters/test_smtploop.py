@@ -273,3 +273,57 @@ async def test_an_unreviewed_aiosmtpd_gets_its_own_loop(monkeypatch: pytest.Monk
     finally:
         await s.close()
         smtploop.active.cache_clear()
+
+
+class _Transport(asyncio.Transport):
+    """A transport that records each write (one write is one system call on a real socket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.1", 4321) if name == "peername" else default
+
+
+async def _writes_for(chunks: list[bytes]) -> list[bytes]:
+    loop = asyncio.get_running_loop()
+    proto = Lean(Capture(), hostname="test.local", loop=loop)
+    transport = _Transport()
+    proto.connection_made(transport)
+    for chunk in chunks:
+        await asyncio.sleep(0.01)
+        proto.data_received(chunk)
+    await asyncio.sleep(0.05)
+    proto.connection_lost(None)
+    return transport.writes
+
+
+async def test_a_pipelined_group_is_answered_in_one_write() -> None:
+    """MAIL, RCPT, RCPT and DATA sent at once: their four replies leave in one write (RFC 2920
+    3.2); sent one by one, one write each; RSET is groupable too, NOOP never (RFC 2920 3.2)."""
+    envelope = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<s@x.example>\r\nRCPT TO:<t@x.example>\r\nDATA\r\n"
+    writes = await _writes_for([b"HELO c.example\r\n", envelope, BODY, b"QUIT\r\n"])
+    assert writes[2] == b"250 OK\r\n250 OK\r\n250 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert writes[3:] == [b"250 OK stored\r\n", b"221 Bye\r\n"]
+    one_by_one = await _writes_for([b"HELO c.example\r\n", *envelope.splitlines(keepends=True)])
+    assert one_by_one[2:] == [b"250 OK\r\n", b"250 OK\r\n", b"250 OK\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"]
+    mixed = await _writes_for([b"HELO c.example\r\nRSET\r\nNOOP\r\nRSET\r\nRSET\r\n"])
+    assert mixed[1:] == [b"250 test.local\r\n", b"250 OK\r\n250 OK\r\n", b"250 OK\r\n250 OK\r\n"]
+
+
+async def test_a_held_reply_goes_out_before_the_loop_waits_for_input() -> None:
+    """A MAIL whose next command line is only half there: the reply is not held back while
+    the rest of that line is awaited (RFC 2920 3.2: flush when the input runs dry)."""
+    writes = await _writes_for([b"HELO c.example\r\n", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<s@x", b".example>\r\n"])
+    assert writes[1:] == [b"250 test.local\r\n", b"250 OK\r\n", b"250 OK\r\n"]
