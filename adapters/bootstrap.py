@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from adapters import cpus
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
@@ -355,6 +356,9 @@ async def _close_senders_and_store(app: App) -> None:
 async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     """Run until SIGINT or SIGTERM."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    if app.settings.email.pin_listeners:
+        cpus.allowed()  # noted for the children before any of them starts
+        log.info("email listener 1 pinned to CPU %s", cpus.pin_listener(1))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -576,6 +580,8 @@ def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, nu
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(settings)
+    if settings.email.pin_listeners:
+        log.info("email listener %d pinned to CPU %s", number, cpus.pin_listener(number))
     for handler in logging.getLogger().handlers:  # each line says which listener wrote it
         handler.addFilter(_ListenerTag(number))
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -760,6 +766,7 @@ def outbox_settings(settings: Settings) -> Settings:
 
 def _dispatcher_main(settings: Settings, wake: Any) -> None:
     """Entry point of the dispatcher process."""
+    cpus.unpin()  # (email.pin_listeners) started by a pinned listener: free to run anywhere
     _lower_priority(settings.outbound.process_nice)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s[outbox]: %(message)s")

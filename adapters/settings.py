@@ -103,6 +103,8 @@ class EmailSettings(_Section):
     # 21 % more messages per second than one listener with a parsing worker at 10 SMTP
     # sessions and 24 % more at 50, for the same memory (docs/benchmarks.md, fifth session).
     listener_processes: int = Field(default_factory=_default_listeners, ge=1, le=64)
+    # Pin each listener process to a CPU of its own (Linux; adapters/cpus.py). Off by default.
+    pin_listeners: bool = False
     max_sessions: int = Field(200, ge=1)
     max_sessions_per_client: int = Field(20, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)

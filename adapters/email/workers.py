@@ -37,6 +37,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from adapters import cpus
 from adapters.email.parsing import parse_email
 from adapters.heap import settle_heap
 from adapters.settings import Settings
@@ -401,6 +402,7 @@ def _read_frame_blocking(sock: socket.socket) -> bytes:
 def _worker_main(sock: socket.socket, settings: Settings) -> None:
     """A worker: set up, say ready, then answer requests until a request of 0 bytes or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    cpus.unpin()  # (email.pin_listeners) started by a pinned listener: free to run anywhere
     _init_worker(settings)
     settle_heap()
     sock.sendall(_HEADER.pack(len(_READY)) + _READY)

@@ -270,3 +270,39 @@ async def test_a_listener_that_cannot_listen_fails_the_start_and_leaves_no_proce
     assert datagram.fileno() == -1  # the failed start closed what it was given
     await asyncio.sleep(0.5)
     assert not [p for p in _children(os.getpid()) if _alive(p) and b"spawn_main" in _cmdline(p)]
+
+
+def _niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def _cpus_allowed(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(line.split(":", 1)[1].strip() for line in status if line.startswith("Cpus_allowed_list"))
+
+
+@pytest.mark.skipif(
+    hasattr(os, "sched_getaffinity") and os.sched_getaffinity(0) != {0, 1},
+    reason="checks the pinning on CPUs 0 and 1 exactly (a 2-core machine, as CI's)",
+)
+async def test_pin_listeners_puts_each_listener_on_its_own_cpu_and_leaves_the_outbox_free(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port)
+    pinned = cfg.read_text().replace("listener_processes = 2\n", "listener_processes = 2\npin_listeners = true\n")
+    cfg.write_text(pinned)
+    proc = await _serve(cfg, port)
+    try:
+        replies = await _send(port, 4, "pinned")
+        assert len(replies) == 4 and all(r.startswith("2.0.0") for r in replies), replies
+        children = [pid for pid in _children(proc.pid) if b"spawn_main" in _cmdline(pid)]
+        allowed = {pid: _cpus_allowed(pid) for pid in children}
+        assert _cpus_allowed(proc.pid) == "0"  # the first listener
+        # The second listener on CPU 1; the outbox (niceness 10) anywhere.
+        nice = {pid: _niceness(pid) for pid in children}
+        assert sorted((nice[pid], allowed[pid]) for pid in children) == [(0, "1"), (10, "0-1")], (allowed, nice)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
