@@ -23,9 +23,15 @@ _ENV = "INTAKE_CPUS"
 
 def allowed() -> list[int]:
     """The CPUs intake may use: those noted by the first process, else this process's own."""
-    noted = os.environ.get(_ENV)
-    if noted:
-        return [int(c) for c in noted.split(",")]
+    noted = os.environ.get(_ENV, "")
+    try:
+        return [int(c) for c in noted.split(",")] if noted else _note()
+    except ValueError:
+        log.warning("%s=%r is not a list of CPUs; using this process's own", _ENV, noted)
+        return _note()
+
+
+def _note() -> list[int]:
     cpus = sorted(os.sched_getaffinity(0))
     os.environ[_ENV] = ",".join(map(str, cpus))
     return cpus
@@ -41,11 +47,18 @@ def pin_listener(number: int) -> int | None:
     if len(cpus) < 2:
         return None
     cpu = cpus[(number - 1) % len(cpus)]
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:  # a CPU taken away since (cgroups): run unpinned rather than not at all
+        log.warning("email.pin_listeners: cannot pin listener %d to CPU %d: %s", number, cpu, exc)
+        return None
     return cpu
 
 
 def unpin() -> None:
     """A process that is not a listener (the outbox, a parsing worker): every allowed CPU."""
     if hasattr(os, "sched_setaffinity") and os.environ.get(_ENV):
-        os.sched_setaffinity(0, set(allowed()))
+        try:
+            os.sched_setaffinity(0, set(allowed()))
+        except OSError as exc:
+            log.warning("email.pin_listeners: cannot unpin this process: %s", exc)

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CP
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[set[int]]:
     made: list[set[int]] = []
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: made.append(set(mask)))
-    monkeypatch.delenv("INTAKE_CPUS", raising=False)
+    # set, then removed: monkeypatch restores the variable's absence afterwards, even when
+    # the code under test notes the CPUs in it (a value left behind would reach every process
+    # the later tests start)
+    monkeypatch.setenv("INTAKE_CPUS", "")
+    monkeypatch.delenv("INTAKE_CPUS")
     return made
 
 
@@ -42,3 +46,17 @@ def test_one_cpu_pins_nothing_and_unpinned_runs_leave_the_affinity_alone(
     monkeypatch.delenv("INTAKE_CPUS")
     cpus.unpin()  # pin_listeners off: nothing was noted, nothing changes
     assert calls == []
+
+
+def test_a_bad_noted_set_or_a_refused_pin_never_stops_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTAKE_CPUS", "0,1")
+
+    def refuse(pid: int, mask: set[int]) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert cpus.pin_listener(2) is None
+    cpus.unpin()  # logged, not raised
+    monkeypatch.setenv("INTAKE_CPUS", "zero,one")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpus.allowed() == [0, 1]
