@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from adapters.email import smtploop
 from adapters.email.smtpdata import ChunkedData
 from adapters.email.smtploop import LeanLoop
+from tests.adapters.test_smtpdata import Capture  # the handler the DATA reader's test uses
 
 BODY = b"Subject: a test\r\n\r\nhello\r\n.\r\n"
 
@@ -44,15 +45,6 @@ _LINES = [
     b"\xff\xfe", b"NOOP " + b"a" * 508, b"NOOP " + b"a" * 507, b"MAIL FROM:<" + b"a" * 520 + b"@b.example>",
     b"RCPT TO:<" + b"b" * 1200 + b">", b"x" * 3000, b"EHLO \xc3\xa9.example", b"NOOP\t", b" NOOP",
 ]  # fmt: skip
-
-
-class Capture:
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.got.append(envelope.original_content)
-        return "250 OK stored"
 
 
 class Plain(ChunkedData, SMTP):
