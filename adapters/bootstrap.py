@@ -356,8 +356,7 @@ async def _close_senders_and_store(app: App) -> None:
 async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     """Run until SIGINT or SIGTERM."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    if app.settings.email.pin_listeners:
-        cpus.allowed()  # noted for the children before any of them starts
+    if app.settings.email.pin_listeners:  # before any child starts: it notes the CPUs for them
         log.info("email listener 1 pinned to CPU %s", cpus.pin_listener(1))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -1,14 +1,15 @@
 """``email.pin_listeners``: each email listener process on a CPU of its own (Linux).
 
 With two listener processes on two cores, pinning the first to one core and the second to
-the other took 1.5-7.7 % more messages a second in three sets of eight pairs, for 3-5 % less
-CPU a message (docs/benchmarks.md, eleventh session): a listener stays on the core whose
-caches hold its heap. The outbox and the parsing workers stay free to run anywhere. Off by
-default: on a host where another service loads one core, a pinned listener cannot move.
+the other was faster in 27 of 38 pairs over five sets at 10 SMTP sessions (x1.004 to x1.151
+a set) and used less CPU a message in 28 of 38 (docs/benchmarks.md, eleventh session): a
+listener stays on the core whose caches hold its heap. The outbox and the parsing workers
+stay free to run anywhere. Off by default: on a host where another service loads one core,
+a pinned listener cannot move.
 
-The first process notes the CPUs it may use in ``INTAKE_CPUS`` before it pins itself or
-starts a child, so that every child (which inherits the environment and, at its start, its
-parent's pin) knows the whole set.
+The first process notes the CPUs it may use in ``INTAKE_CPUS`` (:func:`pin_listener` does,
+through :func:`allowed`) before it pins itself or starts a child, so that every child (which
+inherits the environment and, at its start, its parent's pin) knows the whole set.
 """
 
 from __future__ import annotations
