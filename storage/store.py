@@ -182,6 +182,16 @@ def _resolve(batch: list[tuple[asyncio.Future[Any], Any, BaseException | None]])
             fut.set_result(value)
 
 
+def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
+    """``commit_timeout`` passed: the caller stops waiting with StorageUnavailableError.
+
+    The unit may still commit later (the database hangs); the sender retries and the retry
+    finds it as a duplicate. Answering "try again" now beats hanging the session.
+    """
+    if not fut.done():
+        fut.set_exception(StorageUnavailableError(f"no commit within {timeout:g}s"))
+
+
 class SqlStore:
     """Implements :class:`intake.ports.Store` over SQLite or PostgreSQL."""
 
@@ -279,13 +289,15 @@ class SqlStore:
                     raise StorageUnavailableError("storage is shutting down")
                 self._pending.append(_Job(work, fut, loop))
                 self._cond.notify()
+        # The caller awaits the job's own future: the group resolves it and the caller's task
+        # runs at the next turn of the loop. (wait_for(shield(fut)) took three turns, each
+        # behind every other session's work queued meanwhile.) A caller that gives up cancels
+        # the future, and the group skips it (_resolve); its unit is committed all the same.
+        timer = loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
         try:
-            # shield: a caller that gives up must not cancel the future the writer will resolve.
-            return await asyncio.wait_for(asyncio.shield(fut), timeout=self.commit_timeout)
-        except TimeoutError:
-            # The unit may still commit later (the database hangs); the sender retries and the
-            # retry finds it as a duplicate. Answering "try again" now beats hanging the session.
-            raise StorageUnavailableError(f"no commit within {self.commit_timeout:g}s") from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def dispose(self) -> None:
         """Close the connections of a store used only through run_sync (command-line tools)."""

@@ -197,7 +197,16 @@ class IntakeHandler:
             log.exception("parse failed unexpectedly (%d bytes from %s)", len(raw), sender or "<>")
             return REPLY_TRY_AGAIN
         messages = [first] + [dataclasses.replace(first, recipient=r) for r in recipients[1:]]
-        outcomes = await asyncio.gather(*(self._store(m, assessment) for m in messages), return_exceptions=True)
+        outcomes: list[Receipt | BaseException]
+        if len(messages) == 1:
+            # Awaited in this task: gather would wrap the store in a task of its own, and the
+            # reply would wait two more turns of the loop after the commit.
+            try:
+                outcomes = [await self._store(first, assessment)]
+            except Exception as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(*(self._store(m, assessment) for m in messages), return_exceptions=True)
         replies: list[str] = []
         for msg, outcome in zip(messages, outcomes, strict=True):
             if isinstance(outcome, BaseException):

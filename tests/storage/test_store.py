@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,3 +245,32 @@ async def test_commit_runs_on_the_loop_until_the_disk_is_slow(tmp_path: Path) ->
     assert threads[0] == threading.current_thread().name  # the event loop's own thread
     assert threads[1].startswith("intake-db-io")  # the loop served sessions meanwhile
     assert store.commit_seconds < 0.05  # measured again there: back on the loop once fast
+
+
+async def test_a_commit_slower_than_commit_timeout_answers_try_again_and_still_commits(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/slow.db"
+    store = SqlStore(url, create=True, commit_timeout=0.3, lock_timeout=10)
+    holder = sqlite3.connect(tmp_path / "slow.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process writing, for longer than commit_timeout
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(StorageUnavailableError, match=r"no commit within 0\.3s"):
+            await store.transact(lambda uow: store_message(uow, "late@x"))
+        assert 0.3 <= asyncio.get_running_loop().time() - started < 2
+        # A caller that gives up (its session closed) does not take its unit back either.
+        gave_up = asyncio.ensure_future(store.transact(lambda uow: store_message(uow, "cancelled@x")))
+        await asyncio.sleep(0.05)
+        gave_up.cancel()
+        holder.execute("ROLLBACK")
+        # Both units are committed once the lock is free; a redelivery finds them as duplicates.
+        for _ in range(100):
+            if store.run_sync(lambda uow: uow.stats())["messages"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert store.run_sync(lambda uow: uow.stats())["messages"] == 2
+        assert gave_up.cancelled()
+        dup = await store.transact(lambda uow: uow.find_duplicate("support@example.com", "mid:late@x"))
+        assert dup is not None
+    finally:
+        holder.close()
+        await store.close()
