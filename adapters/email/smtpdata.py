@@ -80,7 +80,11 @@ async def read_message(
     parts: list[bytes] = []
     size = 0
     problem: str | None = None
-    at_line_start = True  # the DATA command's CRLF, then whether the last chunk ended a line
+    # The last two bytes read before this chunk: at first the DATA command's CRLF (a lone dot
+    # as the very first line ends an empty message). The end is looked for across chunks: a
+    # read past the reader's limit stops two bytes short of what it holds, and when those
+    # were "\n." of the final "\r\n.\r\n", its "\r" ended the chunk before.
+    before = _CRLF
     while True:
         try:
             chunk = await reader.readuntil(_DOT)
@@ -88,7 +92,7 @@ async def read_message(
         except asyncio.LimitOverrunError as overrun:
             chunk = await reader.read(overrun.consumed)
             found = False
-        end = found and (chunk.endswith(_END) or (at_line_start and chunk == _DOT))
+        end = found and (chunk.endswith(_END) or (len(chunk) < 5 and (before + chunk).endswith(_END)))
         piece = chunk[:-3] if end else chunk
         if problem is None:
             size += len(piece)
@@ -101,7 +105,7 @@ async def read_message(
                 parts.clear()  # refused: the rest is read, not kept
         if end:
             break
-        at_line_start = chunk.endswith(_CRLF)
+        before = chunk[-2:] if len(chunk) >= 2 else (before + chunk)[-2:]
     if problem is not None:
         return b"", problem
     content = b"".join(parts)

@@ -162,6 +162,8 @@ async def test_named_cases(pair: Pair) -> None:
         "a line of exactly 40 bytes with its CRLF": [b"y" * 38 + b"\r\n.\r\n"],
         "one byte more": [b"y" * 39 + b"\r\n.\r\n"],
         "long line cut in two": [b"z" * 30, b"z" * 30 + b"\r\n.\r\n"],
+        # Past the reader's limit, a read stops two bytes short ("\n."): the end spans chunks.
+        "the final dot last in a piece past the reader's limit": [b"a" * 20 + b"\r\n" + b"b" * 20 + b"\r\n.", b"\r\n"],
     }
     for name, pieces in cases.items():
         for limit in SIZE_LIMITS:
@@ -189,6 +191,27 @@ async def test_a_big_message_is_read_whole_and_a_too_big_one_is_not_kept() -> No
     content, refusal = await read_message(reader, line_limit=1001, size_limit=len(big) - 1)
     assert (content, refusal) == (b"", TOO_MUCH)
     assert await reader.readline() == b"QUIT\r\n"
+
+
+async def test_the_end_is_found_wherever_the_message_is_cut() -> None:
+    """With intake's limits, the bytes after DATA arriving in two pieces cut anywhere near the
+    end, past the reader's limit or not (hypothesis found a hang: the final dot the last byte
+    of a piece past the limit was not taken for the end)."""
+    message = b"Subject: cut\r\n\r\n" + b"w" * 900 + b"\r\n" + b"x" * 900 + b"\r\n"
+    data = message + b".\r\nQUIT\r\n"
+    for cut in range(len(data) - 20, len(data)):
+        reader = asyncio.StreamReader(limit=1001)
+        reader.feed_data(data[:cut])
+
+        async def rest(reader: asyncio.StreamReader = reader, cut: int = cut) -> None:
+            await asyncio.sleep(0)
+            reader.feed_data(data[cut:])
+
+        task = asyncio.ensure_future(rest())
+        content, refusal = await asyncio.wait_for(read_message(reader, line_limit=1001, size_limit=None), 2)
+        await task
+        assert (content, refusal) == (message, None), cut
+        assert await reader.readline() == b"QUIT\r\n", cut
 
 
 async def test_the_stream_ending_before_the_dot_is_an_incomplete_read() -> None:
