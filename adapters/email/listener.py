@@ -63,6 +63,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, syntax
 from adapters.email.parsing import parse_email
 from adapters.email.smtpdata import ChunkedData
 from adapters.email.smtploop import LeanLoop
+from adapters.email.statuscodes import enhance
 from adapters.email.workers import ParsePool
 from intake.errors import StorageUnavailableError
 from intake.model import InboundMessage, Route
@@ -153,15 +154,16 @@ class IntakeHandler:
             return REPLY_BAD_SENDER
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 OK"
+        return "250 2.1.0 Ok"
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
-        """EHLO (and LMTP's LHLO) offers PIPELINING (RFC 2920; RFC 2033 requires it of an LMTP
-        server): senders may send MAIL, RCPT and DATA without waiting for each reply."""
+        """EHLO (and LMTP's LHLO) offers PIPELINING (RFC 2920): senders may send MAIL, RCPT and
+        DATA without waiting for each reply; and ENHANCEDSTATUSCODES (RFC 2034): every reply
+        says its reason as a code too (statuscodes.py). RFC 2033 requires both of an LMTP server."""
         session.host_name = hostname  # aiosmtpd leaves this to a handler that has this hook
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -173,7 +175,7 @@ class IntakeHandler:
             return REPLY_TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address.lower())
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 OK"
+        return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.tracker.busy.add(server)
@@ -288,6 +290,8 @@ class _Limited:
     _data_timer: asyncio.TimerHandle | None = None
     _session_timer: asyncio.TimerHandle | None = None
     _continued: list[str]  # lines of a multi-line reply waiting for its last line (see push)
+    _greeted: bool = False  # the greeting has gone (it carries no enhanced status code)
+    _hello: bool = False  # answering HELO, EHLO or LHLO (those replies carry none either)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's path parser, with a fast path for plain <local@domain> (see _SIMPLE_PATH)."""
@@ -322,6 +326,7 @@ class _Limited:
         t.active.add(self)
         t.per_client[client] += 1
         self._continued = []
+        self._greeted = False
         super().connection_made(transport)  # type: ignore[misc]
         self._session_timer = asyncio.get_running_loop().call_later(self.config.session_timeout, self._session_limit)
 
@@ -387,11 +392,34 @@ class _Limited:
         if self._expired is not None:
             self._close_with(self._expired)
 
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, arg: str) -> None:
+        self._hello = True
+        try:
+            await super().smtp_HELO(arg)  # type: ignore[misc]
+        finally:
+            self._hello = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, arg: str) -> None:
+        self._hello = True
+        try:
+            await super().smtp_EHLO(arg)  # type: ignore[misc]
+        finally:
+            self._hello = False
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             # aiosmtpd's own texts for an over-size message (at SIZE= in MAIL, or during DATA).
             if status.startswith("552 Error"):
                 status = REPLY_TOO_BIG.format(limit=self.config.max_message_bytes)
+            # RFC 2034: every reply but the greeting and the answer to HELO/EHLO/LHLO carries
+            # an enhanced status code; aiosmtpd's own replies have none (statuscodes.py).
+            if self._greeted:
+                if not self._hello:
+                    status = enhance(status)
+            elif status.startswith("220"):
+                self._greeted = True
             # The lines of a multi-line reply (EHLO's "250-..." lines) go out with its last
             # line in one write: aiosmtpd writes each line on its own, one system call each.
             if len(status) > 3 and status[3] == "-":
@@ -417,7 +445,13 @@ class IntakeSMTP(_Limited, LeanLoop, ChunkedData, SMTP):
 
 
 class IntakeLMTP(_Limited, LeanLoop, ChunkedData, LMTP):
-    pass
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:
+        self._hello = True
+        try:
+            await super().smtp_LHLO(arg)
+        finally:
+            self._hello = False
 
 
 class EmailListener:

@@ -305,7 +305,7 @@ class LiveIntake:
             # Only an odd reverse-path may be refused, and only as a syntax error.
             assert example.odd_sender and re.match(r"5(01|53|55) ", ex.mail_reply), ex
         elif longest > LINE_LIMIT:
-            assert ex.data_reply == "500 Line too long (see RFC5321 4.5.3.1.6)", (longest, ex)
+            assert ex.data_reply == "500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)", (longest, ex)
         else:
             assert ex.data_reply.startswith("250 "), ex
         assert ex.after[0].startswith("250") and ex.after[1].startswith("221"), ex

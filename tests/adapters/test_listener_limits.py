@@ -237,11 +237,12 @@ async def test_overlong_command_lines_get_500_and_the_session_goes_on(tmp_path: 
         client, _ = await RawClient.open(h.port)
         await client.cmd("HELO client.test")
         # aiosmtpd: 512 bytes without the CRLF is the most a command may have (RFC 5321 4.5.3.1.4).
-        assert await client.cmd(b"NOOP " + b"a" * 507) == Reply(250, "OK")
-        assert await client.cmd(b"NOOP " + b"a" * 508) == Reply(500, "Command line too long")
-        assert await client.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.com>") == Reply(500, "Command line too long")
+        assert await client.cmd(b"NOOP " + b"a" * 507) == Reply(250, "2.0.0 OK")
+        assert await client.cmd(b"NOOP " + b"a" * 508) == Reply(500, "5.5.2 Command line too long")
+        too_long = Reply(500, "5.5.2 Command line too long")
+        assert await client.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.com>") == too_long
         # Longer than the stream's 1001-byte buffer: drained to the end of the line, same answer.
-        assert await client.cmd(b"RCPT TO:<" + b"b" * 5000 + b">") == Reply(500, "Command line too long")
+        assert await client.cmd(b"RCPT TO:<" + b"b" * 5000 + b">") == Reply(500, "5.5.2 Command line too long")
         # Nothing of the long lines leaked into the command stream.
         r = await client.transaction(message_bytes())
         assert r is not None and r.code == 250
@@ -261,7 +262,7 @@ async def test_the_mail_line_limit_is_the_same_in_every_session(tmp_path: Path, 
             client, _ = await RawClient.open(h.port)
             await client.cmd("EHLO client.test")
             one_more = longest[:-10] + b"b" + longest[-10:]
-            assert await client.cmd(one_more) == Reply(500, "Command line too long"), session
+            assert await client.cmd(one_more) == Reply(500, "5.5.2 Command line too long"), session
             r = await client.cmd(longest)
             assert r is not None and r.code == 250, (session, r)
             await client.close()
@@ -278,11 +279,11 @@ async def test_overlong_data_line_refuses_the_message_and_the_session_goes_on(
         assert r is not None and r.code == 250
         for size in (1000, 5000, 100_000):  # the last one far beyond the stream buffer
             r = await client.transaction(message_bytes(body=b"z" * size + b"\r\n"))
-            assert r == Reply(500, "Line too long (see RFC5321 4.5.3.1.6)"), size
+            assert r == Reply(500, "5.5.2 Line too long (see RFC5321 4.5.3.1.6)"), size
         assert stored_count(h) == 1
         # A message written with bare LF is one long "line" to aiosmtpd: refused the same way.
         lf_only = message_bytes(body=b"a short line\n" * 100).replace(b"\r\n", b"\n") + b"\r\n"
-        assert await client.transaction(lf_only) == Reply(500, "Line too long (see RFC5321 4.5.3.1.6)")
+        assert await client.transaction(lf_only) == Reply(500, "5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
         r = await client.transaction(message_bytes(subject="After the long ones"))
         assert r is not None and r.code == 250
         await client.close()
@@ -464,7 +465,7 @@ async def test_sessions_past_the_caps_get_421_at_once(tmp_path: Path, smtp_relay
         await c.close()
         assert len(listener.tracker.active) == 3
         # The held sessions still work, and one of them leaving makes room.
-        assert await held[0].cmd("NOOP") == Reply(250, "OK")
+        assert await held[0].cmd("NOOP") == Reply(250, "2.0.0 OK")
         assert (await held[0].cmd("QUIT")).code == 221  # type: ignore[union-attr]
         await held.pop(0).close()
         await wait_active(listener, 2)
@@ -489,7 +490,7 @@ async def test_noop_forever_hits_the_command_call_limit(tmp_path: Path, smtp_rel
         await client.cmd("EHLO client.test")
         limit = ListenerConfig(addresses=()).command_call_limit["NOOP"]
         for _ in range(limit):
-            assert await client.cmd("NOOP") == Reply(250, "OK")
+            assert await client.cmd("NOOP") == Reply(250, "2.0.0 OK")
         assert await client.cmd("NOOP") == Reply(421, "4.7.0 NOOP sent too many times")
         assert await client.closed() == b""
         await client.close()
@@ -538,7 +539,7 @@ async def test_smuggled_second_message_stays_inside_the_first(
         r = await client.reply()
         assert r is not None and r.code == 250 and "stored as" in r.text
         # Nothing more was answered: no 250 for a MAIL, RCPT or second message, no 354.
-        assert await client.cmd("QUIT") == Reply(221, "Bye")
+        assert await client.cmd("QUIT") == Reply(221, "2.0.0 Bye")
         assert await client.closed() == b""
         await client.close()
         [ticket] = h.tickets()
@@ -570,8 +571,8 @@ async def test_reverse_path_that_cannot_be_stored_is_refused_at_mail_from(
         assert await client.cmd(b"MAIL FROM:" + reverse_path) == Reply(501, "5.1.7 Bad sender address syntax")
         assert (await client.cmd(f"RCPT TO:<{SUPPORT}>")).code == 503  # type: ignore[union-attr]
         # UTF-8 is fine (SMTPUTF8), and becomes the requester of a message without From.
-        assert await client.cmd("MAIL FROM:<jürgen@exämple.de> SMTPUTF8".encode()) == Reply(250, "OK")
-        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "OK")
+        assert await client.cmd("MAIL FROM:<jürgen@exämple.de> SMTPUTF8".encode()) == Reply(250, "2.1.0 Ok")
+        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "2.1.5 Ok")
         assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
         await client.write(b"Subject: no From header\r\n\r\nhello\r\n.\r\n")
         r = await client.reply()
@@ -595,7 +596,7 @@ async def test_unknown_recipient_is_echoed_safely(tmp_path: Path, smtp_relay: Re
         ]:
             r = await client.cmd(b"RCPT TO:" + rcpt)
             assert r == Reply(550, f"5.1.1 <{shown}>: not a support address here"), rcpt
-        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "OK")
+        assert await client.cmd(f"RCPT TO:<{SUPPORT}>") == Reply(250, "2.1.5 Ok")
         assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
         await client.write(message_bytes() + b".\r\n")
         r = await client.reply()
