@@ -53,7 +53,7 @@ import socket
 import time
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,21 +392,21 @@ class _Limited:
         if self._expired is not None:
             self._close_with(self._expired)
 
-    @syntax("HELO hostname")
-    async def smtp_HELO(self, arg: str) -> None:
+    async def _answer_hello(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
+        """HELO, EHLO or LHLO: their replies carry no enhanced status code (see push)."""
         self._hello = True
         try:
-            await super().smtp_HELO(arg)  # type: ignore[misc]
+            await command(arg)
         finally:
             self._hello = False
 
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, arg: str) -> None:
+        await self._answer_hello(super().smtp_HELO, arg)  # type: ignore[misc]
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, arg: str) -> None:
-        self._hello = True
-        try:
-            await super().smtp_EHLO(arg)  # type: ignore[misc]
-        finally:
-            self._hello = False
+        await self._answer_hello(super().smtp_EHLO, arg)  # type: ignore[misc]
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -447,11 +447,7 @@ class IntakeSMTP(_Limited, LeanLoop, ChunkedData, SMTP):
 class IntakeLMTP(_Limited, LeanLoop, ChunkedData, LMTP):
     @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str) -> None:
-        self._hello = True
-        try:
-            await super().smtp_LHLO(arg)
-        finally:
-            self._hello = False
+        await self._answer_hello(super().smtp_LHLO, arg)
 
 
 class EmailListener:
