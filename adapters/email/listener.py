@@ -19,9 +19,13 @@ text; we never let one escape (the sender would give up and our internals would 
 LMTP owes one reply per recipient after DATA, which aiosmtpd does not do for you: the handler
 pushes the first n-1 replies itself and returns the last.
 
+Every reply but the greeting and the answer to HELO/EHLO/LHLO carries an enhanced status
+code (RFC 2034, offered as ENHANCEDSTATUSCODES): aiosmtpd's own replies get one by their
+reply code (``statuscodes.py``; ``503 5.5.1 Error: need MAIL command``).
+
 Limits that aiosmtpd enforces itself, with its own texts: a command line over 512 bytes
-without its CRLF (``500 Command line too long``; the session goes on), a DATA line over 1001
-bytes with its CRLF (``500 Line too long (see RFC5321 4.5.3.1.6)`` after the final dot: the
+without its CRLF (``500 5.5.2 Command line too long``; the session goes on), a DATA line over 1001
+bytes with its CRLF (``500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)`` after the final dot: the
 whole message is refused, and so is one written with bare LF, which is one long line to
 aiosmtpd), a command repeated past ``command_call_limit`` (``421 4.7.0 NOOP sent too many
 times``, closed), five unknown commands (``502 5.5.1``, closed) and only ``<CRLF>.<CRLF>``
