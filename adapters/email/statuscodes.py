@@ -41,6 +41,7 @@ _BY_CODE = {
     "552": "5.3.4",
     "553": "5.1.3",
     "554": "5.7.0",  # aiosmtpd's only 554: "Command refused due to lack of security"
+    "555": "5.5.4",  # MAIL FROM / RCPT TO parameters not recognized
 }
 _CLASS = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
 # "250 2.1.5 ..." / "250-2.0.0 ..." / "250 2.0.0": a reply that already has one.

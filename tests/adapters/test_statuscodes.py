@@ -24,6 +24,10 @@ from tests.adapters.harness import mail, running_intake, settings_for
         ('500 Error: command "FOO" not recognized', '500 5.5.2 Error: command "FOO" not recognized'),
         ("502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
         ("554 Command refused due to lack of security", "554 5.7.0 Command refused due to lack of security"),
+        (
+            "555 MAIL FROM parameters not recognized or not implemented",
+            "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
+        ),
         ("550 no", "550 5.0.0 no"),  # a code without a more precise match: its class's X.0.0
         ("451", "451 4.3.0"),
         ("250-SIZE 100", "250-2.0.0 SIZE 100"),
@@ -71,6 +75,7 @@ async def test_every_reply_but_the_greeting_and_hello_carries_an_enhanced_code(
         assert not any(CODED.match(line) for line in hello_lines)  # RFC 2034 3: none there
         replies = [
             await cmd(b"DATA"),  # 503: no MAIL yet
+            await cmd(b"MAIL FROM:<alice@acme.com> FROB=1"),  # 555: unknown parameter
             await cmd(b"MAIL FROM:<alice@acme.com>"),
             await cmd(b"MAIL FROM:<alice@acme.com>"),  # 503: nested
             await cmd(b"RCPT TO:<nobody@example.com>"),  # 550: not a support address
@@ -90,12 +95,12 @@ async def test_every_reply_but_the_greeting_and_hello_carries_an_enhanced_code(
         lines = [line for r in replies for line in r]
         codes = [line[:3] for line in lines]
         assert codes == [
-            b"503", b"250", b"503", b"550", b"250", b"250", b"501", b"250", b"501", b"502", b"500",
+            b"503", b"555", b"250", b"503", b"550", b"250", b"250", b"501", b"250", b"501", b"502", b"500",
             *([b"250", b"250"] if protocol == "lmtp" else [b"250"]),
             b"250", b"221",
         ], lines  # fmt: skip
         for line in lines:
             coded = CODED.match(line)
             assert coded is not None and coded.group(1) == coded.group(2), line
-        assert [line[4:9] for line in lines[1:5]] == [b"2.1.0", b"5.5.1", b"5.1.1", b"2.1.5"]
+        assert [line[4:9] for line in lines[1:6]] == [b"5.5.4", b"2.1.0", b"5.5.1", b"5.1.1", b"2.1.5"]
         assert h.stats()["tickets"] == 2
