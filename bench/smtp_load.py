@@ -201,14 +201,21 @@ class _Refused(Exception):
         self.key = f"{stage}:{code}"
 
 
-async def _reply(reader: asyncio.StreamReader) -> int:
-    """Read one (possibly multi-line) reply and return its code."""
+async def _reply_lines(reader: asyncio.StreamReader) -> list[bytes]:
+    """The lines of one (possibly multi-line) reply."""
+    lines = []
     while True:
         line = await reader.readline()
         if not line:
             raise ConnectionResetError("connection closed by server")
+        lines.append(line)
         if line[3:4] != b"-":
-            return int(line[:3])
+            return lines
+
+
+async def _reply(reader: asyncio.StreamReader) -> int:
+    """Read one (possibly multi-line) reply and return its code."""
+    return int((await _reply_lines(reader))[-1][:3])
 
 
 async def _expect(reader: asyncio.StreamReader, stage: str, want: int) -> None:
@@ -219,14 +226,8 @@ async def _expect(reader: asyncio.StreamReader, stage: str, want: int) -> None:
 
 async def _ehlo_reply(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """The EHLO reply's code, and whether it offers PIPELINING."""
-    pipelining = False
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionResetError("connection closed by server")
-        pipelining = pipelining or line[4:].strip().upper() == b"PIPELINING"
-        if line[3:4] != b"-":
-            return int(line[:3]), pipelining
+    lines = await _reply_lines(reader)
+    return int(lines[-1][:3]), any(line[4:].strip().upper() == b"PIPELINING" for line in lines)
 
 
 async def _deliver(
@@ -244,19 +245,15 @@ async def _deliver(
         code, offered = await _ehlo_reply(reader)
         if code != 250:
             raise _Refused("EHLO", code)
-        mail_cmd = b"MAIL FROM:<" + sender.encode("ascii") + b">\r\n"
-        if pipelining and offered:
-            writer.write(mail_cmd + rcpt_cmd + b"DATA\r\n")
-            await _expect(reader, "MAIL", 250)
-            await _expect(reader, "RCPT", 250)
-            await _expect(reader, "DATA", 354)
-        else:
-            writer.write(mail_cmd)
-            await _expect(reader, "MAIL", 250)
-            writer.write(rcpt_cmd)
-            await _expect(reader, "RCPT", 250)
-            writer.write(b"DATA\r\n")
-            await _expect(reader, "DATA", 354)
+        steps = ((b"MAIL FROM:<" + sender.encode("ascii") + b">\r\n", "MAIL", 250), (rcpt_cmd, "RCPT", 250),
+                 (b"DATA\r\n", "DATA", 354))  # fmt: skip
+        together = pipelining and offered  # RFC 2920: the three in one write
+        if together:
+            writer.write(b"".join(command for command, _, _ in steps))
+        for command, stage, want in steps:
+            if not together:
+                writer.write(command)
+            await _expect(reader, stage, want)
         writer.write(data)
         code = await _reply(reader)
         latency = time.perf_counter() - t0
