@@ -132,7 +132,14 @@ class Dispatcher:
         return len(results)
 
     async def _send(self, item: OutboxItem) -> SendResult:
-        payload = item.payload
+        try:
+            payload = item.payload
+        except Exception as exc:  # sending it again would not make it readable
+            log.error("outbox %s #%d (%s): the stored note cannot be read: %r", item.kind, item.id, item.ticket_id, exc)
+            self.recorder.inc("outbox_failed", item.kind)
+            return SendResult(
+                id=item.id, ok=False, permanent=True, error=f"stored note unreadable: {type(exc).__name__}: {exc}"
+            )
         try:
             if isinstance(payload, OutgoingEmail):
                 await self.email.send(payload)

@@ -132,13 +132,23 @@ class OutboxEntry:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxItem:
-    """A claimed outbox entry, ready to send."""
+    """A claimed outbox entry, ready to send.
+
+    The note is built from what was stored only when ``payload`` is read, at send time: not
+    inside the claim's transaction, where decoding a batch of notes held the write lock that
+    intake's listeners wait for, and where one note that can no longer be read (stored by an
+    older version, say) failed every claim and stopped the whole outbox.
+    """
 
     id: int
     ticket_id: int | None
     kind: str
-    payload: Outgoing
     attempts: int
+    load: Callable[[], Outgoing]  # builds the note from the stored value; may raise
+
+    @property
+    def payload(self) -> Outgoing:
+        return self.load()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

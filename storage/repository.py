@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import BigInteger, Insert, Integer, bindparam, column, func, insert, or_, select, text, update
@@ -26,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from intake.model import Channel, OutgoingEmail, Severity, outgoing_from_dict
+from intake.model import Channel, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
     Duplicate,
     KnownId,
@@ -197,6 +198,11 @@ _FINISH_SENT_SQLITE = (
 def _json(value: Any) -> Any:
     """A JSON column's value: the fast path hands back the stored text, SQLAlchemy the object."""
     return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _stored_note(value: Any) -> Outgoing:
+    """An outbox entry's note from its stored payload (read at send time, not in the claim)."""
+    return outgoing_from_dict(_json(value))
 
 
 class DeliveryBusy(Exception):
@@ -529,7 +535,7 @@ class SqlUnitOfWork:
             else self._all(_CLAIM, params)
         )
         return [
-            OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], payload=outgoing_from_dict(_json(r[3])), attempts=r[4])
+            OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], attempts=r[4], load=partial(_stored_note, r[3]))
             for r in sorted(claimed, key=lambda r: r[0])
         ]
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert
+
+from storage.store import SqlStore
+from storage.tables import outbox
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, running_intake, settings_for
 
@@ -62,3 +68,42 @@ async def test_outcomes_that_arrive_together_share_one_commit(tmp_path: Path, sm
     # Every outcome recorded exactly once, in fewer commits than outcomes.
     assert sum(counting.outcome_commits) == 12
     assert len(counting.outcome_commits) < 12, counting.outcome_commits
+
+
+async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A note the outbox cannot read (stored by another version, say) fails on its own, with the
+    reason, and the acknowledgements claimed beside it still go out. When the notes were read
+    inside the claim, that one note failed every claim and nothing left the outbox again."""
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port)
+    setup = SqlStore(settings.storage.url, create=True)
+    now = datetime.now(UTC)
+    try:
+        with setup.engine.begin() as conn:
+            conn.execute(
+                insert(outbox).values(
+                    kind="acknowledgement",
+                    channel="email",
+                    recipient="old@acme.com",
+                    payload={"to": ["old@acme.com"], "subject": "no body, no Message-ID: not a note of ours"},
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+    finally:
+        await setup.close()
+    async with running_intake(settings) as h:
+        h.app.dispatcher.coalesce = 0.3  # the unreadable note and the acknowledgements in one claim
+        senders = [f"user{i}@acme.com" for i in range(3)]
+        replies = await asyncio.gather(
+            *(h.send(mail(subject=f"Export {i} fails", sender=s), mail_from=s) for i, s in enumerate(senders))
+        )
+        assert [r.code for r in replies] == [250] * 3
+        stats = await h.outbox_settled()
+        captured = await smtp_relay.wait_for(3)
+
+    assert stats["outbox"] == {"pending": 0, "sent": 3, "failed": 1, "undeliverable": 0}
+    assert sorted(m.rcpt_tos[0] for m in captured) == senders
+    with sqlite3.connect(tmp_path / "intake.db") as db:
+        rows = db.execute("SELECT status, last_error FROM outbox WHERE recipient = 'old@acme.com'").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "failed"
+    assert rows[0][1].startswith("stored note unreadable: KeyError"), rows
