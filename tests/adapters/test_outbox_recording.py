@@ -72,8 +72,9 @@ async def test_outcomes_that_arrive_together_share_one_commit(tmp_path: Path, sm
 
 async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     """A note the outbox cannot read (stored by another version, say) fails on its own, with the
-    reason, and the acknowledgements claimed beside it still go out. When the notes were read
-    inside the claim, that one note failed every claim and nothing left the outbox again."""
+    reason, and the acknowledgements queued after it still go out. When the notes were read
+    inside the claim, every claim took that note (the oldest due) and failed, and nothing left
+    the outbox again."""
     settings = settings_for(tmp_path, relay_port=smtp_relay.port)
     setup = SqlStore(settings.storage.url, create=True)
     now = datetime.now(UTC)
@@ -92,7 +93,6 @@ async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smt
     finally:
         await setup.close()
     async with running_intake(settings) as h:
-        h.app.dispatcher.coalesce = 0.3  # the unreadable note and the acknowledgements in one claim
         senders = [f"user{i}@acme.com" for i in range(3)]
         replies = await asyncio.gather(
             *(h.send(mail(subject=f"Export {i} fails", sender=s), mail_from=s) for i, s in enumerate(senders))
