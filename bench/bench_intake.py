@@ -1,7 +1,8 @@
 """Throughput of intake's SMTP intake against a bare aiosmtpd server, with the same client.
 
 For each session count (default 10 and 50) and each run (default 3) it drives N messages
-(default 2,000, one connection per ~4 KB message, see smtp_load.py) at
+(default 2,000, one connection per ~4 KB message, see smtp_load.py; sent by its C twin,
+smtp_load.c, unless ``--client python``) at
 
 * ``bare``: aiosmtpd that answers 250 to everything and stores nothing (a subprocess), and
 * ``intake``: ``intake serve --config`` on a fresh temporary SQLite database, restarted for every
@@ -54,7 +55,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from procs import Proc, ProcError, serve_smtp  # noqa: E402
-from smtp_load import LoadResult, run_load  # noqa: E402
+from smtp_load import LoadResult, c_client, run_load, run_load_c  # noqa: E402
 
 READY_RE = re.compile(r"listening on\s+\[?([0-9A-Za-z.:_-]*?)\]?:(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -383,11 +384,16 @@ async def measure(
 
 
 CLIENT_PIPELINING = False  # set from --client-pipelining
+CLIENT = "python"  # set from --client
 
 
 async def spread_load(targets: list[tuple[str, int]], *, messages: int, sessions: int, size: int) -> LoadResult:
     """smtp_load.run_load over several servers: session k delivers to server k mod n."""
     (host, port), *also = targets
+    if CLIENT == "c":
+        if also:
+            raise BenchError("--client c delivers to one server: leave --instances at 1")
+        return await run_load_c(host, port, messages=messages, sessions=sessions, size=size)
     return await run_load(
         host, port, messages=messages, sessions=sessions, size=size, also=also, pipelining=CLIENT_PIPELINING
     )
@@ -608,7 +614,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
 
     try:
         for sessions in args.sessions:
-            await run_load(bare.host, bare.port, messages=args.warmup, sessions=sessions, size=args.size)
+            await spread_load([(bare.host, bare.port)], messages=args.warmup, sessions=sessions, size=args.size)
             for run in range(args.runs):
                 res, cpu, other, _ = await measure(bare, args, sessions)
                 log(describe("bare", run, res, cpu, other))
@@ -1014,6 +1020,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "figure in docs/benchmarks.md) or uvloop (about half the client's CPU)",
     )
     p.add_argument(
+        "--client",
+        choices=("python", "c"),
+        default="c",
+        help="the load client: c (default; smtp_load.c, built with the system's C compiler: the "
+        "Python client's messages and dialogue, measured the same way, for a quarter of its CPU, as "
+        "the issue's reference figures were taken with Postfix's C smtp-source) or python "
+        "(smtp_load.py on --client-loop, as every figure in docs/benchmarks.md before the fourteenth session)",
+    )
+    p.add_argument(
         "--client-pipelining",
         action="store_true",
         help="the client sends MAIL, RCPT and DATA in one write to a server that offers PIPELINING, "
@@ -1073,9 +1088,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    global PROFILING, CLIENT_PIPELINING
+    global PROFILING, CLIENT_PIPELINING, CLIENT
     PROFILING = args.profile
     CLIENT_PIPELINING = args.client_pipelining
+    CLIENT = args.client
+    if CLIENT == "c":
+        if args.client_pipelining:
+            raise SystemExit("--client c does not pipeline; leave out --client-pipelining")
+        c_client()  # build it now: a compiler error is reported before any server starts
     if args.serve_null is not None:
         serve_null(args.serve_null)
         return 0

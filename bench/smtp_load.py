@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import resource
+import shutil
+import struct
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
+from pathlib import Path
 
-__all__ = ["LoadResult", "build_messages", "run_load"]
+__all__ = ["LoadResult", "build_messages", "c_client", "run_load", "run_load_c"]
 
 N_DOMAINS = 500
 
@@ -348,6 +355,78 @@ async def run_load(
     return result
 
 
+C_SOURCE = Path(__file__).with_name("smtp_load.c")
+
+
+def c_client() -> Path:
+    """The C client (smtp_load.c), compiled once per version of its source into a cache."""
+    digest = hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "intake-bench"
+    binary = cache / f"smtp_load_c-{digest}"
+    if binary.exists():
+        return binary
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("the C client needs a C compiler (cc or gcc) to build bench/smtp_load.c")
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([cc, "-O2", "-o", str(partial), str(C_SOURCE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {C_SOURCE.name} failed:\n{done.stderr}")
+    partial.replace(binary)
+    return binary
+
+
+async def run_load_c(
+    host: str,
+    port: int,
+    *,
+    messages: int,
+    sessions: int,
+    size: int = 4096,
+    rcpt: str = "support@example.com",
+    transaction_timeout: float = 60.0,
+    helo: str = "loadgen.example.net",
+) -> LoadResult:
+    """:func:`run_load` through the C client: the same messages and dialogue, measured the same
+    way, for a client that takes almost no CPU from the server under test (smtp_load.c)."""
+    result = LoadResult(host=host, port=port, messages=messages, sessions=sessions, size=size)
+    binary = c_client()
+    with tempfile.NamedTemporaryFile(prefix="smtp-load-", suffix=".bin") as f:
+        for sender, data in build_messages(messages, size=size, rcpt=rcpt):
+            raw = sender.encode("ascii")
+            f.write(struct.pack("<I", len(raw)) + raw + struct.pack("<I", len(data)) + data)
+        f.flush()
+        argv = [str(binary), host, str(port), str(max(1, sessions)), f.name, str(transaction_timeout), helo, rcpt]
+        pipe = asyncio.subprocess.PIPE
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=pipe, stderr=pipe)
+        out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the C client failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    for line in out.decode("ascii").splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "L":
+            latencies.append(int(rest) / 1e9)
+        elif kind == "C":
+            key, _, n = rest.rpartition(" ")
+            codes[key] = int(n)
+        elif kind == "T":
+            sent, elapsed_ns, user, system = rest.split()
+            result.sent, result.elapsed = int(sent), int(elapsed_ns) / 1e9
+            result.cpu_user, result.cpu_system = float(user), float(system)
+    result.codes = codes
+    result.ok = codes.get("250", 0)
+    result.failed = result.sent - result.ok
+    result.rate = result.ok / result.elapsed if result.elapsed else 0.0
+    latencies.sort()
+    result.p50 = _percentile(latencies, 50) * 1000
+    result.p99 = _percentile(latencies, 99) * 1000
+    result.max = (latencies[-1] if latencies else 0.0) * 1000
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -359,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per transaction")
     p.add_argument("--helo", action="store_true", help="HELO instead of EHLO (as smtp-source)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--c-client", action="store_true", help="deliver through the C client (smtp_load.c)")
     a = p.parse_args(argv)
+    if a.c_client:
+        res = asyncio.run(run_load_c(a.host, a.port, messages=a.messages, sessions=a.sessions, size=a.size,
+                                     rcpt=a.rcpt, transaction_timeout=a.timeout))  # fmt: skip
+        print(json.dumps(res.to_dict(), indent=2) if a.json else res.summary())
+        return 0 if res.failed == 0 else 1
     res = asyncio.run(
         run_load(
             a.host,
