@@ -158,6 +158,40 @@ async def test_storage_failure_answers_451_and_stores_nothing(tmp_path: Path, sm
         await smtp_relay.wait_for(1)
 
 
+async def test_a_failed_sync_of_the_log_answers_451_and_the_retry_is_a_duplicate(
+    tmp_path: Path, smtp_relay: RelayStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import storage.store
+
+    real = os.fdatasync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def disk(fd: int) -> None:
+        """A disk whose sync fails once, for the commit that stored the message (not for the
+        outbox's turns before it): that cannot be produced for real here."""
+        with sqlite3.connect(tmp_path / "intake.db") as other:
+            stored = other.execute("SELECT count(*) FROM message").fetchone()[0]
+        if stored and failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(storage.store.os, "fdatasync", disk)
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        # COMMIT went through but the disk did not confirm it: no 250 for what may be lost.
+        reply = await h.send(mail(message_id="<unsynced@acme.com>"))
+        assert reply.code == 451 and reply.text.startswith("4.3.0")
+        assert "Input/output" not in reply.text and "sync" not in reply.text
+        # The sender retries: the message was stored after all, so no second ticket or acknowledgement.
+        retry = await h.send(mail(message_id="<unsynced@acme.com>"))
+        assert retry.code == 250 and "already stored" in retry.text
+        assert (h.stats()["tickets"], h.stats()["messages"]) == (1, 1)
+        await smtp_relay.wait_for(1)
+        assert (await h.send(mail())).code == 250  # and the listener serves on
+
+
 async def test_unexpected_exception_answers_451_neutrally(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
 
