@@ -344,7 +344,12 @@ async def run_load(
 
     result.cpu_user = ru1.ru_utime - ru0.ru_utime
     result.cpu_system = ru1.ru_stime - ru0.ru_stime
-    result.codes = dict(codes)
+    return _settle(result, dict(codes), latencies)
+
+
+def _settle(result: LoadResult, codes: dict[str, int], latencies: list[float]) -> LoadResult:
+    """Fill in what follows from the reply codes and the latencies (seconds) of a finished run."""
+    result.codes = codes
     result.ok = codes.get("250", 0)
     result.failed = result.sent - result.ok
     result.rate = result.ok / result.elapsed if result.elapsed else 0.0
@@ -416,15 +421,7 @@ async def run_load_c(
             sent, elapsed_ns, user, system = rest.split()
             result.sent, result.elapsed = int(sent), int(elapsed_ns) / 1e9
             result.cpu_user, result.cpu_system = float(user), float(system)
-    result.codes = codes
-    result.ok = codes.get("250", 0)
-    result.failed = result.sent - result.ok
-    result.rate = result.ok / result.elapsed if result.elapsed else 0.0
-    latencies.sort()
-    result.p50 = _percentile(latencies, 50) * 1000
-    result.p99 = _percentile(latencies, 99) * 1000
-    result.max = (latencies[-1] if latencies else 0.0) * 1000
-    return result
+    return _settle(result, codes, latencies)
 
 
 def main(argv: list[str] | None = None) -> int:
