@@ -391,9 +391,10 @@ async def spread_load(targets: list[tuple[str, int]], *, messages: int, sessions
     """smtp_load.run_load over several servers: session k delivers to server k mod n."""
     (host, port), *also = targets
     if CLIENT == "c":
-        if also:
-            raise BenchError("--client c delivers to one server: leave --instances at 1")
-        return await run_load_c(host, port, messages=messages, sessions=sessions, size=size)
+        if any(h != host for h, _ in also):
+            raise BenchError("--client c delivers to servers on one host")
+        ports = [p for _, p in also]
+        return await run_load_c(host, port, messages=messages, sessions=sessions, size=size, also_ports=ports)
     return await run_load(
         host, port, messages=messages, sessions=sessions, size=size, also=also, pipelining=CLIENT_PIPELINING
     )

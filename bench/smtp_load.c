@@ -10,8 +10,10 @@
  * pipelining, no retry; the latency of a message runs from its connect() to the reply to its
  * final dot.
  *
- *   smtp_load_c HOST PORT SESSIONS FILE TIMEOUT_S EHLO_NAME RCPT
+ *   smtp_load_c HOST PORT[,PORT...] SESSIONS FILE TIMEOUT_S EHLO_NAME RCPT
  *
+ * With several ports, session k delivers to port k mod n (several intake instances behind one
+ * MX), as the Python client's ``also``.
  * FILE holds records: a 4-byte little-endian length and the sender, a 4-byte length and the
  * data (ending with "\r\n.\r\n"). Output, one item a line:
  *   L <nanoseconds>   latency of a message answered 250
@@ -48,6 +50,7 @@ struct msg {
 
 struct slot {
     int fd;
+    int target; /* index into addrs */
     enum stage stage;
     long msg;
     uint64_t t0;
@@ -62,7 +65,9 @@ static struct msg *msgs;
 static long n_msgs, next_msg, sent;
 static uint64_t *lat;
 static long n_lat;
-static struct sockaddr_in addr;
+#define MAX_TARGETS 16
+static struct sockaddr_in addrs[MAX_TARGETS];
+static int n_targets;
 static int ep;
 static char ehlo_cmd[300], rcpt_cmd[600];
 static uint64_t timeout_ns;
@@ -148,7 +153,8 @@ static int start(struct slot *s, long idx) {
     setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* as asyncio's transports */
     s->stage = CONNECTING;
     struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = s};
-    if (connect(s->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+    struct sockaddr_in *addr = &addrs[s->target];
+    if (connect(s->fd, (struct sockaddr *)addr, sizeof *addr) < 0 && errno != EINPROGRESS) {
         close(s->fd);
         s->fd = -1;
         count("error:ConnectionRefusedError");
@@ -283,14 +289,21 @@ static void on_event(struct slot *s, uint32_t events) {
 
 int main(int argc, char **argv) {
     if (argc != 8) {
-        fprintf(stderr, "usage: %s HOST PORT SESSIONS FILE TIMEOUT_S EHLO_NAME RCPT\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT[,PORT...] SESSIONS FILE TIMEOUT_S EHLO_NAME RCPT\n", argv[0]);
         return 2;
     }
-    memset(&addr, 0, sizeof addr);
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)atoi(argv[2]));
-    if (inet_pton(AF_INET, argv[1], &addr.sin_addr) != 1) {
-        fprintf(stderr, "not an IPv4 address: %s\n", argv[1]);
+    for (char *port = strtok(argv[2], ","); port && n_targets < MAX_TARGETS; port = strtok(NULL, ",")) {
+        struct sockaddr_in *a = &addrs[n_targets++];
+        memset(a, 0, sizeof *a);
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)atoi(port));
+        if (inet_pton(AF_INET, argv[1], &a->sin_addr) != 1) {
+            fprintf(stderr, "not an IPv4 address: %s\n", argv[1]);
+            return 2;
+        }
+    }
+    if (n_targets == 0) {
+        fprintf(stderr, "no port given\n");
         return 2;
     }
     int sessions = atoi(argv[3]);
@@ -345,6 +358,7 @@ int main(int argc, char **argv) {
     uint64_t t0 = now_ns();
     for (int i = 0; i < sessions; i++) {
         slots[i].fd = -1;
+        slots[i].target = i % n_targets;
         next(&slots[i]);
     }
     struct epoll_event evs[256];

@@ -392,9 +392,13 @@ async def run_load_c(
     rcpt: str = "support@example.com",
     transaction_timeout: float = 60.0,
     helo: str = "loadgen.example.net",
+    also_ports: Sequence[int] = (),
 ) -> LoadResult:
     """:func:`run_load` through the C client: the same messages and dialogue, measured the same
-    way, for a client that takes almost no CPU from the server under test (smtp_load.c)."""
+    way, for a client that takes almost no CPU from the server under test (smtp_load.c).
+
+    ``also_ports``: more servers on ``host`` to share the load with (session k delivers to
+    port k mod n of ``port, *also_ports``), as ``run_load``'s ``also``."""
     result = LoadResult(host=host, port=port, messages=messages, sessions=sessions, size=size)
     binary = c_client()
     with tempfile.NamedTemporaryFile(prefix="smtp-load-", suffix=".bin") as f:
@@ -402,7 +406,8 @@ async def run_load_c(
             raw = sender.encode("ascii")
             f.write(struct.pack("<I", len(raw)) + raw + struct.pack("<I", len(data)) + data)
         f.flush()
-        argv = [str(binary), host, str(port), str(max(1, sessions)), f.name, str(transaction_timeout), helo, rcpt]
+        ports = ",".join(str(p) for p in (port, *also_ports))
+        argv = [str(binary), host, ports, str(max(1, sessions)), f.name, str(transaction_timeout), helo, rcpt]
         pipe = asyncio.subprocess.PIPE
         proc = await asyncio.create_subprocess_exec(*argv, stdout=pipe, stderr=pipe)
         out, err = await proc.communicate()

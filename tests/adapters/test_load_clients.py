@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,17 @@ async def test_the_two_clients_count_refusals_alike(smtp_relay: RelayStandIn) ->
         assert res.codes == {"250": 14, "451": 3, "RCPT:550": 2, "MAIL:421": 1}
         assert (res.sent, res.ok, res.failed) == (20, 14, 6)
     assert len(smtp_relay.messages) == 28  # only what got 250, from both clients
+
+
+@needs_cc
+async def test_the_c_client_shares_the_load_between_servers(
+    smtp_relay_factory: Callable[..., RelayStandIn],
+) -> None:
+    first, second = smtp_relay_factory(), smtp_relay_factory()
+    res = await smtp_load.run_load_c(first.host, first.port, messages=40, sessions=4, also_ports=[second.port])
+    assert (res.ok, res.codes) == (40, {"250": 40})
+    one, two = await first.wait_for(20), await second.wait_for(20)  # sessions 0, 2 and 1, 3
+    assert {m.mail_from for m in one}.isdisjoint(m.mail_from for m in two)
 
 
 @needs_cc
