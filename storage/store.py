@@ -245,8 +245,7 @@ class SqlStore:
         self.batches = 0
         self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT's own duration, its sync included
         self._wal_path: str | None = None  # SQLite in WAL mode: the log the store syncs after COMMIT
-        self._wal_fd: int | None = None
-        self._wal_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file _wal_fd is open on
+        self._wal_fd: int | None = None  # open on _wal_path while the store's connection is
         self.units = 0
         # PostgreSQL: the writer's connection runs in autocommit mode and a PgWire drives its
         # transaction (BEGIN with the first statement, inserts written behind, COMMIT with the
@@ -421,17 +420,16 @@ class SqlStore:
         A failed sync fails the group: its callers get 451 and retry, and the retry finds any
         unit that did reach the disk as a duplicate.
         """
-        path = self._wal_path
-        if path is None:
+        if self._wal_path is None:
             return
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return  # no log, so no frames of ours waiting for the disk
-        if self._wal_fd is None or self._wal_file != (st.st_dev, st.st_ino):
-            self._close_wal()
-            self._wal_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._wal_file = (st.st_dev, st.st_ino)
+        if self._wal_fd is None:
+            # Opened once per connection: SQLite removes or replaces the log only when the
+            # last connection to the database closes, and ours is open until _drop_connection
+            # or close(), which close this descriptor with it.
+            try:
+                self._wal_fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return  # no log, so no frames of ours waiting for the disk
         try:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
@@ -440,7 +438,7 @@ class SqlStore:
     def _close_wal(self) -> None:
         if self._wal_fd is not None:
             os.close(self._wal_fd)
-            self._wal_fd = self._wal_file = None
+            self._wal_fd = None
 
     def _take_batch(self) -> list[_Job]:
         batch = self._loop_pending[: self.max_batch]
@@ -510,6 +508,7 @@ class SqlStore:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             conn = self.engine.connect()
             if self.on_loop:
+                self._close_wal()  # a descriptor from the connection before belongs to its log
                 self._wal_path = _defer_wal_sync(conn)
             if self._wired:
                 conn.execution_options(isolation_level="AUTOCOMMIT")  # the wire sends BEGIN and COMMIT
