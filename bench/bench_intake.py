@@ -384,7 +384,7 @@ async def measure(
 
 
 CLIENT_PIPELINING = False  # set from --client-pipelining
-CLIENT = "python"  # set from --client
+CLIENT = "c"  # set from --client (the same default)
 
 
 async def spread_load(targets: list[tuple[str, int]], *, messages: int, sessions: int, size: int) -> LoadResult:

@@ -442,23 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--c-client", action="store_true", help="deliver through the C client (smtp_load.c)")
     a = p.parse_args(argv)
+    common = dict(messages=a.messages, sessions=a.sessions, size=a.size, rcpt=a.rcpt, transaction_timeout=a.timeout)
     if a.c_client:
-        res = asyncio.run(run_load_c(a.host, a.port, messages=a.messages, sessions=a.sessions, size=a.size,
-                                     rcpt=a.rcpt, transaction_timeout=a.timeout))  # fmt: skip
-        print(json.dumps(res.to_dict(), indent=2) if a.json else res.summary())
-        return 0 if res.failed == 0 else 1
-    res = asyncio.run(
-        run_load(
-            a.host,
-            a.port,
-            messages=a.messages,
-            sessions=a.sessions,
-            size=a.size,
-            rcpt=a.rcpt,
-            transaction_timeout=a.timeout,
-            greeting="HELO" if a.helo else "EHLO",
-        )
-    )
+        if a.helo:
+            p.error("the C client always sends EHLO; leave out --helo")
+        res = asyncio.run(run_load_c(a.host, a.port, **common))  # type: ignore[arg-type]
+    else:
+        res = asyncio.run(run_load(a.host, a.port, greeting="HELO" if a.helo else "EHLO", **common))  # type: ignore[arg-type]
     print(json.dumps(res.to_dict(), indent=2) if a.json else res.summary())
     return 0 if res.failed == 0 else 1
 
