@@ -48,6 +48,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from adapters.httpsite import start_site
 from intake.errors import StorageUnavailableError
 from intake.ports import Histogram
 from intake.reference import References
@@ -677,16 +678,9 @@ class WebServer:
         return web_app
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.listen_host, self.settings.listen_port)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await start_site(
+            self.make_app(), self.settings.listen_host, self.settings.listen_port, shutdown_timeout=2.0
+        )
         log.info("triage page on %s", self.describe())
 
     async def stop(self) -> None:

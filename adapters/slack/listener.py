@@ -67,6 +67,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.httpsite import start_site
 from adapters.settings import SlackSettings
 from intake.errors import StorageUnavailableError
 from intake.model import Attachment, Channel, InboundMessage, Route
@@ -469,16 +470,9 @@ class SlackListener:
         s = self.settings
         web_app = web.Application()
         web_app.router.add_post(s.events_path, self._http)
-        runner = web.AppRunner(web_app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout)
-        await runner.setup()
-        site = web.TCPSite(runner, s.listen_host, s.listen_port)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await start_site(
+            web_app, s.listen_host, s.listen_port, shutdown_timeout=self.shutdown_timeout
+        )
         log.info("Slack events listening on %s", self.describe())
 
     async def _http(self, request: web.Request) -> web.Response:
