@@ -598,29 +598,14 @@ async def _play(
 
 def _print_table(settings: Settings) -> None:
     """The ticket table exactly as ``intake tickets list`` prints it: by running that command."""
-    from adapters.cli import tickets_list  # adapters.cli registers this module: import it late
+    from adapters.cli import tickets_list  # adapters.cli loads this module: no import cycle at start-up
 
     with click.Context(tickets_list, obj={"settings": settings}) as ctx:
         ctx.invoke(tickets_list)
 
 
-@click.command("demo")
-@click.option(
-    "--keep",
-    "keep",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the demo's database (and a config file for it) in this directory.",
-)
-@click.pass_context
-def demo(ctx: click.Context, keep: Path | None) -> None:
-    """Run intake on this machine with a scripted story (a few seconds; nothing configured).
-
-    A temporary database, the listener on a free loopback port and a built-in relay that
-    captures outgoing mail; six real emails show tickets, acknowledgements, the IRT alert,
-    auto-reply handling and a refused stranger. Your configured rules and templates are used
-    (nothing else of your configuration). Exits 1 if anything did not happen as it should.
-    """
+def main(ctx: click.Context, keep: Path | None) -> None:
+    """``intake demo`` (declared in adapters/cli.py, which loads this module only to run it)."""
     if keep is not None and (keep / "intake.db").exists():
         raise click.UsageError(f"{keep / 'intake.db'} already exists: choose an empty directory")
     with contextlib.ExitStack() as stack:

@@ -21,17 +21,11 @@ from click.testing import CliRunner
 
 from adapters.cli import main
 from adapters.demo import FIRST_SUBJECT, run_demo
-from adapters.demo import demo as demo_command
 from storage.store import SqlStore
-
-main.add_command(demo_command)
 
 ROOT = Path(__file__).resolve().parents[2]
 REF = r"SUP-[0-9A-Z]{4}-[0-9A-Z]{4}"
-RUN_DEMO = (
-    "import sys; from adapters.cli import main; from adapters.demo import demo; "
-    "main.add_command(demo); main(sys.argv[1:])"
-)
+RUN_DEMO = "import sys; from adapters.cli import main; main(sys.argv[1:])"
 
 
 @pytest.fixture(autouse=True)
