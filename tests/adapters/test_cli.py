@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -13,6 +15,7 @@ from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, running_intake, settings_for
 
 REFS = References()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -81,3 +84,34 @@ def test_invalid_configuration_names_the_key(tmp_path: Path) -> None:
     assert "email.listen_port" in out and "email.protocol" in out and "nonsense" in out
     missing = cli("--config", str(tmp_path / "nope.toml"), "stats")
     assert missing[0] == 2 and "does not exist" in missing[1]
+
+
+# What a read command runs, in a fresh interpreter; it prints the heavy modules it loaded.
+_READ_COMMAND = """
+import sys
+from adapters.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = ("adapters.demo", "adapters.bootstrap", "aiosmtpd", "aiosmtplib", "mailparser", "slack_bolt", "alembic")
+print("loaded:", ",".join(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_read_commands_do_not_load_the_listener_or_the_migrations(tmp_path: Path) -> None:
+    """`tickets list` and `stats` load storage and settings, not the product behind `serve`
+    and `demo` nor Alembic: a support engineer runs them often, and each of those took a
+    fifth or more of their start-up."""
+    db = tmp_path / "intake.db"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{db}"\n')
+    code, out = cli("--config", str(cfg), "db", "upgrade")
+    assert code == 0, out
+    for command in (["tickets", "list"], ["stats"]):
+        run = subprocess.run(
+            [sys.executable, "-c", _READ_COMMAND, "--config", str(cfg), *command],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines()[-1] == "loaded: ", (command, run.stdout)

@@ -208,8 +208,9 @@ def test_migrations_match_the_tables(db_url: str) -> None:
 
     engine = make_engine(db_url)
     try:
+        assert schema.current(engine) is None
         before, after = schema.upgrade(engine)
-        assert before is None and after == schema.head()
+        assert before is None and after == schema.head() == schema.HEAD  # a new migration updates HEAD
         assert schema.upgrade(engine) == (after, after)  # idempotent
         schema.check(engine)
         with engine.connect() as conn:
