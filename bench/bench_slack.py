@@ -234,7 +234,7 @@ def db_stats(workdir: Path) -> dict[str, Any]:
         stats: dict[str, Any] = store.run_sync(lambda uow: uow.stats())
         return stats
     finally:
-        store.engine.dispose()
+        store.dispose()
 
 
 async def one_run(args: argparse.Namespace, mode: str, concurrency: int, run: int) -> dict[str, Any]:

@@ -150,7 +150,7 @@ async def test_the_report_matches_the_database(tmp_path: Path) -> None:
         tickets = store.run_sync(lambda uow: uow.list_tickets())
         detail = {who: store.run_sync(lambda uow, r=ref: uow.ticket_detail(r)) for who, ref in refs.items()}
     finally:
-        store.engine.dispose()
+        store.dispose()
     assert {t["reference"] for t in tickets} == set(refs.values())
 
     alice = detail["alice@acme.com"]

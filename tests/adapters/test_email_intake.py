@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from email import message_from_bytes
@@ -172,7 +173,7 @@ async def test_a_failed_sync_of_the_log_answers_451_and_the_retry_is_a_duplicate
     def disk(fd: int) -> None:
         """A disk whose sync fails once, for the commit that stored the message (not for the
         outbox's turns before it): that cannot be produced for real here."""
-        with sqlite3.connect(tmp_path / "intake.db") as other:
+        with contextlib.closing(sqlite3.connect(tmp_path / "intake.db")) as other:
             stored = other.execute("SELECT count(*) FROM message").fetchone()[0]
         if stored and failures:
             raise failures.pop()

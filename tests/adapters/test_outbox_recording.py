@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,7 +104,7 @@ async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smt
 
     assert stats["outbox"] == {"pending": 0, "sent": 3, "failed": 1, "undeliverable": 0}
     assert sorted(m.rcpt_tos[0] for m in captured) == senders
-    with sqlite3.connect(tmp_path / "intake.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "intake.db")) as db:
         rows = db.execute("SELECT status, last_error FROM outbox WHERE recipient = 'old@acme.com'").fetchall()
     assert len(rows) == 1 and rows[0][0] == "failed"
     assert rows[0][1].startswith("stored note unreadable: KeyError"), rows

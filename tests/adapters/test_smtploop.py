@@ -189,7 +189,9 @@ async def test_silence_still_closes_the_session_and_commands_keep_it_open() -> N
             loop = asyncio.get_running_loop()
             started = loop.time()
             assert await asyncio.wait_for(reader.read(), 5) == b"", kind
-            assert 0.3 < loop.time() - started < 2.0, kind
+            # The timeout (0.4 s) less the 0.1 s slept since the last reply: about 0.3 s; the margin
+            # is for timer rounding (Python 3.13 closed it 50 us short of 0.3 s here).
+            assert 0.25 < loop.time() - started < 2.0, kind
             writer.close()
     finally:
         await s.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
@@ -279,7 +280,7 @@ async def test_a_commit_slower_than_commit_timeout_answers_try_again_and_still_c
 
 def _messages_on_disk(path: Path) -> int:
     """Messages as another process sees them (its own connection, nothing shared)."""
-    with sqlite3.connect(path) as other:
+    with contextlib.closing(sqlite3.connect(path)) as other:
         return int(other.execute("SELECT count(*) FROM message").fetchone()[0])
 
 
@@ -308,9 +309,9 @@ async def test_the_log_is_synced_after_commit_and_before_the_caller_is_answered(
         answered.append("group")
         conn = store._connection()
         mode = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+        wal = os.stat(f"{db}-wal").st_ino  # while open: the last connection to close removes the log
     finally:
         await store.close()
-    wal = os.stat(f"{db}-wal").st_ino
     # One sync of the log per group, each after its COMMIT and before its callers heard back.
     assert syncs == [(wal, 1, []), (wal, 4, ["first"])]
     assert mode == 1  # NORMAL: COMMIT itself does not sync; the store does, outside the lock
