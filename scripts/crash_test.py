@@ -326,10 +326,9 @@ def kill_interval(lo: float, hi: float, startup: float) -> tuple[float, float]:
     messages in 15 minutes, and the run never ended. The interval then starts at the start-up
     measured before the load, its width kept: an incarnation serves for up to that width.
     """
-    floor = startup
-    if lo >= floor:
+    if lo >= startup:
         return lo, hi
-    lo, hi = floor, floor + max(0.0, hi - lo)
+    lo, hi = startup, startup + max(0.0, hi - lo)
     log(f"start-up took {startup:.1f}s: killing every {lo:.1f}-{hi:.1f}s instead, so that incarnations serve")
     return lo, hi
 
