@@ -356,7 +356,8 @@ async def _close_senders_and_store(app: App) -> None:
 async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     """Run until SIGINT or SIGTERM."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    if app.settings.email.pin_listeners:  # before any child starts: it notes the CPUs for them
+    em = app.settings.email
+    if cpus.wanted(em.pin_listeners, em.listener_processes):  # before any child starts: it notes the CPUs for them
         log.info("email listener 1 pinned to CPU %s", cpus.pin_listener(1))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -388,7 +389,6 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
     assert app.email_listener is not None
     settle_heap()
-    em = app.settings.email
     ready(
         f"intake {em.protocol.upper()} listening on {em.listen_host}:{app.email_listener.port} "
         f"for {', '.join(em.addresses)}; storage {redact(app.settings.storage.url)}; "
@@ -579,7 +579,7 @@ def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, nu
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     setup_logging(settings)
-    if settings.email.pin_listeners:
+    if cpus.wanted(settings.email.pin_listeners, settings.email.listener_processes):
         log.info("email listener %d pinned to CPU %s", number, cpus.pin_listener(number))
     for handler in logging.getLogger().handlers:  # each line says which listener wrote it
         handler.addFilter(_ListenerTag(number))

@@ -4,8 +4,8 @@ With two listener processes on two cores, pinning the first to one core and the 
 the other was faster in 27 of 38 pairs over five sets at 10 SMTP sessions (x1.004 to x1.151
 a set) and used less CPU a message in 28 of 38 (docs/benchmarks.md, eleventh session): a
 listener stays on the core whose caches hold its heap. The outbox and the parsing workers
-stay free to run anywhere. Off by default: on a host where another service loads one core,
-a pinned listener cannot move.
+stay free to run anywhere. ``"auto"`` (the default) pins only where the listeners are as many as
+the CPUs (see :func:`wanted`); ``true`` pins them on any host, ``false`` never.
 
 The first process notes the CPUs it may use in ``INTAKE_CPUS`` (:func:`pin_listener` does,
 through :func:`allowed`) before it pins itself or starts a child, so that every child (which
@@ -20,6 +20,34 @@ import os
 log = logging.getLogger("intake")
 
 _ENV = "INTAKE_CPUS"
+
+
+def wanted(setting: bool | str, listeners: int) -> bool:
+    """Whether the listener processes are pinned: ``setting`` when it is true or false.
+
+    ``"auto"``: where there are 2 or more listeners and exactly as many CPUs that intake may
+    use. Each CPU then runs a listener whether pinned or not, so pinning takes no freedom the
+    scheduler could use well; it only stops a listener moving onto the other's core, away
+    from the caches that hold its heap. Where CPUs outnumber the listeners, the scheduler keeps
+    the choice of an idle one. Every process of one ``intake serve`` decides alike: a child
+    reads the set its parent noted, not its own inherited pin.
+    """
+    if setting != "auto":
+        return bool(setting)
+    if not hasattr(os, "sched_setaffinity") or listeners < 2:
+        return False
+    try:
+        count = len(_noted()) or len(os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return count == listeners
+
+
+def _noted() -> list[int]:
+    try:
+        return [int(c) for c in os.environ.get(_ENV, "").split(",") if c]
+    except ValueError:
+        return []
 
 
 def allowed() -> list[int]:

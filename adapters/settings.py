@@ -103,8 +103,10 @@ class EmailSettings(_Section):
     # 21 % more messages per second than one listener with a parsing worker at 10 SMTP
     # sessions and 24 % more at 50, for the same memory (docs/benchmarks.md, fifth session).
     listener_processes: int = Field(default_factory=_default_listeners, ge=1, le=64)
-    # Pin each listener process to a CPU of its own (Linux; adapters/cpus.py). Off by default.
-    pin_listeners: bool = False
+    # Pin each listener process to a CPU of its own (Linux; adapters/cpus.py). "auto", the
+    # default: pinned where the listener processes are as many as the CPUs intake may use (each
+    # CPU has a listener either way; pinned, none moves away from its caches), else not.
+    pin_listeners: bool | Literal["auto"] = "auto"
     max_sessions: int = Field(200, ge=1)
     max_sessions_per_client: int = Field(20, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)
@@ -115,6 +117,13 @@ class EmailSettings(_Section):
     # Acknowledge only authenticated senders or known customers. Default: on when
     # trusted_authserv_ids is set.
     require_authentication: bool | None = None
+
+    @field_validator("pin_listeners", mode="before")
+    @classmethod
+    def _pin(cls, v: object) -> object:
+        if v is True or v is False or v == "auto":
+            return v
+        raise ValueError('must be true, false or "auto"')
 
     @field_validator("subject_tag")
     @classmethod

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
 from adapters import cpus
+from adapters.settings import Settings, load_settings
+from intake.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
 
@@ -60,3 +64,45 @@ def test_a_bad_noted_set_or_a_refused_pin_never_stops_a_process(monkeypatch: pyt
     monkeypatch.setenv("INTAKE_CPUS", "zero,one")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert cpus.allowed() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "listeners", "affinity", "noted", "pinned"),
+    [
+        ("auto", 2, {0, 1}, None, True),  # two listeners, two CPUs: the default on a 2-core host
+        ("auto", 4, {0, 1, 2, 3}, None, True),
+        ("auto", 2, {0, 1, 2, 3}, None, False),  # CPUs to spare: the scheduler keeps the choice
+        ("auto", 3, {0, 1}, None, False),  # more listeners than CPUs: two would share one
+        ("auto", 1, {0}, None, False),
+        ("auto", 2, {1}, "0,1", True),  # a child, pinned by inheritance: its parent's set counts
+        ("auto", 2, {0, 1, 2}, "zero", False),  # a set that cannot be read: the process's own
+        (True, 2, {0, 1, 2, 3}, None, True),
+        (False, 2, {0, 1}, None, False),
+    ],
+)
+def test_auto_pins_where_the_listeners_are_as_many_as_the_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+    setting: bool | str,
+    listeners: int,
+    affinity: set[int],
+    noted: str | None,
+    pinned: bool,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity)
+    if noted is None:
+        monkeypatch.delenv("INTAKE_CPUS", raising=False)
+    else:
+        monkeypatch.setenv("INTAKE_CPUS", noted)
+    assert cpus.wanted(setting, listeners) is pinned
+    assert ("INTAKE_CPUS" in os.environ) is (noted is not None)  # deciding notes nothing
+
+
+def test_the_setting_takes_auto_true_or_false_and_names_the_key_otherwise(tmp_path: Path) -> None:
+    assert Settings().email.pin_listeners == "auto"
+    config = tmp_path / "intake.toml"
+    for text, value in (("true", True), ("false", False), ('"auto"', "auto")):
+        config.write_text(f"[email]\npin_listeners = {text}\n")
+        assert load_settings(config).email.pin_listeners == value
+    config.write_text('[email]\npin_listeners = "sometimes"\n')
+    with pytest.raises(ConfigError, match=re.escape('email.pin_listeners: Value error, must be true, false or "auto"')):
+        load_settings(config)

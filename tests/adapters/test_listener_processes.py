@@ -286,23 +286,27 @@ def _cpus_allowed(pid: int) -> str:
     hasattr(os, "sched_getaffinity") and os.sched_getaffinity(0) != {0, 1},
     reason="checks the pinning on CPUs 0 and 1 exactly (a 2-core machine, as CI's)",
 )
+@pytest.mark.parametrize("setting", ["pin_listeners = true\n", "", "pin_listeners = false\n"])
 async def test_pin_listeners_puts_each_listener_on_its_own_cpu_and_leaves_the_outbox_free(
-    tmp_path: Path, smtp_relay: RelayStandIn
+    tmp_path: Path, smtp_relay: RelayStandIn, setting: str
 ) -> None:
+    """Pinned by ``true`` and by the default ``"auto"`` (two listeners, two CPUs); ``false``
+    leaves every process on both CPUs."""
     port = free_port()
     cfg = _config(tmp_path, smtp_relay.port, port)
-    pinned = cfg.read_text().replace("listener_processes = 2\n", "listener_processes = 2\npin_listeners = true\n")
-    cfg.write_text(pinned)
+    cfg.write_text(cfg.read_text().replace("listener_processes = 2\n", f"listener_processes = 2\n{setting}"))
+    pinned = setting != "pin_listeners = false\n"
     proc = await _serve(cfg, port)
     try:
         replies = await _send(port, 4, "pinned")
         assert len(replies) == 4 and all(r.startswith("2.0.0") for r in replies), replies
         children = [pid for pid in _children(proc.pid) if b"spawn_main" in _cmdline(pid)]
         allowed = {pid: _cpus_allowed(pid) for pid in children}
-        assert _cpus_allowed(proc.pid) == "0"  # the first listener
-        # The second listener on CPU 1; the outbox (niceness 10) anywhere.
+        assert _cpus_allowed(proc.pid) == ("0" if pinned else "0-1")  # the first listener
+        # The second listener on CPU 1 (pinned); the outbox (niceness 10) anywhere.
         nice = {pid: _niceness(pid) for pid in children}
-        assert sorted((nice[pid], allowed[pid]) for pid in children) == [(0, "1"), (10, "0-1")], (allowed, nice)
+        second = "1" if pinned else "0-1"
+        assert sorted((nice[pid], allowed[pid]) for pid in children) == [(0, second), (10, "0-1")], (allowed, nice)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
