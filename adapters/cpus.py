@@ -44,20 +44,18 @@ def wanted(setting: bool | str, listeners: int) -> bool:
 
 
 def _noted() -> list[int]:
+    """The CPUs the first process noted; [] when there is no note or it cannot be read."""
+    noted = os.environ.get(_ENV, "")
     try:
-        return [int(c) for c in os.environ.get(_ENV, "").split(",") if c]
+        return [int(c) for c in noted.split(",")] if noted else []
     except ValueError:
+        log.warning("%s=%r is not a list of CPUs; using this process's own", _ENV, noted)
         return []
 
 
 def allowed() -> list[int]:
     """The CPUs intake may use: those noted by the first process, else this process's own."""
-    noted = os.environ.get(_ENV, "")
-    try:
-        return [int(c) for c in noted.split(",")] if noted else _note()
-    except ValueError:
-        log.warning("%s=%r is not a list of CPUs; using this process's own", _ENV, noted)
-        return _note()
+    return _noted() or _note()
 
 
 def _note() -> list[int]:
