@@ -6,7 +6,10 @@
      ├── StorageUnavailableError storage could not commit: the sender must retry (SMTP 451, HTTP 503)
      ├── SchemaBehindError      the database schema is older than this code: run `intake db upgrade`
      └── SendError              an outgoing note could not be delivered
-          ├── TransientSendError   try again later (relay down, 4xx, 429, network)
+          ├── TransientSendError   try again later (a 4xx for this note, 429)
+          │    └── ChannelUnavailableError  the channel itself is down (relay unreachable or
+          │                                 refusing us, Slack unreachable or our token refused):
+          │                                 every note of it would fail the same way
           └── PermanentSendError   retrying cannot help (5xx from the relay, invalid recipient)
 
 Adapters map these to protocol answers; the core never answers a protocol itself.
@@ -45,6 +48,13 @@ class TransientSendError(SendError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ChannelUnavailableError(TransientSendError):
+    """The channel cannot take any note now: the SMTP relay is unreachable, times out, closes
+    the connection (421) or refuses our greeting, TLS or login; Slack's API is unreachable,
+    failing (5xx) or refuses our token. Not this note's fault: the outbox holds the channel's
+    notes until a check finds the channel back, instead of failing them one by one."""
 
 
 class PermanentSendError(SendError):

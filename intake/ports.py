@@ -122,6 +122,11 @@ class NewMessage:
     automation: str | None = None  # why it counts as automated mail (auto-reply, bounce, list)
 
 
+# The outbox's channels (its entries' ``channel``): each has its own sender, and is held on its
+# own while it is unavailable.
+CHANNELS: tuple[str, ...] = ("email", "slack")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxEntry:
     ticket_id: int | None
@@ -145,6 +150,7 @@ class OutboxItem:
     kind: str
     attempts: int
     load: Callable[[], Outgoing]  # builds the note from the stored value; may raise
+    channel: str = "email"  # "email" or "slack": which sender delivers it
 
     @property
     def payload(self) -> Outgoing:
@@ -158,6 +164,10 @@ class SendResult:
     permanent: bool = False
     error: str | None = None
     retry_at: datetime | None = None
+    # False: not tried, because its channel was found unavailable before its turn. Its attempts
+    # stay as they were and it is due again at once (the dispatcher claims it when the channel
+    # is back); ``error`` says why it waits.
+    attempted: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,7 +209,12 @@ class UnitOfWork(Protocol):
     def latest_ticket_of(self, requester: str) -> TicketFacts | None: ...
     def sla_candidates(self, *, due_before: datetime, limit: int) -> list[SlaCandidate]: ...
     # Outbox dispatch
-    def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]: ...
+    def claim_outbox(
+        self, *, now: datetime, owner: str, lease_until: datetime, limit: int, channels: Sequence[str] = CHANNELS
+    ) -> list[OutboxItem]:
+        """Lease up to ``limit`` due entries of each of ``channels``."""
+        ...
+
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
 
 
@@ -216,12 +231,21 @@ class Store(Protocol):
 
 class EmailSender(Protocol):
     async def send(self, email: OutgoingEmail) -> None:
-        """Deliver or raise TransientSendError / PermanentSendError."""
+        """Deliver or raise TransientSendError / PermanentSendError (ChannelUnavailableError
+        when the relay itself cannot take mail)."""
+        ...
+
+    async def check(self) -> None:
+        """Return when the relay would take mail now; raise ChannelUnavailableError if not."""
         ...
 
 
 class ChatSender(Protocol):
     async def send(self, message: OutgoingChat) -> None: ...
+
+    async def check(self) -> None:
+        """Return when the chat service would take a post now; raise ChannelUnavailableError if not."""
+        ...
 
 
 class Clock(Protocol):

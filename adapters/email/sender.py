@@ -8,10 +8,13 @@ aiosmtplib cannot do: see :func:`_pipelined`) and maps every failure onto the se
 
     ValueError                     build_message: the email can never be a valid message
     SendError
-     ├── TransientSendError        try again later: relay unreachable or timing out, connection
-     │                             lost, any 4xx reply, a 5xx before the transaction (greeting,
-     │                             EHLO, STARTTLS, AUTH: a relay or credentials problem, not this
-     │                             message's, so the outbox keeps it until an operator fixes it)
+     ├── TransientSendError        try again later: a 4xx to MAIL, RCPT (every recipient) or
+     │    │                        DATA for this message
+     │    └── ChannelUnavailableError  the relay itself: unreachable or timing out, connection
+     │                             lost, 421 (closing), any reply refusing the greeting, EHLO,
+     │                             STARTTLS or AUTH (a relay or credentials problem, not this
+     │                             message's: the outbox holds every email until
+     │                             :meth:`SmtpRelaySender.check` finds the relay back)
      └── PermanentSendError        retrying cannot help: 5xx to MAIL, RCPT (every recipient) or
                                    DATA, or an email build_message refuses
 
@@ -54,7 +57,7 @@ from typing import cast
 
 import aiosmtplib
 
-from intake.errors import PermanentSendError, TransientSendError
+from intake.errors import ChannelUnavailableError, PermanentSendError, TransientSendError
 from intake.headers import answerable, clean_header_text, display_name
 from intake.model import OutgoingEmail
 
@@ -321,16 +324,8 @@ class SmtpRelaySender:
             raise self._refused(email, "RCPT", exc) from exc
         except aiosmtplib.SMTPDataError as exc:
             raise self._refused(email, "DATA", exc) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            # Greeting, EHLO, STARTTLS, AUTH: the relay (or our account there) is the problem.
-            raise TransientSendError(
-                f"relay {self.relay} answered {exc.code} before the transaction: {_excerpt(exc.message)}"
-            ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            # Connection refused or reset, timeouts, disconnects, TLS failures.
-            raise TransientSendError(
-                f"relay {self.relay} unreachable ({type(exc).__name__}): {_excerpt(str(exc))}"
-            ) from exc
+            raise self._unavailable(exc) from exc
         if refused:
             log.warning(
                 "relay %s refused %d of %d recipients of %s: %s",
@@ -340,6 +335,46 @@ class SmtpRelaySender:
                 email.message_id,
                 ", ".join(f"{rcpt} ({reply.code})" for rcpt, reply in refused.items()),
             )
+
+    async def check(self) -> None:
+        """Return when the relay would take mail now: connect, greet, STARTTLS and log in as a
+        send would, and keep the connection for the next send. Raises ChannelUnavailableError
+        (the outbox's check of a relay it found down)."""
+        try:
+            client = await self._connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        self._release(client)
+
+    def _unavailable(self, exc: BaseException) -> ChannelUnavailableError:
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            # Greeting, EHLO, STARTTLS, AUTH: the relay (or our account there) is the problem.
+            return ChannelUnavailableError(
+                f"relay {self.relay} answered {exc.code} before the transaction: {_excerpt(exc.message)}"
+            )
+        # Connection refused or reset, timeouts, disconnects, TLS failures.
+        return ChannelUnavailableError(f"relay {self.relay} unreachable ({type(exc).__name__}): {_excerpt(str(exc))}")
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        """A new connection, greeted (STARTTLS and AUTH as configured); closed if any step fails."""
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+            start_tls=self.starttls,
+            tls_context=self.tls_context,
+            username=self._username,
+            password=self._password,
+        )
+        try:
+            await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                await _greet(client)  # so that the first transaction knows whether it may pipeline
+        except BaseException:
+            _drop(client)
+            raise
+        return client
 
     async def _transaction(self, sender: str, recipients: list[str], data: bytes) -> dict[str, object]:
         while self._idle:
@@ -356,20 +391,8 @@ class SmtpRelaySender:
                 raise
             self._release(client)
             return dict(refused)
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            timeout=self.timeout,
-            local_hostname=self.local_hostname,
-            start_tls=self.starttls,
-            tls_context=self.tls_context,
-            username=self._username,
-            password=self._password,
-        )
+        client = await self._connect()
         try:
-            await client.connect()
-            if client.is_ehlo_or_helo_needed:
-                await _greet(client)  # so that the first transaction knows whether it may pipeline
             refused = await self._sendmail(client, sender, recipients, data)
         except BaseException:
             _drop(client)
@@ -418,6 +441,8 @@ class SmtpRelaySender:
         self, email: OutgoingEmail, stage: str, exc: aiosmtplib.SMTPResponseException
     ) -> TransientSendError | PermanentSendError:
         text = f"relay {self.relay} answered {exc.code} to {stage} for {email.message_id}: {_excerpt(exc.message)}"
+        if exc.code == 421:  # "service not available, closing transmission channel": the relay's state
+            return ChannelUnavailableError(text)
         return PermanentSendError(text) if 500 <= exc.code <= 599 else TransientSendError(text)
 
     def _all_refused(
@@ -432,6 +457,8 @@ class SmtpRelaySender:
         # One 4xx among them and a retry may still reach someone.
         if codes and all(500 <= code <= 599 for code in codes):
             return PermanentSendError(text)
+        if 421 in codes:
+            return ChannelUnavailableError(text)
         return TransientSendError(text)
 
 

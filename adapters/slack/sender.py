@@ -6,15 +6,17 @@ SDK's default connection-error retry. One attempt per call, every failure mapped
 send errors of :mod:`intake.errors`::
 
     SendError
-     ├── TransientSendError   try again later:
-     │                          HTTP 429 / ``ratelimited`` (retry_after = Retry-After seconds),
-     │                          network errors and timeouts, HTTP 5xx, Slack's own
-     │                          ``internal_error`` / ``fatal_error`` / ``service_unavailable``,
-     │                          and the token family (``invalid_auth``, ``not_authed``,
-     │                          ``token_revoked``, ``token_expired``, ``account_inactive``,
-     │                          ``missing_scope``, ...): an operator fixes those with a new
-     │                          token or a reinstall and a restart, and what waited in the
-     │                          outbox is then delivered instead of lost
+     ├── TransientSendError   try again later: HTTP 429 / ``ratelimited`` (retry_after =
+     │    │                   Retry-After seconds; Slack limits posts per channel), a proxy's 4xx
+     │    └── ChannelUnavailableError  Slack itself, for every post: network errors and
+     │                          timeouts, HTTP 5xx, Slack's own ``internal_error`` /
+     │                          ``fatal_error`` / ``service_unavailable``, and the token family
+     │                          (``invalid_auth``, ``not_authed``, ``token_revoked``,
+     │                          ``token_expired``, ``account_inactive``, ``missing_scope``, ...):
+     │                          an operator fixes those with a new token or a reinstall and a
+     │                          restart. The outbox holds every chat note until
+     │                          :meth:`SlackChatSender.check` (``auth.test``) passes, and what
+     │                          waited is then delivered instead of lost
      └── PermanentSendError   retrying cannot help this note: ``channel_not_found``,
                               ``not_in_channel``, ``is_archived``, ``msg_too_long``,
                               ``user_not_found``, ... and any other error code Slack answers
@@ -33,7 +35,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from intake.errors import PermanentSendError, TransientSendError
+from intake.errors import ChannelUnavailableError, PermanentSendError, TransientSendError
 from intake.model import OutgoingChat
 
 __all__ = ["SlackChatSender", "classify_api_error"]
@@ -104,11 +106,25 @@ class SlackChatSender:
             )
         except SlackApiError as exc:
             raise classify_api_error(exc, "chat.postMessage", token=self._token) from None
-        except (TimeoutError, asyncio.TimeoutError) as exc:  # noqa: UP041 - aiohttp raises either
-            raise TransientSendError(f"chat.postMessage: timed out after {self.timeout:g}s") from exc
-        except (aiohttp.ClientError, OSError, SlackClientError) as exc:
-            text = _scrub(str(exc), self._token)
-            raise TransientSendError(f"chat.postMessage: {type(exc).__name__}: {text}"[:300]) from None
+        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, OSError, SlackClientError) as exc:  # noqa: UP041 - aiohttp raises either
+            raise self._unreachable("chat.postMessage", exc) from None
+
+    async def check(self) -> None:
+        """Return when Slack would take a post now (``auth.test`` answers ok for our token);
+        raise ChannelUnavailableError if not (the outbox's check of a chat channel it holds)."""
+        try:
+            await self._web().auth_test()
+        except SlackApiError as exc:
+            error = classify_api_error(exc, "auth.test", token=self._token)
+            raise ChannelUnavailableError(str(error), retry_after=error.retry_after) from None
+        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, OSError, SlackClientError) as exc:  # noqa: UP041 - aiohttp raises either
+            raise self._unreachable("auth.test", exc) from None
+
+    def _unreachable(self, method: str, exc: BaseException) -> ChannelUnavailableError:
+        if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError on 3.11+
+            return ChannelUnavailableError(f"{method}: timed out after {self.timeout:g}s")
+        text = _scrub(str(exc), self._token)
+        return ChannelUnavailableError(f"{method}: {type(exc).__name__}: {text}"[:300])
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -127,7 +143,7 @@ def classify_api_error(exc: SlackApiError, method: str, *, token: str = "") -> T
     if status == 429 or code in ("ratelimited", "rate_limited"):
         return TransientSendError(f"{what}: rate limited", retry_after=_retry_after(response))
     if status >= 500 or status == 0 or code in TRANSIENT_ERRORS:
-        return TransientSendError(what)
+        return ChannelUnavailableError(what)
     if not code and status != 200:  # a proxy's 4xx page, not Slack speaking: do not give up on it
         return TransientSendError(what)
     return PermanentSendError(what)

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapters.email.sender import MAX_REFERENCES, SmtpRelaySender, build_message
-from intake.errors import PermanentSendError, TransientSendError
+from intake.errors import ChannelUnavailableError, PermanentSendError, TransientSendError
 from intake.headers import ELLIPSIS
 from intake.model import OutgoingEmail
 
@@ -362,14 +362,27 @@ async def test_relay_down_is_transient_and_delivery_resumes_when_it_is_back(smtp
     sender = sender_for(smtp_relay)
     smtp_relay.stop()
 
-    with pytest.raises(TransientSendError) as failure:
+    with pytest.raises(ChannelUnavailableError) as failure:  # the relay's state, not this note's
         await sender.send(outgoing())
     assert f"{smtp_relay.host}:{smtp_relay.port}" in str(failure.value)
+    with pytest.raises(ChannelUnavailableError, match="unreachable"):
+        await sender.check()
 
     smtp_relay.start()
+    await sender.check()  # connects and greets, and keeps the connection for the send
+    assert smtp_relay.transactions == 0
     await sender.send(outgoing())
     [captured] = await smtp_relay.wait_for(1)
     assert captured.message["Message-ID"] == "<ack.inc-42.1@intake.example>"
+
+
+async def test_421_closing_is_the_relay_unavailable_not_the_message(smtp_relay: Any) -> None:
+    smtp_relay.fail_next("421 4.3.2 service shutting down", stage="MAIL")
+
+    with pytest.raises(ChannelUnavailableError, match="421"):
+        await sender_for(smtp_relay).send(outgoing())
+    await sender_for(smtp_relay).send(outgoing())
+    await smtp_relay.wait_for(1)
 
 
 @pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
@@ -379,6 +392,7 @@ async def test_a_4xx_reply_is_transient_and_the_next_attempt_succeeds(smtp_relay
 
     with pytest.raises(TransientSendError) as failure:
         await sender.send(outgoing())
+    assert not isinstance(failure.value, ChannelUnavailableError)  # this message's, for now
     message = str(failure.value)
     assert "451" in message
     assert f"{smtp_relay.host}:{smtp_relay.port}" in message
@@ -462,8 +476,10 @@ async def test_a_relay_that_never_answers_times_out_as_transient(silent_listener
     host, port = silent_listener
     sender = SmtpRelaySender(host=host, port=port, timeout=0.3, local_hostname="intake.test")
 
-    with pytest.raises(TransientSendError, match=f"{host}:{port}"):
+    with pytest.raises(ChannelUnavailableError, match=f"{host}:{port}"):
         await sender.send(outgoing())
+    with pytest.raises(ChannelUnavailableError, match=f"{host}:{port}"):
+        await sender.check()
 
 
 class StallingRelay:
