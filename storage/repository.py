@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from intake.model import Channel, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
+    CHANNELS,
     Duplicate,
     KnownId,
     NewMessage,
@@ -164,6 +165,7 @@ def _claim(locked: bool) -> Any:
         select(outbox.c.id)
         .where(
             outbox.c.status == "pending",
+            outbox.c.channel == bindparam("of_channel"),
             outbox.c.next_attempt_at <= bindparam("now"),
             or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < bindparam("now")),
         )
@@ -176,7 +178,9 @@ def _claim(locked: bool) -> Any:
         update(outbox)
         .where(outbox.c.id.in_(due.scalar_subquery()))
         .values(claimed_by=bindparam("owner"), claimed_until=bindparam("lease_until"))
-        .returning(outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
+        .returning(
+            outbox.c.id, outbox.c.ticket_id, outbox.c.kind, outbox.c.payload, outbox.c.attempts, outbox.c.channel
+        )
     )
 
 
@@ -522,20 +526,28 @@ class SqlUnitOfWork:
 
     # -- outbox dispatch ---------------------------------------------------------------------
 
-    def claim_outbox(self, *, now: datetime, owner: str, lease_until: datetime, limit: int) -> list[OutboxItem]:
-        # One statement: lease the due entries and return them. On PostgreSQL the rows are
-        # locked, skipping those another claimer holds; SQLite has one writer at a time
-        # (BEGIN IMMEDIATE), and its UPDATE ... RETURNING (3.35+) does the same. On SQLite it
-        # goes through the fast path: the outbox process holds the write lock that intake's
+    def claim_outbox(
+        self, *, now: datetime, owner: str, lease_until: datetime, limit: int, channels: Sequence[str] = CHANNELS
+    ) -> list[OutboxItem]:
+        # One statement a channel: lease its due entries and return them. On PostgreSQL the
+        # rows are locked, skipping those another claimer holds; SQLite has one writer at a
+        # time (BEGIN IMMEDIATE), and its UPDATE ... RETURNING (3.35+) does the same. On SQLite
+        # it goes through the fast path: the outbox process holds the write lock that intake's
         # listener waits for while it runs, and SQLAlchemy's execution was most of that time.
-        params = {"now": now, "limit": limit, "owner": owner, "lease_until": lease_until}
-        claimed = (
-            self.conn.execute(_CLAIM_LOCKED, params).all()
-            if self.dialect == "postgresql"
-            else self._all(_CLAIM, params)
-        )
+        # By channel, on ix_outbox_channel_due: a channel held while it is down (thousands of
+        # entries waiting, say) costs the other channel's claim nothing.
+        claimed: list[Any] = []
+        for channel in channels:
+            params = {"now": now, "limit": limit, "owner": owner, "lease_until": lease_until, "of_channel": channel}
+            claimed += (
+                self.conn.execute(_CLAIM_LOCKED, params).all()
+                if self.dialect == "postgresql"
+                else self._all(_CLAIM, params)
+            )
         return [
-            OutboxItem(id=r[0], ticket_id=r[1], kind=r[2], attempts=r[4], load=partial(_stored_note, r[3]))
+            OutboxItem(
+                id=r[0], ticket_id=r[1], kind=r[2], attempts=r[4], load=partial(_stored_note, r[3]), channel=r[5]
+            )
             for r in sorted(claimed, key=lambda r: r[0])
         ]
 
@@ -551,7 +563,9 @@ class SqlUnitOfWork:
             )
         for r in (r for r in results if not r.ok):
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
-            if r.permanent:
+            if not r.attempted:  # held with its channel: as it was, due again at once
+                self.conn.execute(base.values(claimed_until=None, last_error=(r.error or "")[:500]))
+            elif r.permanent:
                 self.conn.execute(
                     base.values(
                         status="failed",

@@ -130,7 +130,9 @@ class MessageIdRow(SQLModel, table=True):
 class OutboxRow(SQLModel, table=True):
     __tablename__ = "outbox"
     __table_args__ = (
-        Index("ix_outbox_due", "status", "next_attempt_at"),
+        # The claim takes the due entries of one channel at a time (intake.dispatch holds an
+        # unavailable channel's entries without reading past them).
+        Index("ix_outbox_channel_due", "status", "channel", "next_attempt_at"),
         Index("ix_outbox_recent", "kind", "recipient", "created_at"),
     )
 

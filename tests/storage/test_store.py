@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event
 
 from intake.errors import StorageUnavailableError
-from intake.model import Channel, Direction, InboundMessage, OutgoingEmail, Route, Severity
+from intake.model import Channel, Direction, InboundMessage, OutgoingChat, OutgoingEmail, Route, Severity
 from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
 from intake.reference import References
 from storage.repository import SqlUnitOfWork
@@ -60,6 +60,33 @@ async def store(db_url: str):  # type: ignore[no-untyped-def]
     s = SqlStore(db_url, create=True)
     yield s
     await s.close()
+
+
+async def test_outbox_claims_by_channel_and_a_held_note_keeps_its_attempts(store: SqlStore) -> None:
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    chat = OutgoingChat(channel="C0A", text="hello")
+    for payload in (email(0), chat, email(1)):
+        await store.transact(
+            lambda uow, p=payload: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=p, created_at=NOW))
+        )
+    lease = NOW + timedelta(minutes=2)
+    [only_chat] = await store.transact(
+        lambda uow: uow.claim_outbox(now=NOW, owner="a", lease_until=lease, limit=10, channels=["slack"])
+    )
+    assert only_chat.channel == "slack" and only_chat.payload == chat
+    emails = await store.transact(lambda uow: uow.claim_outbox(now=NOW, owner="a", lease_until=lease, limit=10))
+    assert [(i.channel, i.attempts) for i in emails] == [("email", 0), ("email", 0)]
+    # One tried and failed, one held back untried (its channel found down before its turn).
+    later = NOW + timedelta(seconds=5)
+    results = [
+        SendResult(id=emails[0].id, ok=False, error="relay down", retry_at=later + timedelta(seconds=30)),
+        SendResult(id=emails[1].id, ok=False, attempted=False, error="waiting: email unavailable"),
+    ]
+    await store.transact(lambda uow: uow.finish_outbox(results, now=later))
+    [held] = await store.transact(
+        lambda uow: uow.claim_outbox(now=later, owner="b", lease_until=later + timedelta(minutes=2), limit=10)
+    )
+    assert held.id == emails[1].id and held.attempts == 0  # due again at once, attempts as they were
 
 
 async def test_concurrent_units_commit_in_groups(store: SqlStore) -> None:
