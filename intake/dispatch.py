@@ -6,6 +6,14 @@ sent by one of them, and an entry whose claimer died is taken again when its lea
 sends them, and records the outcome. A relay that is down delays notes; a restart loses none.
 An entry is re-sent after a crash between the relay's 250 and our commit: it keeps its
 Message-ID, so mail clients fold the two copies into one.
+
+A channel that is down as a whole (the sender raises ChannelUnavailableError: the SMTP relay
+unreachable or refusing our login, Slack unreachable or refusing our token) is held, as an
+MTA marks a dead destination: its notes are no longer claimed or tried one by one (each would
+fail the same way, log a line, take a turn at the write lock and push its own retry further
+out), the other channel goes on, and the sender's ``check`` is called on a back-off of its own
+(``backoff_base`` doubling up to ``check_cap``). When a check passes, the channel's notes go at
+once, instead of each at the end of the back-off its failures had grown to during the outage.
 """
 
 from __future__ import annotations
@@ -13,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from intake.errors import PermanentSendError, StorageUnavailableError, TransientSendError
+from intake.errors import ChannelUnavailableError, PermanentSendError, StorageUnavailableError, TransientSendError
 from intake.model import OutgoingChat, OutgoingEmail
-from intake.ports import ChatSender, Clock, EmailSender, OutboxItem, Recorder, SendResult, Store
+from intake.ports import CHANNELS, ChatSender, Clock, EmailSender, OutboxItem, Recorder, SendResult, Store
 
 log = logging.getLogger("intake.dispatch")
 
@@ -28,6 +37,28 @@ def backoff(attempts: int, *, base: float, cap: float) -> float:
     """Exponential back-off with jitter: base, 2 base, 4 base, ... up to cap seconds."""
     delay: float = min(cap, base * 2.0 ** max(0, attempts - 1))
     return delay * random.uniform(0.8, 1.2)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@dataclass(slots=True, kw_only=True)
+class _Outage:
+    """A channel found unavailable: its notes wait unclaimed until a check of it passes."""
+
+    since: datetime  # when a send found it down
+    reason: str  # what the last failure said
+    started: float  # time.monotonic() then
+    next_check: float  # time.monotonic() of the next check
+    checks: int = 0  # checks that failed
+    checking: asyncio.Task[None] | None = None
+    warned: float = 0.0  # time.monotonic() of the last warning logged
 
 
 @dataclass(slots=True, kw_only=True)
@@ -52,8 +83,13 @@ class Dispatcher:
     backoff_base: float = 5.0
     backoff_cap: float = 3600.0
     max_attempts: int = 48  # about two days at the cap
+    # Seconds between checks of an unavailable channel, at most (from backoff_base, doubling):
+    # how long its notes may wait after it is back.
+    check_cap: float = 60.0
+    warn_every: float = 600.0  # seconds between "still unavailable" warnings of one outage
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+    _outages: dict[str, _Outage] = field(default_factory=dict)
 
     def wake(self) -> None:
         self._wake.set()
@@ -62,8 +98,20 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
 
+    def unavailable(self) -> dict[str, str]:
+        """The channels held now, with what their last failure said."""
+        return {channel: outage.reason for channel, outage in self._outages.items()}
+
     async def run(self) -> None:
         log.info("outbox dispatcher started (owner %s)", self.owner)
+        try:
+            await self._run()
+        finally:
+            for outage in self._outages.values():
+                if outage.checking is not None:
+                    outage.checking.cancel()
+
+    async def _run(self) -> None:
         while not self._stopping:
             try:
                 sent = await self.run_once()
@@ -78,7 +126,7 @@ class Dispatcher:
             if sent == 0 and not self._stopping:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.idle_poll)
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._idle_wait())
                 except TimeoutError:
                     continue
                 if self.coalesce and not self._stopping:
@@ -86,13 +134,19 @@ class Dispatcher:
 
     async def run_once(self) -> int:
         """Claim due entries, send them, record the outcomes. Returns how many were tried."""
+        channels = self._open_channels()
+        if not channels:
+            return 0
         now = self.clock.now()
         items: list[OutboxItem] = await self.store.transact(
-            lambda uow: uow.claim_outbox(now=now, owner=self.owner, lease_until=now + self.lease, limit=self.batch)
+            lambda uow: uow.claim_outbox(
+                now=now, owner=self.owner, lease_until=now + self.lease, limit=self.batch, channels=channels
+            )
         )
         if not items:
             return 0
-        gate = asyncio.Semaphore(self.concurrency)
+        # A gate a channel: a relay that hangs holds its own sends, not Slack's.
+        gates = {channel: asyncio.Semaphore(self.concurrency) for channel in {item.channel for item in items}}
         # Outcomes are recorded as they come, gathered over ``record_every`` seconds: one
         # commit for the sends that finish together instead of one each (each commit is an
         # fsync and, on SQLite, a turn at the write lock that intake's listener waits for). A
@@ -112,7 +166,7 @@ class Dispatcher:
 
         async def one(item: OutboxItem) -> SendResult:
             nonlocal flush
-            async with gate:
+            async with gates[item.channel]:
                 result = await self._send(item)
             unrecorded.append(result)
             if flush is None:
@@ -131,7 +185,89 @@ class Dispatcher:
                 raise outcome
         return len(results)
 
+    # -- channels found unavailable ----------------------------------------------------------
+
+    def _open_channels(self) -> list[str]:
+        """The channels whose notes may be claimed now; starts the due check of a held one."""
+        now = time.monotonic()
+        open_channels = []
+        for channel in CHANNELS:
+            outage = self._outages.get(channel)
+            if outage is None:
+                open_channels.append(channel)
+            elif outage.checking is None and now >= outage.next_check:
+                outage.checking = asyncio.create_task(self._check(channel, outage))
+        return open_channels
+
+    def _idle_wait(self) -> float:
+        """Seconds to sleep when idle: until the next poll, or the next check that is due."""
+        wait = self.idle_poll
+        now = time.monotonic()
+        for outage in self._outages.values():
+            if outage.checking is None:
+                wait = min(wait, max(0.0, outage.next_check - now))
+        return wait
+
+    def _check_delay(self, checks: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        return backoff(checks + 1, base=self.backoff_base, cap=min(self.backoff_cap, self.check_cap))
+
+    def _found_unavailable(self, channel: str, exc: ChannelUnavailableError) -> None:
+        if channel in self._outages:
+            return  # another send of the batch found it first
+        now = time.monotonic()
+        delay = self._check_delay(0, exc.retry_after)
+        self._outages[channel] = _Outage(
+            since=self.clock.now(), reason=str(exc), started=now, next_check=now + delay, warned=now
+        )
+        self.recorder.inc("outbox_outages", channel)
+        log.warning("outbox: %s unavailable: %s; its notes wait, first check in %.0fs", channel, exc, delay)
+
+    async def _check(self, channel: str, outage: _Outage) -> None:
+        sender = self.email if channel == "email" else self.chat
+        check = getattr(sender, "check", None)  # without one, the next claimed note is the check
+        try:
+            if check is not None:
+                await check()
+        except Exception as exc:
+            outage.checks += 1
+            retry_after = exc.retry_after if isinstance(exc, TransientSendError) else None
+            if not isinstance(exc, ChannelUnavailableError):
+                log.exception("outbox: unexpected error checking %s", channel)
+            outage.reason = str(exc) or type(exc).__name__
+            outage.next_check = time.monotonic() + self._check_delay(outage.checks, retry_after)
+            if time.monotonic() - outage.warned >= self.warn_every:
+                outage.warned = time.monotonic()
+                log.warning(
+                    "outbox: %s still unavailable after %s (%d checks): %s",
+                    channel,
+                    _duration(time.monotonic() - outage.started),
+                    outage.checks,
+                    outage.reason,
+                )
+            else:
+                log.debug("outbox: %s still unavailable: %s", channel, outage.reason)
+            return
+        finally:
+            outage.checking = None
+        if self._outages.get(channel) is outage:
+            del self._outages[channel]
+        log.warning(
+            "outbox: %s available again after %s; its waiting notes go now",
+            channel,
+            _duration(time.monotonic() - outage.started),
+        )
+        self.wake()
+
+    # -- one note -----------------------------------------------------------------------------
+
     async def _send(self, item: OutboxItem) -> SendResult:
+        outage = self._outages.get(item.channel)
+        if outage is not None:  # found down by a send before this one's turn: not tried
+            since = f"{outage.since:%Y-%m-%d %H:%M:%S} UTC"
+            why = f"waiting: {item.channel} unavailable since {since}: {outage.reason}"
+            return SendResult(id=item.id, ok=False, attempted=False, error=why)
         try:
             payload = item.payload
         except Exception as exc:  # sending it again would not make it readable
@@ -154,6 +290,8 @@ class Dispatcher:
             self.recorder.inc("outbox_failed", item.kind)
             return SendResult(id=item.id, ok=False, permanent=True, error=str(exc))
         except TransientSendError as exc:
+            if isinstance(exc, ChannelUnavailableError):
+                self._found_unavailable(item.channel, exc)
             attempts = item.attempts + 1
             if attempts >= self.max_attempts:
                 self.recorder.inc("outbox_failed", item.kind)
@@ -165,7 +303,9 @@ class Dispatcher:
                 if exc.retry_after is not None
                 else backoff(attempts, base=self.backoff_base, cap=self.backoff_cap)
             )
-            log.warning("outbox %s #%d: will retry in %.0fs: %s", item.kind, item.id, delay, exc)
+            # A channel found down was logged once, above, not for every note it held up.
+            level = logging.INFO if isinstance(exc, ChannelUnavailableError) else logging.WARNING
+            log.log(level, "outbox %s #%d: will retry in %.0fs: %s", item.kind, item.id, delay, exc)
             self.recorder.inc("outbox_retry", item.kind)
             return SendResult(
                 id=item.id, ok=False, error=str(exc), retry_at=self.clock.now() + timedelta(seconds=delay)

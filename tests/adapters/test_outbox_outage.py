@@ -1,0 +1,241 @@
+"""A channel that is down as a whole is held, checked, and its notes sent once it is back.
+
+Real things over loopback: intake's listener and store, the SMTP relay stand-in taken down and
+brought back, a socket that accepts and never answers (a hung relay), and the fake Slack Web
+API answering 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.email.sender import SmtpRelaySender
+from adapters.slack.sender import SlackChatSender
+from intake.dispatch import Dispatcher
+from intake.model import OutgoingChat, OutgoingEmail
+from intake.ports import OutboxEntry
+from intake.reference import References
+from intake.service import SystemClock
+from storage.store import SqlStore
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.fake_slack import BOT_TOKEN, FakeSlack
+from tests.adapters.harness import Harness, mail, running_intake, settings_for
+
+REFS = References()
+
+
+def ref_of(reply_text: str) -> str:
+    return next(f.reference for f in REFS.find(reply_text) if f.reference)
+
+
+def outage_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "intake.dispatch" and text in r.getMessage()]
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {condition}")
+        await asyncio.sleep(0.02)
+
+
+def ack_of(h: Harness, ref: str) -> dict[str, Any]:
+    [note] = [n for n in h.detail(ref)["outbox"] if n["kind"] == "acknowledgement"]
+    return note
+
+
+async def test_a_relay_found_down_holds_the_email_and_sends_it_all_once_it_is_back(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.dispatch")
+    smtp_relay.stop()
+    # Checks back off from retry_base_seconds (0.2) to retry_cap_seconds (0.5) in these settings.
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        first = ref_of((await h.send(mail(sender="a0@acme.com"))).text)
+        await until(lambda: ack_of(h, first)["attempts"] == 1)
+        assert h.app.dispatcher.unavailable().keys() == {"email"}
+        later = [ref_of((await h.send(mail(sender=f"a{n}@acme.com"))).text) for n in range(1, 6)]
+        await asyncio.sleep(1.5)  # several checks, each refused
+
+        # The first note was tried once; the ones that came during the outage were not tried at
+        # all, and none of them grew a back-off of its own.
+        assert ack_of(h, first)["attempts"] == 1
+        assert ack_of(h, first)["status"] == "pending" and "unreachable" in ack_of(h, first)["last_error"]
+        for ref in later:
+            assert ack_of(h, ref)["attempts"] == 0 and ack_of(h, ref)["status"] == "pending"
+        # One warning for the outage, not one a note.
+        assert len(outage_lines(caplog, "email unavailable")) == 1
+        assert outage_lines(caplog, "will retry") == [outage_lines(caplog, "will retry")[0]]
+
+        smtp_relay.start()
+        acks = await smtp_relay.wait_for(6, timeout=3.0)
+        assert sorted(a.rcpt_tos[0] for a in acks) == sorted(f"a{n}@acme.com" for n in range(6))
+        await h.outbox_settled()
+        assert h.app.dispatcher.unavailable() == {}
+        assert len(outage_lines(caplog, "email available again")) == 1
+        for ref in [first, *later]:
+            assert ack_of(h, ref)["status"] == "sent"
+        await asyncio.sleep(0.5)
+        await smtp_relay.wait_for(6)  # each exactly once
+
+
+async def test_a_relay_that_refuses_the_connection_with_421_is_held_too(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    smtp_relay.fail_next("421 4.3.2 too busy, closing", stage="MAIL", count=1)
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        ref = ref_of((await h.send(mail())).text)
+        await until(lambda: ack_of(h, ref)["attempts"] >= 1)
+        await h.outbox_settled()
+        [ack] = await smtp_relay.wait_for(1)
+        assert ack.rcpt_tos == ("alice@acme.com",)
+        note = ack_of(h, ref)
+        assert note["status"] == "sent" and note["attempts"] == 2
+
+
+# -- the dispatcher alone, with both channels -------------------------------------------------
+
+
+@pytest.fixture
+def hung_relay() -> Iterator[tuple[str, int]]:
+    """A socket that accepts connections (the kernel's backlog) and never says a word."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield "127.0.0.1", int(listener.getsockname()[1])
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    server = FakeSlack()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    s = SqlStore(f"sqlite:///{tmp_path}/outbox.db", create=True)
+    s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+        s.dispose()
+
+
+def email(n: int) -> OutgoingEmail:
+    return OutgoingEmail(
+        to=(f"c{n}@customer.example",),
+        subject=f"s{n}",
+        body="b",
+        message_id=f"m{n}@intake.example",
+        from_address="support@example.com",
+    )
+
+
+async def enqueue(store: SqlStore, *payloads: OutgoingEmail | OutgoingChat) -> None:
+    now = datetime.now(UTC)
+    for payload in payloads:
+        await store.transact(
+            lambda uow, p=payload: uow.enqueue(OutboxEntry(ticket_id=None, kind="notice", payload=p, created_at=now))
+        )
+
+
+def outbox_rows(store: SqlStore) -> dict[str, list[tuple[int, str, str | None]]]:
+    """(attempts, status, last_error) of every entry, by channel."""
+    from sqlalchemy import select
+
+    from storage.tables import outbox
+
+    query = select(outbox.c.channel, outbox.c.attempts, outbox.c.status, outbox.c.last_error).order_by(outbox.c.id)
+    rows: dict[str, list[tuple[int, str, str | None]]] = {}
+    for channel, attempts, status, error in store.run_sync(lambda uow: uow.conn.execute(query).all()):
+        rows.setdefault(channel, []).append((attempts, status, error))
+    return rows
+
+
+async def test_a_hung_relay_holds_up_neither_slack_nor_the_email_it_never_tried(
+    store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
+) -> None:
+    host, port = hung_relay
+    email_sender = SmtpRelaySender(host=host, port=port, timeout=1.0, local_hostname="intake.test")
+    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
+    dispatcher = Dispatcher(
+        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", concurrency=10,
+        backoff_base=30.0, check_cap=30.0,
+    )  # fmt: skip
+    # Twelve emails, then a Slack post: more emails than sends at once, so that a gate shared by
+    # both channels would keep the post waiting behind sends that hang.
+    await enqueue(store, *(email(n) for n in range(12)), OutgoingChat(channel="C0IRT", text="Severity 1"))
+    try:
+        await hung_relay_outage(dispatcher, store, fake)
+    finally:
+        await chat_sender.close()
+
+
+async def hung_relay_outage(dispatcher: Dispatcher, store: SqlStore, fake: FakeSlack) -> None:
+    started = time.monotonic()
+    run = asyncio.create_task(dispatcher.run_once())
+    [post] = await fake.wait_posts(1, timeout=0.8)  # long before the relay's 1 s timeout
+    assert post.params["channel"] == "C0IRT" and time.monotonic() - started < 0.8
+    assert await run == 13
+    rows = outbox_rows(store)
+    assert rows["slack"] == [(1, "sent", None)]
+    # The ten sent at once timed out and were tried once; the two behind them were not tried.
+    tried = [(status, err or "") for attempts, status, err in rows["email"] if attempts == 1]
+    waiting = [(status, err or "") for attempts, status, err in rows["email"] if attempts == 0]
+    assert len(tried) == 10 and all(status == "pending" and "unreachable" in err for status, err in tried)
+    assert len(waiting) == 2
+    assert all(status == "pending" and err.startswith("waiting: email unavailable since") for status, err in waiting)
+    # While the email channel is held, a new Slack post still goes, and no email is claimed.
+    await enqueue(store, email(12), OutgoingChat(channel="C0IRT", text="second"))
+    assert await dispatcher.run_once() == 1
+    await fake.wait_posts(2)
+    assert [r[0] for r in outbox_rows(store)["email"]] == [1] * 10 + [0, 0, 0]
+
+
+async def test_slack_failing_is_held_checked_with_auth_test_and_delivered_when_back(
+    store: SqlStore, smtp_relay: RelayStandIn, fake: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.dispatch")
+    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
+    email_sender = SmtpRelaySender(
+        host=smtp_relay.host, port=smtp_relay.port, timeout=2.0, local_hostname="intake.test"
+    )
+    dispatcher = Dispatcher(
+        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", idle_poll=0.1,
+        backoff_base=0.1, check_cap=0.2,
+    )  # fmt: skip
+    fake.fail_next("chat.postMessage", status=500, error="internal_error", retry_after=None)
+    fake.fail_next("auth.test", count=2, status=503, error="service_unavailable", retry_after=None)
+    await enqueue(store, OutgoingChat(channel="C0A", text="one"), email(1))
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        await smtp_relay.wait_for(1)  # email goes on while Slack is held
+        await enqueue(store, OutgoingChat(channel="C0A", text="two"))
+        dispatcher.wake()
+        posts = await fake.wait_posts(2, timeout=5.0)
+        assert sorted(p.params["text"] for p in posts) == ["one", "two"]
+        assert fake.count("auth.test") == 3  # two refused checks, then the one that passed
+    finally:
+        dispatcher.stop()
+        await runner
+        await chat_sender.close()
+        await email_sender.close()
+    assert len(outage_lines(caplog, "slack unavailable")) == 1
+    assert len(outage_lines(caplog, "slack available again")) == 1
+    assert [r[:2] for r in outbox_rows(store)["slack"]] == [(2, "sent"), (1, "sent")]
