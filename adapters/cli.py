@@ -300,7 +300,9 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
         click.echo("Outgoing:")
         for n in out["outbox"]:
             extra = ""
-            if n["status"] == "pending":
+            if n["status"] == "pending" and (n["last_error"] or "").startswith("waiting: "):
+                extra = f" - {n['last_error']}"  # held with its channel: why, and since when
+            elif n["status"] == "pending":
                 extra = f" - waiting, next attempt {n['next_attempt_at']}"
                 if n["last_error"]:
                     extra += f", last error: {n['last_error']}"

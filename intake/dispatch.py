@@ -59,6 +59,10 @@ class _Outage:
     checks: int = 0  # checks that failed
     checking: asyncio.Task[None] | None = None
     warned: float = 0.0  # time.monotonic() of the last warning logged
+    explained: datetime | None = None  # the waiting notes due before this were told why
+
+    def why(self, channel: str) -> str:
+        return f"waiting: {channel} unavailable since {self.since:%Y-%m-%d %H:%M:%S} UTC: {self.reason}"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -237,6 +241,7 @@ class Dispatcher:
                 log.exception("outbox: unexpected error checking %s", channel)
             outage.reason = str(exc) or type(exc).__name__
             outage.next_check = time.monotonic() + self._check_delay(outage.checks, retry_after)
+            await self._explain(channel, outage)
             if time.monotonic() - outage.warned >= self.warn_every:
                 outage.warned = time.monotonic()
                 log.warning(
@@ -260,14 +265,26 @@ class Dispatcher:
         )
         self.wake()
 
+    async def _explain(self, channel: str, outage: _Outage) -> None:
+        """Tell the notes that wait unclaimed why (``intake tickets show`` reads it)."""
+        now = self.clock.now()
+        try:
+            await self.store.transact(
+                lambda uow: uow.explain_waiting(channel=channel, why=outage.why(channel), due_since=outage.explained)
+            )
+        except StorageUnavailableError as exc:
+            log.warning("outbox: could not record why %s notes wait: %s", channel, exc)
+            return
+        # A note is due from when its message was received, and committed a little later
+        # (at most the store's commit timeout, 10 s by default): the next call looks that far back.
+        outage.explained = now - timedelta(seconds=10)
+
     # -- one note -----------------------------------------------------------------------------
 
     async def _send(self, item: OutboxItem) -> SendResult:
         outage = self._outages.get(item.channel)
         if outage is not None:  # found down by a send before this one's turn: not tried
-            since = f"{outage.since:%Y-%m-%d %H:%M:%S} UTC"
-            why = f"waiting: {item.channel} unavailable since {since}: {outage.reason}"
-            return SendResult(id=item.id, ok=False, attempted=False, error=why)
+            return SendResult(id=item.id, ok=False, attempted=False, error=outage.why(item.channel))
         try:
             payload = item.payload
         except Exception as exc:  # sending it again would not make it readable

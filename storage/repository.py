@@ -584,6 +584,15 @@ class SqlUnitOfWork:
                     )
                 )
 
+    def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None) -> int:
+        # On ix_outbox_channel_due: after the first call of an outage, only the range of the
+        # entries that came since the previous one is read.
+        where = [outbox.c.status == "pending", outbox.c.channel == channel, outbox.c.last_error.is_(None)]
+        if due_since is not None:
+            where.append(outbox.c.next_attempt_at >= due_since)
+        result = self.conn.execute(update(outbox).where(*where).values(last_error=why[:500]))
+        return int(result.rowcount or 0)
+
     # -- read side (CLI, web) ------------------------------------------------------------------
 
     def list_tickets(self, *, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from adapters.cli import main
 from adapters.email.sender import SmtpRelaySender
 from adapters.slack.sender import SlackChatSender
 from intake.dispatch import Dispatcher
@@ -71,7 +73,17 @@ async def test_a_relay_found_down_holds_the_email_and_sends_it_all_once_it_is_ba
         assert ack_of(h, first)["attempts"] == 1
         assert ack_of(h, first)["status"] == "pending" and "unreachable" in ack_of(h, first)["last_error"]
         for ref in later:
-            assert ack_of(h, ref)["attempts"] == 0 and ack_of(h, ref)["status"] == "pending"
+            note = ack_of(h, ref)
+            assert note["attempts"] == 0 and note["status"] == "pending"
+            # `intake tickets show` says why it waits.
+            assert note["last_error"].startswith("waiting: email unavailable since")
+            assert "unreachable" in note["last_error"]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        shown = CliRunner().invoke(main, ["--config", str(cfg), "tickets", "show", later[0]])
+        assert shown.exit_code == 0, shown.output
+        expected = "acknowledgement to a1@acme.com: pending after 0 attempt(s) - waiting: email unavailable since"
+        assert expected in shown.output
         # One warning for the outage, not one a note.
         assert len(outage_lines(caplog, "email unavailable")) == 1
         assert outage_lines(caplog, "will retry") == [outage_lines(caplog, "will retry")[0]]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from intake.errors import StorageUnavailableError
 from intake.model import Channel, Direction, InboundMessage, OutgoingChat, OutgoingEmail, Route, Severity
@@ -18,6 +18,7 @@ from intake.ports import NewMessage, NewTicket, OutboxEntry, SendResult
 from intake.reference import References
 from storage.repository import SqlUnitOfWork
 from storage.store import SqlStore
+from storage.tables import outbox
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 REFS = References()
@@ -87,6 +88,25 @@ async def test_outbox_claims_by_channel_and_a_held_note_keeps_its_attempts(store
         lambda uow: uow.claim_outbox(now=later, owner="b", lease_until=later + timedelta(minutes=2), limit=10)
     )
     assert held.id == emails[1].id and held.attempts == 0  # due again at once, attempts as they were
+
+
+async def test_explain_waiting_tells_the_held_channel_s_new_notes_only(store: SqlStore) -> None:
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    later = NOW + timedelta(minutes=1)
+    entries = [(email(0), NOW), (email(1), later), (OutgoingChat(channel="C0A", text="hi"), later)]
+    for payload, at in entries:
+        await store.transact(
+            lambda uow, p=payload, at=at: uow.enqueue(
+                OutboxEntry(ticket_id=tid, kind="notice", payload=p, created_at=at)
+            )
+        )
+    told = await store.transact(lambda uow: uow.explain_waiting(channel="email", why="waiting: A", due_since=later))
+    assert told == 1  # the email due since then; not the older one, not the Slack note
+    told = await store.transact(lambda uow: uow.explain_waiting(channel="email", why="waiting: B", due_since=None))
+    assert told == 1  # the older one; the one told already keeps its reason
+    query = select(outbox.c.last_error).order_by(outbox.c.id)
+    errors = store.run_sync(lambda uow: list(uow.conn.execute(query).scalars()))
+    assert errors == ["waiting: B", "waiting: A", None]
 
 
 async def test_concurrent_units_commit_in_groups(store: SqlStore) -> None:
