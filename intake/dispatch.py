@@ -275,6 +275,9 @@ class Dispatcher:
         except StorageUnavailableError as exc:
             log.warning("outbox: could not record why %s notes wait: %s", channel, exc)
             return
+        except Exception:  # a bug here must not end the check that called it
+            log.exception("outbox: unexpected error recording why %s notes wait", channel)
+            return
         # A note is due from when its message was received, and committed a little later
         # (at most the store's commit timeout, 10 s by default): the next call looks that far back.
         outage.explained = now - timedelta(seconds=10)
