@@ -91,34 +91,43 @@ class Dispatcher:
     # how long its notes may wait after it is back.
     check_cap: float = 60.0
     warn_every: float = 600.0  # seconds between "still unavailable" warnings of one outage
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _wakes: dict[str, asyncio.Event] = field(default_factory=lambda: {c: asyncio.Event() for c in CHANNELS})
     _stopping: bool = False
     _outages: dict[str, _Outage] = field(default_factory=dict)
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something was committed: claim what is due now. Without a chat sender the chat
+        loop is not woken (it polls), so that no empty claim follows every email."""
+        for channel, event in self._wakes.items():
+            if channel == "email" or self.chat is not None:
+                event.set()
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        for event in self._wakes.values():
+            event.set()
 
     def unavailable(self) -> dict[str, str]:
         """The channels held now, with what their last failure said."""
         return {channel: outage.reason for channel, outage in self._outages.items()}
 
     async def run(self) -> None:
+        """Deliver until stopped: a loop a channel, so that a relay that hangs (each send
+        waiting for its timeout) does not keep Slack notes, IRT alerts among them, waiting for
+        the email batch to end, and the other way round."""
         log.info("outbox dispatcher started (owner %s)", self.owner)
         try:
-            await self._run()
+            await asyncio.gather(*(self._run(channel) for channel in CHANNELS))
         finally:
             for outage in self._outages.values():
                 if outage.checking is not None:
                     outage.checking.cancel()
 
-    async def _run(self) -> None:
+    async def _run(self, channel: str) -> None:
+        wake = self._wakes[channel]
         while not self._stopping:
             try:
-                sent = await self.run_once()
+                sent = await self.run_once((channel,))
             except StorageUnavailableError as exc:
                 log.warning("outbox: storage unavailable (%s); retrying shortly", exc)
                 sent = 0
@@ -128,17 +137,18 @@ class Dispatcher:
                 sent = 0
                 await asyncio.sleep(1.0)
             if sent == 0 and not self._stopping:
-                self._wake.clear()
+                wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._idle_wait())
+                    await asyncio.wait_for(wake.wait(), timeout=self._idle_wait(channel))
                 except TimeoutError:
                     continue
                 if self.coalesce and not self._stopping:
                     await asyncio.sleep(self.coalesce)
 
-    async def run_once(self) -> int:
-        """Claim due entries, send them, record the outcomes. Returns how many were tried."""
-        channels = self._open_channels()
+    async def run_once(self, channels: Sequence[str] = CHANNELS) -> int:
+        """Claim the due entries of ``channels``, send them, record the outcomes. Returns how
+        many were tried."""
+        channels = self._open_channels(channels)
         if not channels:
             return 0
         now = self.clock.now()
@@ -191,11 +201,11 @@ class Dispatcher:
 
     # -- channels found unavailable ----------------------------------------------------------
 
-    def _open_channels(self) -> list[str]:
-        """The channels whose notes may be claimed now; starts the due check of a held one."""
+    def _open_channels(self, channels: Sequence[str]) -> list[str]:
+        """Those of ``channels`` whose notes may be claimed now; starts the due check of a held one."""
         now = time.monotonic()
         open_channels = []
-        for channel in CHANNELS:
+        for channel in channels:
             outage = self._outages.get(channel)
             if outage is None:
                 open_channels.append(channel)
@@ -203,14 +213,12 @@ class Dispatcher:
                 outage.checking = asyncio.create_task(self._check(channel, outage))
         return open_channels
 
-    def _idle_wait(self) -> float:
-        """Seconds to sleep when idle: until the next poll, or the next check that is due."""
-        wait = self.idle_poll
-        now = time.monotonic()
-        for outage in self._outages.values():
-            if outage.checking is None:
-                wait = min(wait, max(0.0, outage.next_check - now))
-        return wait
+    def _idle_wait(self, channel: str) -> float:
+        """Seconds the channel's loop sleeps when idle: until the next poll, or its next check."""
+        outage = self._outages.get(channel)
+        if outage is None or outage.checking is not None:
+            return self.idle_poll
+        return min(self.idle_poll, max(0.0, outage.next_check - time.monotonic()))
 
     def _check_delay(self, checks: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -263,7 +271,7 @@ class Dispatcher:
             channel,
             _duration(time.monotonic() - outage.started),
         )
-        self.wake()
+        self._wakes[channel].set()
 
     async def _explain(self, channel: str, outage: _Outage) -> None:
         """Tell the notes that wait unclaimed why (``intake tickets show`` reads it)."""

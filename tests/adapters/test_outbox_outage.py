@@ -220,6 +220,43 @@ async def hung_relay_outage(dispatcher: Dispatcher, store: SqlStore, fake: FakeS
     assert [r[0] for r in outbox_rows(store)["email"]] == [1] * 10 + [0, 0, 0]
 
 
+async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
+    store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
+) -> None:
+    host, port = hung_relay
+    email_sender = SmtpRelaySender(host=host, port=port, timeout=2.0, local_hostname="intake.test")
+    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
+    dispatcher = Dispatcher(
+        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", idle_poll=0.1,
+        backoff_base=30.0, check_cap=30.0,
+    )  # fmt: skip
+    await enqueue(store, *(email(n) for n in range(3)))
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        await until(lambda: emails_claimed(store), timeout=2.0)
+        # The email batch waits for the relay's 2 s timeout; an IRT alert for Slack comes now.
+        await enqueue(store, OutgoingChat(channel="U0IRTLEAD", text="Severity 1: data breach"))
+        dispatcher.wake()
+        started = time.monotonic()
+        [post] = await fake.wait_posts(1, timeout=1.0)
+        assert post.params["channel"] == "U0IRTLEAD" and time.monotonic() - started < 1.0
+        assert outbox_rows(store)["email"] == [(0, "pending", None)] * 3  # still hanging, untried
+    finally:
+        dispatcher.stop()
+        await runner
+        await chat_sender.close()
+
+
+def emails_claimed(store: SqlStore) -> bool:
+    """The email loop has claimed its batch (the leases are out) and is sending it."""
+    from sqlalchemy import func, select
+
+    from storage.tables import outbox
+
+    query = select(func.count()).where(outbox.c.channel == "email", outbox.c.claimed_until.is_not(None))
+    return bool(store.run_sync(lambda uow: uow.conn.execute(query).scalar()))
+
+
 async def test_slack_failing_is_held_checked_with_auth_test_and_delivered_when_back(
     store: SqlStore, smtp_relay: RelayStandIn, fake: FakeSlack, caplog: pytest.LogCaptureFixture
 ) -> None:
