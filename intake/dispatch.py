@@ -119,9 +119,10 @@ class Dispatcher:
         try:
             await asyncio.gather(*(self._run(channel) for channel in CHANNELS))
         finally:
-            for outage in self._outages.values():
-                if outage.checking is not None:
-                    outage.checking.cancel()
+            checks = [o.checking for o in self._outages.values() if o.checking is not None]
+            for check in checks:
+                check.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
 
     async def _run(self, channel: str) -> None:
         wake = self._wakes[channel]

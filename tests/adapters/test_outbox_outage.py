@@ -288,3 +288,24 @@ async def test_slack_failing_is_held_checked_with_auth_test_and_delivered_when_b
     assert len(outage_lines(caplog, "slack unavailable")) == 1
     assert len(outage_lines(caplog, "slack available again")) == 1
     assert [r[:2] for r in outbox_rows(store)["slack"]] == [(2, "sent"), (1, "sent")]
+
+
+async def test_stopping_while_a_check_waits_on_a_hung_relay_returns_at_once(
+    store: SqlStore, hung_relay: tuple[str, int]
+) -> None:
+    host, port = hung_relay
+    email_sender = SmtpRelaySender(host=host, port=port, timeout=0.3, local_hostname="intake.test")
+    dispatcher = Dispatcher(
+        store=store, email=email_sender, clock=SystemClock(), owner="t", idle_poll=0.05,
+        backoff_base=0.05, check_cap=0.05,
+    )  # fmt: skip
+    await enqueue(store, email(0))
+    runner = asyncio.create_task(dispatcher.run())
+    await until(lambda: "email" in dispatcher.unavailable(), timeout=3.0)
+    email_sender.timeout = 30.0  # the checks from now on hang for as long as the relay lets them
+    await asyncio.sleep(0.3)  # a check is under way
+    started = time.monotonic()
+    dispatcher.stop()
+    await asyncio.wait_for(runner, timeout=2.0)
+    assert time.monotonic() - started < 1.0
+    assert [t for t in asyncio.all_tasks() if "Dispatcher._check" in repr(t.get_coro())] == []
