@@ -386,6 +386,11 @@ class SmtpRelaySender:
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 _drop(client)  # a stale pooled connection: try the next or a fresh one
                 continue
+            except aiosmtplib.SMTPResponseException as exc:
+                _drop(client)
+                if exc.code == 421:  # the relay closing a connection it had kept idle: the same
+                    continue
+                raise
             except BaseException:
                 _drop(client)
                 raise
@@ -441,7 +446,9 @@ class SmtpRelaySender:
         self, email: OutgoingEmail, stage: str, exc: aiosmtplib.SMTPResponseException
     ) -> TransientSendError | PermanentSendError:
         text = f"relay {self.relay} answered {exc.code} to {stage} for {email.message_id}: {_excerpt(exc.message)}"
-        if exc.code == 421:  # "service not available, closing transmission channel": the relay's state
+        # 421 "service not available, closing transmission channel", 530 "authentication
+        # required" (RFC 4954: our account, not this message): the relay's state or ours.
+        if exc.code in (421, 530):
             return ChannelUnavailableError(text)
         return PermanentSendError(text) if 500 <= exc.code <= 599 else TransientSendError(text)
 

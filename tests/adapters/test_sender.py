@@ -376,6 +376,24 @@ async def test_relay_down_is_transient_and_delivery_resumes_when_it_is_back(smtp
     assert captured.message["Message-ID"] == "<ack.inc-42.1@intake.example>"
 
 
+async def test_530_authentication_required_is_the_relay_unavailable_not_the_message(smtp_relay: Any) -> None:
+    smtp_relay.fail_next("530 5.7.0 Authentication required", stage="MAIL")
+
+    with pytest.raises(ChannelUnavailableError, match="530"):  # our account: held, not failed for good
+        await sender_for(smtp_relay).send(outgoing())
+
+
+async def test_a_kept_connection_the_relay_closes_with_421_is_replaced_at_once(smtp_relay: Any) -> None:
+    sender = sender_for(smtp_relay, max_idle=1)
+    await sender.send(outgoing())  # its connection is kept
+    smtp_relay.fail_next("421 4.4.2 idle for too long, closing", stage="MAIL")
+
+    await sender.send(outgoing(message_id="ack.inc-42.2@intake.example"))  # a fresh connection, no error
+    assert len(await smtp_relay.wait_for(2)) == 2
+    assert smtp_relay.transactions == 3
+    await sender.close()
+
+
 async def test_421_closing_is_the_relay_unavailable_not_the_message(smtp_relay: Any) -> None:
     smtp_relay.fail_next("421 4.3.2 service shutting down", stage="MAIL")
 
