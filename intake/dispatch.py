@@ -12,8 +12,12 @@ unreachable or refusing our login, Slack unreachable or refusing our token) is h
 MTA marks a dead destination: its notes are no longer claimed or tried one by one (each would
 fail the same way, log a line, take a turn at the write lock and push its own retry further
 out), the other channel goes on, and the sender's ``check`` is called on a back-off of its own
-(``backoff_base`` doubling up to ``check_cap``). When a check passes, the channel's notes go at
-once, instead of each at the end of the back-off its failures had grown to during the outage.
+(``backoff_base`` doubling up to ``check_cap``). A check that passes does not prove that mail
+goes (a relay may greet and then answer 421 to every MAIL, Slack may accept our token and
+refuse the post), so the channel then sends one note alone; when it goes, or when any send of
+the channel succeeds, the channel is back and its notes go at once, instead of each at the end
+of the back-off its failures had grown to during the outage. When the probe fails too, the
+outage goes on with its back-off where it was.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class _Outage:
     next_check: float  # time.monotonic() of the next check
     checks: int = 0  # checks that failed
     checking: asyncio.Task[None] | None = None
+    probing: bool = False  # a check passed: one note goes alone to see whether mail does
     warned: float = 0.0  # time.monotonic() of the last warning logged
     explained: datetime | None = None  # the waiting notes due before this were told why
 
@@ -153,9 +158,11 @@ class Dispatcher:
         if not channels:
             return 0
         now = self.clock.now()
+        probing = any(c in self._outages for c in channels)  # a probe goes alone
+        limit = 1 if probing else self.batch
         items: list[OutboxItem] = await self.store.transact(
             lambda uow: uow.claim_outbox(
-                now=now, owner=self.owner, lease_until=now + self.lease, limit=self.batch, channels=channels
+                now=now, owner=self.owner, lease_until=now + self.lease, limit=limit, channels=channels
             )
         )
         if not items:
@@ -208,7 +215,7 @@ class Dispatcher:
         open_channels = []
         for channel in channels:
             outage = self._outages.get(channel)
-            if outage is None:
+            if outage is None or outage.probing:
                 open_channels.append(channel)
             elif outage.checking is None and now >= outage.next_check:
                 outage.checking = asyncio.create_task(self._check(channel, outage))
@@ -217,19 +224,27 @@ class Dispatcher:
     def _idle_wait(self, channel: str) -> float:
         """Seconds the channel's loop sleeps when idle: until the next poll, or its next check."""
         outage = self._outages.get(channel)
-        if outage is None or outage.checking is not None:
+        if outage is None or outage.probing or outage.checking is not None:
             return self.idle_poll
         return min(self.idle_poll, max(0.0, outage.next_check - time.monotonic()))
 
     def _check_delay(self, checks: int, retry_after: float | None) -> float:
+        cap = min(self.backoff_cap, self.check_cap)
         if retry_after is not None:
-            return retry_after
-        return backoff(checks + 1, base=self.backoff_base, cap=min(self.backoff_cap, self.check_cap))
+            return min(retry_after, cap)
+        return backoff(checks + 1, base=self.backoff_base, cap=cap)
 
     def _found_unavailable(self, channel: str, exc: ChannelUnavailableError) -> None:
-        if channel in self._outages:
-            return  # another send of the batch found it first
         now = time.monotonic()
+        outage = self._outages.get(channel)
+        if outage is not None:
+            if outage.probing:  # a check passed, and mail still does not go: the outage goes on
+                outage.probing = False
+                outage.checks += 1
+                outage.reason = str(exc)
+                outage.next_check = now + self._check_delay(outage.checks, exc.retry_after)
+                log.debug("outbox: %s still unavailable after a check passed: %s", channel, exc)
+            return  # else another send of the batch found it first
         delay = self._check_delay(0, exc.retry_after)
         self._outages[channel] = _Outage(
             since=self.clock.now(), reason=str(exc), started=now, next_check=now + delay, warned=now
@@ -244,10 +259,12 @@ class Dispatcher:
             if check is not None:
                 await check()
         except Exception as exc:
-            outage.checks += 1
-            retry_after = exc.retry_after if isinstance(exc, TransientSendError) else None
             if not isinstance(exc, ChannelUnavailableError):
                 log.exception("outbox: unexpected error checking %s", channel)
+            if self._outages.get(channel) is not outage:
+                return  # a send of the channel went meanwhile: it is back (_back)
+            outage.checks += 1
+            retry_after = exc.retry_after if isinstance(exc, TransientSendError) else None
             outage.reason = str(exc) or type(exc).__name__
             outage.next_check = time.monotonic() + self._check_delay(outage.checks, retry_after)
             await self._explain(channel, outage)
@@ -266,7 +283,14 @@ class Dispatcher:
         finally:
             outage.checking = None
         if self._outages.get(channel) is outage:
-            del self._outages[channel]
+            outage.probing = True  # one note alone, then all of them (_back)
+            self._wakes[channel].set()
+
+    def _back(self, channel: str) -> None:
+        """A note of ``channel`` went: if it was held, it is back, and its notes go now."""
+        outage = self._outages.pop(channel, None)
+        if outage is None:
+            return
         log.warning(
             "outbox: %s available again after %s; its waiting notes go now",
             channel,
@@ -279,7 +303,9 @@ class Dispatcher:
         now = self.clock.now()
         try:
             await self.store.transact(
-                lambda uow: uow.explain_waiting(channel=channel, why=outage.why(channel), due_since=outage.explained)
+                lambda uow: uow.explain_waiting(
+                    channel=channel, why=outage.why(channel), due_since=outage.explained, now=now
+                )
             )
         except StorageUnavailableError as exc:
             log.warning("outbox: could not record why %s notes wait: %s", channel, exc)
@@ -295,7 +321,7 @@ class Dispatcher:
 
     async def _send(self, item: OutboxItem) -> SendResult:
         outage = self._outages.get(item.channel)
-        if outage is not None:  # found down by a send before this one's turn: not tried
+        if outage is not None and not outage.probing:  # found down by a send before this one's turn
             return SendResult(id=item.id, ok=False, attempted=False, error=outage.why(item.channel))
         try:
             payload = item.payload
@@ -349,4 +375,5 @@ class Dispatcher:
                 retry_at=self.clock.now() + timedelta(seconds=delay),
             )
         self.recorder.inc("outbox_sent", item.kind)
+        self._back(item.channel)
         return SendResult(id=item.id, ok=True)

@@ -216,9 +216,10 @@ class UnitOfWork(Protocol):
         ...
 
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
-    def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None) -> int:
-        """Record ``why`` on the channel's pending entries that have no error yet (due at or
-        after ``due_since`` when given: the ones that came since the last call). Returns how many."""
+    def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None, now: datetime) -> int:
+        """Record ``why`` on the channel's pending entries that have no error yet and no lease
+        running at ``now`` (due at or after ``due_since`` when given: the ones that came since
+        the last call). Returns how many."""
         ...
 
 

@@ -561,7 +561,7 @@ class SqlUnitOfWork:
                 .where(outbox.c.id.in_(sent), outbox.c.status == "pending")
                 .values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None)
             )
-        for r in (r for r in results if not r.ok):
+        for r in sorted((r for r in results if not r.ok), key=lambda r: r.id):  # in one order: no deadlock
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
             if not r.attempted:  # held with its channel: as it was, due again at once
                 self.conn.execute(base.values(claimed_until=None, last_error=(r.error or "")[:500]))
@@ -584,13 +584,26 @@ class SqlUnitOfWork:
                     )
                 )
 
-    def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None) -> int:
+    def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None, now: datetime) -> int:
         # On ix_outbox_channel_due: after the first call of an outage, only the range of the
-        # entries that came since the previous one is read.
-        where = [outbox.c.status == "pending", outbox.c.channel == channel, outbox.c.last_error.is_(None)]
+        # entries that came since the previous one is read. Entries another dispatcher holds
+        # (its lease running) are its own to record; on PostgreSQL the rows are taken with
+        # SKIP LOCKED, so that this never waits for, nor deadlocks with, another instance that
+        # is sending or recording them.
+        where = [
+            outbox.c.status == "pending",
+            outbox.c.channel == channel,
+            outbox.c.last_error.is_(None),
+            or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now),
+        ]
         if due_since is not None:
             where.append(outbox.c.next_attempt_at >= due_since)
-        result = self.conn.execute(update(outbox).where(*where).values(last_error=why[:500]))
+        if self.dialect == "postgresql":
+            rows = select(outbox.c.id).where(*where).with_for_update(skip_locked=True).scalar_subquery()
+            statement = update(outbox).where(outbox.c.id.in_(rows))
+        else:
+            statement = update(outbox).where(*where)
+        result = self.conn.execute(statement.values(last_error=why[:500]))
         return int(result.rowcount or 0)
 
     # -- read side (CLI, web) ------------------------------------------------------------------

@@ -96,6 +96,11 @@ class RelayStandIn:
         with self._lock:
             self._failures.append(_Failure(stage=stage, reply=reply, remaining=count))
 
+    def clear_failures(self) -> None:
+        """Forget the failures fail_next() asked for that have not happened yet."""
+        with self._lock:
+            self._failures.clear()
+
     def reject_recipient(self, address: str, reply: str = "550 5.1.1 no such user") -> None:
         with self._lock:
             self._rejected[address.lower()] = reply

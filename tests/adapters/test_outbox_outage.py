@@ -100,18 +100,45 @@ async def test_a_relay_found_down_holds_the_email_and_sends_it_all_once_it_is_ba
         await smtp_relay.wait_for(6)  # each exactly once
 
 
-async def test_a_relay_that_refuses_the_connection_with_421_is_held_too(
-    tmp_path: Path, smtp_relay: RelayStandIn
+async def test_a_relay_that_answers_421_is_held_then_probed_with_one_note(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="intake.dispatch")
     smtp_relay.fail_next("421 4.3.2 too busy, closing", stage="MAIL", count=1)
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
         ref = ref_of((await h.send(mail())).text)
-        await until(lambda: ack_of(h, ref)["attempts"] >= 1)
-        await h.outbox_settled()
         [ack] = await smtp_relay.wait_for(1)
         assert ack.rcpt_tos == ("alice@acme.com",)
+        await h.outbox_settled()
         note = ack_of(h, ref)
         assert note["status"] == "sent" and note["attempts"] == 2
+    assert len(outage_lines(caplog, "email unavailable: relay")) == 1
+    assert "421" in outage_lines(caplog, "email unavailable: relay")[0]
+    assert len(outage_lines(caplog, "email available again")) == 1
+
+
+async def test_a_relay_that_greets_but_refuses_every_message_costs_one_note_a_check(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's check (connect, EHLO) passes while every MAIL gets 421: after the first
+    batch, each check lets one note go alone, and the outage's back-off keeps growing."""
+    caplog.set_level(logging.INFO, logger="intake.dispatch")
+    smtp_relay.fail_next("421 4.7.0 too many messages, slow down", stage="MAIL", count=10_000)
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        refs = [ref_of((await h.send(mail(sender=f"b{n}@acme.com"))).text) for n in range(20)]
+        await asyncio.sleep(3.0)  # checks every 0.2, 0.4, then 0.5 s (these settings' cap)
+        tried = sum(ack_of(h, ref)["attempts"] for ref in refs)
+        # At most the batches in flight when the relay first refused, then one note a check
+        # (a note sent on a kept connection that gets 421 is tried again on a fresh one).
+        assert 1 <= tried <= 10 + 3.0 / 0.2 + 2, tried
+        assert smtp_relay.transactions <= 2 * tried
+        assert len(outage_lines(caplog, "email unavailable")) == 1
+        assert outage_lines(caplog, "available again") == []
+        smtp_relay.clear_failures()
+        await smtp_relay.wait_for(20, timeout=5.0)
+        await h.outbox_settled()
+        assert all(ack_of(h, ref)["status"] == "sent" for ref in refs)
+    assert len(outage_lines(caplog, "email available again")) == 1
 
 
 # -- the dispatcher alone, with both channels -------------------------------------------------
@@ -184,7 +211,7 @@ async def test_a_hung_relay_holds_up_neither_slack_nor_the_email_it_never_tried(
     store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
 ) -> None:
     host, port = hung_relay
-    email_sender = SmtpRelaySender(host=host, port=port, timeout=1.0, local_hostname="intake.test")
+    email_sender = SmtpRelaySender(host=host, port=port, timeout=3.0, local_hostname="intake.test")
     chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
     dispatcher = Dispatcher(
         store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", concurrency=10,
@@ -202,8 +229,8 @@ async def test_a_hung_relay_holds_up_neither_slack_nor_the_email_it_never_tried(
 async def hung_relay_outage(dispatcher: Dispatcher, store: SqlStore, fake: FakeSlack) -> None:
     started = time.monotonic()
     run = asyncio.create_task(dispatcher.run_once())
-    [post] = await fake.wait_posts(1, timeout=0.8)  # long before the relay's 1 s timeout
-    assert post.params["channel"] == "C0IRT" and time.monotonic() - started < 0.8
+    [post] = await fake.wait_posts(1, timeout=2.0)  # before the relay's 3 s timeout
+    assert post.params["channel"] == "C0IRT" and time.monotonic() - started < 2.0
     assert await run == 13
     rows = outbox_rows(store)
     assert rows["slack"] == [(1, "sent", None)]
@@ -224,7 +251,7 @@ async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
     store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
 ) -> None:
     host, port = hung_relay
-    email_sender = SmtpRelaySender(host=host, port=port, timeout=2.0, local_hostname="intake.test")
+    email_sender = SmtpRelaySender(host=host, port=port, timeout=5.0, local_hostname="intake.test")
     chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
     dispatcher = Dispatcher(
         store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", idle_poll=0.1,
@@ -234,12 +261,12 @@ async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
     runner = asyncio.create_task(dispatcher.run())
     try:
         await until(lambda: emails_claimed(store), timeout=2.0)
-        # The email batch waits for the relay's 2 s timeout; an IRT alert for Slack comes now.
+        # The email batch waits for the relay's 5 s timeout; an IRT alert for Slack comes now.
         await enqueue(store, OutgoingChat(channel="U0IRTLEAD", text="Severity 1: data breach"))
         dispatcher.wake()
         started = time.monotonic()
-        [post] = await fake.wait_posts(1, timeout=1.0)
-        assert post.params["channel"] == "U0IRTLEAD" and time.monotonic() - started < 1.0
+        [post] = await fake.wait_posts(1, timeout=3.0)
+        assert post.params["channel"] == "U0IRTLEAD" and time.monotonic() - started < 3.0
         assert outbox_rows(store)["email"] == [(0, "pending", None)] * 3  # still hanging, untried
     finally:
         dispatcher.stop()

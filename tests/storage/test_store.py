@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, select
@@ -100,13 +101,26 @@ async def test_explain_waiting_tells_the_held_channel_s_new_notes_only(store: Sq
                 OutboxEntry(ticket_id=tid, kind="notice", payload=p, created_at=at)
             )
         )
-    told = await store.transact(lambda uow: uow.explain_waiting(channel="email", why="waiting: A", due_since=later))
-    assert told == 1  # the email due since then; not the older one, not the Slack note
-    told = await store.transact(lambda uow: uow.explain_waiting(channel="email", why="waiting: B", due_since=None))
-    assert told == 1  # the older one; the one told already keeps its reason
+
+    def explain(why: str, due_since: datetime | None) -> Any:
+        return lambda uow: uow.explain_waiting(channel="email", why=why, due_since=due_since, now=later)
+
+    assert await store.transact(explain("waiting: A", later)) == 1  # due since then: not the older, not Slack's
+    assert await store.transact(explain("waiting: B", None)) == 1  # the older; the other keeps its reason
+    # A note another dispatcher has claimed (its lease running) is left to it.
+    await store.transact(
+        lambda uow: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=email(2), created_at=later))
+    )
+    claimed = await store.transact(
+        lambda uow: uow.claim_outbox(
+            now=later, owner="b", lease_until=later + timedelta(minutes=2), limit=10, channels=["email"]
+        )
+    )
+    assert len(claimed) == 3
+    assert await store.transact(explain("waiting: C", None)) == 0
     query = select(outbox.c.last_error).order_by(outbox.c.id)
     errors = store.run_sync(lambda uow: list(uow.conn.execute(query).scalars()))
-    assert errors == ["waiting: B", "waiting: A", None]
+    assert errors == ["waiting: B", "waiting: A", None, None]
 
 
 async def test_concurrent_units_commit_in_groups(store: SqlStore) -> None:
