@@ -11,8 +11,9 @@ aiosmtplib cannot do: see :func:`_pipelined`) and maps every failure onto the se
      ├── TransientSendError        try again later: a 4xx to MAIL, RCPT (every recipient) or
      │    │                        DATA for this message
      │    └── ChannelUnavailableError  the relay itself: unreachable or timing out, connection
-     │                             lost, 421 (closing), any reply refusing the greeting, EHLO,
-     │                             STARTTLS or AUTH (a relay or credentials problem, not this
+     │                             lost, 421 (closing; on a kept connection, the send goes again
+     │                             on a fresh one first), 530 to MAIL, any reply refusing the
+     │                             greeting, EHLO, STARTTLS or AUTH (a relay or credentials problem, not this
      │                             message's: the outbox holds every email until
      │                             :meth:`SmtpRelaySender.check` finds the relay back)
      └── PermanentSendError        retrying cannot help: 5xx to MAIL, RCPT (every recipient) or
