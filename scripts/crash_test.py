@@ -25,6 +25,12 @@ What it does:
 With ``--sqlite`` the same runs against one instance on a SQLite file in the work directory
 (the embedded default: a SQLite file serves one instance).
 
+With ``--relay-outages`` the relay also goes down now and then during the load (every 1-4 s,
+for 0.5-2.5 s): it still greets, and answers every MAIL with 421, as a relay that is
+shutting down or rate-limiting does. The outboxes then hold the email channel, check it and
+probe it with one note; the targets are the same, and every acknowledgement must still arrive
+(a message is recorded by the relay only when it answered 250 to its DATA).
+
 Targets (exit status 1 when one is missed, 2 when the set-up failed):
 
 * no message lost: every message answered 250 is stored, and every message got a 250;
@@ -101,8 +107,9 @@ def bare_mid(value: str | None) -> str:
 # --------------------------------------------------------------------------- relay stand-in
 
 
-def relay_main(port: int, record: Path) -> None:
-    """aiosmtpd answering 250; one JSON line per accepted message, flushed at once."""
+def relay_main(port: int, record: Path, down_flag: Path | None = None) -> None:
+    """aiosmtpd answering 250; one JSON line per accepted message, flushed at once. While
+    ``down_flag`` exists, every MAIL gets 421 (the relay down: --relay-outages)."""
     from email.parser import BytesHeaderParser
 
     out = open(record, "a", buffering=1)  # lives as long as the process
@@ -116,6 +123,15 @@ def relay_main(port: int, record: Path) -> None:
             # the sender's pipelined transaction, the one intake uses against real relays.
             session.host_name = hostname
             return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+        async def handle_MAIL(
+            self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+        ) -> str:
+            if down_flag is not None and down_flag.exists():  # noqa: ASYNC240 - a stat, microseconds
+                return "421 4.3.2 relay down for maintenance (crash test)"
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            return "250 OK"
 
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
             headers = parser.parsebytes(bytes(envelope.original_content or envelope.content))
@@ -331,6 +347,28 @@ def kill_interval(lo: float, hi: float, startup: float) -> tuple[float, float]:
     lo, hi = startup, startup + max(0.0, hi - lo)
     log(f"start-up took {startup:.1f}s: killing every {lo:.1f}-{hi:.1f}s instead, so that incarnations serve")
     return lo, hi
+
+
+async def no_outages() -> list[float]:
+    return []
+
+
+async def relay_chaos(down_flag: Path, stop: asyncio.Event) -> list[float]:
+    """Take the relay down (421 to every MAIL) every 1-4 s for 0.5-2.5 s, until ``stop``; the
+    outages' lengths. The relay is up again when this returns."""
+    outages: list[float] = []
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), random.uniform(1.0, 4.0))
+        if stop.is_set():
+            break
+        down = random.uniform(0.5, 2.5)
+        down_flag.touch()  # noqa: ASYNC240 - an empty file, microseconds
+        await asyncio.sleep(down)
+        down_flag.unlink()  # noqa: ASYNC240
+        outages.append(down)
+        log(f"chaos: relay down (421 to every MAIL) for {down:.1f}s")
+    return outages
 
 
 async def chaos(instances: list[Instance], stop: asyncio.Event, lo: float, hi: float) -> list[dict[str, Any]]:
@@ -558,6 +596,7 @@ def print_report(r: dict[str, Any], elapsed: float, drained_in: float) -> None:
         f"duplicates carry their twin's Message-ID      {r['duplicates_same_message_id']}",
         f"duplicates follow a SIGKILL of their sender   {r['duplicates_explained_by_a_kill']}",
         f"outbox at the end                  {r['outbox']}",
+        f"relay outages during the load      {len(r['relay_outages'])} ({sum(r['relay_outages']):.1f}s in all)",
         f"load phase {elapsed:.1f}s, drain {drained_in:.1f}s",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -587,8 +626,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     instances: list[Instance] = []
     try:
         record = workdir / "relay.jsonl"
+        down_flag = workdir / "relay.down"
         relay_port = free_port()
-        argv = [sys.executable, __file__, "--relay", str(relay_port), str(record)]
+        argv = [sys.executable, __file__, "--relay", str(relay_port), str(record), "--relay-down-flag", str(down_flag)]
         relay = Server("relay", argv, workdir / "relay.log")
         relay.start()
         procs.append(relay)
@@ -618,6 +658,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         stop = asyncio.Event()
         chaos_task = asyncio.create_task(chaos(instances, stop, kill_min, kill_max))
+        outages_task = asyncio.create_task(relay_chaos(down_flag, stop) if args.relay_outages else no_outages())
         t0 = time.monotonic()
         outcomes = await run_client(
             instances, args.messages, args.sessions, uuid.uuid4().hex[:10],
@@ -626,6 +667,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
         stop.set()
         kills = await chaos_task
+        outages: list[float] = await outages_task
         for inst in instances:
             assert inst.proc is not None
             await inst.proc.wait_ready()
@@ -643,6 +685,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["drain_seconds"] = round(drained_in, 1)
         result["database"] = db_name
         result["kill_every"] = [round(kill_min, 2), round(kill_max, 2)]
+        result["relay_outages"] = [round(d, 2) for d in outages]
         if result["kills"] < args.min_kills:
             # A fast machine can take the whole load before the first kill: that proves nothing.
             result["problems"].append(
@@ -689,12 +732,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intake-cmd", default="", help="how to run intake (default .venv/bin/intake)")
     p.add_argument("--keep", action="store_true", help="keep the database and the work directory")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--relay-outages", action="store_true", help="take the relay down (421 to every MAIL) now and then")
     p.add_argument("--relay", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
+    p.add_argument("--relay-down-flag", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.sqlite:
         args.instances = 1  # one SQLite file serves one instance (PostgreSQL is for several)
     if args.relay:
-        relay_main(int(args.relay[0]), Path(args.relay[1]))
+        relay_main(int(args.relay[0]), Path(args.relay[1]), args.relay_down_flag)
         return 0
     if args.seed is not None:
         random.seed(args.seed)
