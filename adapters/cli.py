@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from adapters.settings import Settings, load_settings
+from intake.dispatch import WAITING
 from intake.errors import ConfigError, IntakeError
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -300,7 +301,7 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
         click.echo("Outgoing:")
         for n in out["outbox"]:
             extra = ""
-            if n["status"] == "pending" and (n["last_error"] or "").startswith("waiting: "):
+            if n["status"] == "pending" and (n["last_error"] or "").startswith(WAITING):
                 extra = f" - {n['last_error']}"  # held with its channel: why, and since when
             elif n["status"] == "pending":
                 extra = f" - waiting, next attempt {n['next_attempt_at']}"

@@ -36,6 +36,10 @@ from intake.ports import CHANNELS, ChatSender, Clock, EmailSender, OutboxItem, R
 
 log = logging.getLogger("intake.dispatch")
 
+# How the reason a note waits for its channel starts (``last_error``): `tickets show` prints it
+# as the note's state rather than as an error of its own.
+WAITING = "waiting: "
+
 
 def backoff(attempts: int, *, base: float, cap: float) -> float:
     """Exponential back-off with jitter: base, 2 base, 4 base, ... up to cap seconds."""
@@ -67,7 +71,7 @@ class _Outage:
     explained: datetime | None = None  # the waiting notes due before this were told why
 
     def why(self, channel: str) -> str:
-        return f"waiting: {channel} unavailable since {self.since:%Y-%m-%d %H:%M:%S} UTC: {self.reason}"
+        return f"{WAITING}{channel} unavailable since {self.since:%Y-%m-%d %H:%M:%S} UTC: {self.reason}"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -240,10 +244,7 @@ class Dispatcher:
         if outage is not None:
             if outage.probing:  # a check passed, and mail still does not go: the outage goes on
                 outage.probing = False
-                outage.checks += 1
-                outage.reason = str(exc)
-                outage.next_check = now + self._check_delay(outage.checks, exc.retry_after)
-                log.debug("outbox: %s still unavailable after a check passed: %s", channel, exc)
+                self._still_down(channel, outage, str(exc), exc.retry_after)
             return  # else another send of the batch found it first
         delay = self._check_delay(0, exc.retry_after)
         self._outages[channel] = _Outage(
@@ -252,33 +253,37 @@ class Dispatcher:
         self.recorder.inc("outbox_outages", channel)
         log.warning("outbox: %s unavailable: %s; its notes wait, first check in %.0fs", channel, exc, delay)
 
+    def _still_down(self, channel: str, outage: _Outage, reason: str, retry_after: float | None) -> None:
+        """A check, or the probe after one, failed: the outage goes on, its back-off growing."""
+        now = time.monotonic()
+        outage.checks += 1
+        outage.reason = reason
+        outage.next_check = now + self._check_delay(outage.checks, retry_after)
+        if now - outage.warned >= self.warn_every:
+            outage.warned = now
+            log.warning(
+                "outbox: %s still unavailable after %s (%d checks): %s",
+                channel,
+                _duration(now - outage.started),
+                outage.checks,
+                reason,
+            )
+        else:
+            log.debug("outbox: %s still unavailable: %s", channel, reason)
+
     async def _check(self, channel: str, outage: _Outage) -> None:
         sender = self.email if channel == "email" else self.chat
-        check = getattr(sender, "check", None)  # without one, the next claimed note is the check
         try:
-            if check is not None:
-                await check()
+            if sender is not None:  # a chat channel is found down only by a chat sender
+                await sender.check()
         except Exception as exc:
             if not isinstance(exc, ChannelUnavailableError):
                 log.exception("outbox: unexpected error checking %s", channel)
             if self._outages.get(channel) is not outage:
                 return  # a send of the channel went meanwhile: it is back (_back)
-            outage.checks += 1
             retry_after = exc.retry_after if isinstance(exc, TransientSendError) else None
-            outage.reason = str(exc) or type(exc).__name__
-            outage.next_check = time.monotonic() + self._check_delay(outage.checks, retry_after)
+            self._still_down(channel, outage, str(exc) or type(exc).__name__, retry_after)
             await self._explain(channel, outage)
-            if time.monotonic() - outage.warned >= self.warn_every:
-                outage.warned = time.monotonic()
-                log.warning(
-                    "outbox: %s still unavailable after %s (%d checks): %s",
-                    channel,
-                    _duration(time.monotonic() - outage.started),
-                    outage.checks,
-                    outage.reason,
-                )
-            else:
-                log.debug("outbox: %s still unavailable: %s", channel, outage.reason)
             return
         finally:
             outage.checking = None
