@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from email import message_from_bytes
 from email import policy as email_policy
@@ -21,6 +21,8 @@ from typing import Any, Literal, cast
 
 import pytest
 from aiosmtpd.controller import Controller
+
+from tests.adapters.fake_slack import FakeSlack
 
 Stage = Literal["MAIL", "RCPT", "DATA"]
 
@@ -228,3 +230,23 @@ def smtp_relay(smtp_relay_factory: Callable[..., RelayStandIn]) -> RelayStandIn:
 def smtp_relay_without_pipelining(smtp_relay_factory: Callable[..., RelayStandIn]) -> RelayStandIn:
     """One running relay stand-in that does not offer PIPELINING: aiosmtplib's own transaction."""
     return smtp_relay_factory(pipelining=False)
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[tuple[str, int]]:
+    """A socket that accepts connections (kernel backlog) but never says a word: a hung relay."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield "127.0.0.1", int(listener.getsockname()[1])
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    """The fake Slack Web API (and Socket Mode endpoint) on loopback."""
+    server = FakeSlack()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import aiosmtplib
 
 from adapters import bootstrap
 from adapters.settings import Settings
+from intake.reference import References
 from storage.repository import SqlUnitOfWork
 from tests.conftest import free_port
 
@@ -172,3 +174,21 @@ def mail(
         m[k] = v
     m.set_content(body)
     return m
+
+
+_REFS = References()
+
+
+def ref_of(text: str) -> str:
+    """The first valid reference in ``text`` (an SMTP reply, a subject)."""
+    found = [f.reference for f in _REFS.find(text) if f.reference]
+    assert found, text
+    return found[0]
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(0.02)

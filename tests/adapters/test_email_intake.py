@@ -13,23 +13,14 @@ from pathlib import Path
 import pytest
 
 from intake.model import Verdict
-from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail, running_intake, settings_for
-
-REFS = References()
+from tests.adapters.harness import mail, ref_of, running_intake, settings_for
 
 
 @pytest.fixture
 async def intake(tmp_path: Path, smtp_relay: RelayStandIn):  # type: ignore[no-untyped-def]
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
         yield h
-
-
-def ref_of(reply_text: str) -> str:
-    found = [f.reference for f in REFS.find(reply_text) if f.reference]
-    assert found, reply_text
-    return found[0]
 
 
 async def test_new_ticket_and_its_acknowledgement(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]

@@ -5,16 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail, running_intake, settings_for
+from tests.adapters.harness import mail, ref_of, running_intake, settings_for
 
-REFS = References()
 BREACH = "We think there was a data breach: unauthorized access to our admin account last night."
-
-
-def ref_of(text: str) -> str:
-    return next(f.reference for f in REFS.find(text) if f.reference)
 
 
 async def test_acknowledgements_per_sender_are_limited_with_one_last_notice(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,30 +24,15 @@ from adapters.slack.sender import SlackChatSender
 from intake.dispatch import Dispatcher
 from intake.model import OutgoingChat, OutgoingEmail
 from intake.ports import OutboxEntry
-from intake.reference import References
 from intake.service import SystemClock
 from storage.store import SqlStore
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.fake_slack import BOT_TOKEN, FakeSlack
-from tests.adapters.harness import Harness, mail, running_intake, settings_for
-
-REFS = References()
-
-
-def ref_of(reply_text: str) -> str:
-    return next(f.reference for f in REFS.find(reply_text) if f.reference)
+from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for, wait_until
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "intake.dispatch" and text in r.getMessage()]
-
-
-async def until(condition: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {condition}")
-        await asyncio.sleep(0.02)
 
 
 def ack_of(h: Harness, ref: str) -> dict[str, Any]:
@@ -63,7 +48,7 @@ async def test_a_relay_found_down_holds_the_email_and_sends_it_all_once_it_is_ba
     # Checks back off from retry_base_seconds (0.2) to retry_cap_seconds (0.5) in these settings.
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
         first = ref_of((await h.send(mail(sender="a0@acme.com"))).text)
-        await until(lambda: ack_of(h, first)["attempts"] == 1)
+        await wait_until(lambda: ack_of(h, first)["attempts"] == 1)
         assert h.app.dispatcher.unavailable().keys() == {"email"}
         later = [ref_of((await h.send(mail(sender=f"a{n}@acme.com"))).text) for n in range(1, 6)]
         await asyncio.sleep(1.5)  # several checks, each refused
@@ -145,27 +130,6 @@ async def test_a_relay_that_greets_but_refuses_every_message_costs_one_note_a_ch
 
 
 @pytest.fixture
-def hung_relay() -> Iterator[tuple[str, int]]:
-    """A socket that accepts connections (the kernel's backlog) and never says a word."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        yield "127.0.0.1", int(listener.getsockname()[1])
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = FakeSlack()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
     s = SqlStore(f"sqlite:///{tmp_path}/outbox.db", create=True)
     s.start()
@@ -208,9 +172,9 @@ def outbox_rows(store: SqlStore) -> dict[str, list[tuple[int, str, str | None]]]
 
 
 async def test_a_hung_relay_holds_up_neither_slack_nor_the_email_it_never_tried(
-    store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
+    store: SqlStore, silent_listener: tuple[str, int], fake: FakeSlack
 ) -> None:
-    host, port = hung_relay
+    host, port = silent_listener
     email_sender = SmtpRelaySender(host=host, port=port, timeout=3.0, local_hostname="intake.test")
     chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
     dispatcher = Dispatcher(
@@ -248,9 +212,9 @@ async def hung_relay_outage(dispatcher: Dispatcher, store: SqlStore, fake: FakeS
 
 
 async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
-    store: SqlStore, hung_relay: tuple[str, int], fake: FakeSlack
+    store: SqlStore, silent_listener: tuple[str, int], fake: FakeSlack
 ) -> None:
-    host, port = hung_relay
+    host, port = silent_listener
     email_sender = SmtpRelaySender(host=host, port=port, timeout=5.0, local_hostname="intake.test")
     chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
     dispatcher = Dispatcher(
@@ -260,7 +224,7 @@ async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
     await enqueue(store, *(email(n) for n in range(3)))
     runner = asyncio.create_task(dispatcher.run())
     try:
-        await until(lambda: emails_claimed(store), timeout=2.0)
+        await wait_until(lambda: emails_claimed(store), timeout=2.0)
         # The email batch waits for the relay's 5 s timeout; an IRT alert for Slack comes now.
         await enqueue(store, OutgoingChat(channel="U0IRTLEAD", text="Severity 1: data breach"))
         dispatcher.wake()
@@ -318,9 +282,9 @@ async def test_slack_failing_is_held_checked_with_auth_test_and_delivered_when_b
 
 
 async def test_stopping_while_a_check_waits_on_a_hung_relay_returns_at_once(
-    store: SqlStore, hung_relay: tuple[str, int]
+    store: SqlStore, silent_listener: tuple[str, int]
 ) -> None:
-    host, port = hung_relay
+    host, port = silent_listener
     email_sender = SmtpRelaySender(host=host, port=port, timeout=0.3, local_hostname="intake.test")
     dispatcher = Dispatcher(
         store=store, email=email_sender, clock=SystemClock(), owner="t", idle_poll=0.05,
@@ -328,7 +292,7 @@ async def test_stopping_while_a_check_waits_on_a_hung_relay_returns_at_once(
     )  # fmt: skip
     await enqueue(store, email(0))
     runner = asyncio.create_task(dispatcher.run())
-    await until(lambda: "email" in dispatcher.unavailable(), timeout=3.0)
+    await wait_until(lambda: "email" in dispatcher.unavailable(), timeout=3.0)
     email_sender.timeout = 30.0  # the checks from now on hang for as long as the relay lets them
     await asyncio.sleep(0.3)  # a check is under way
     started = time.monotonic()

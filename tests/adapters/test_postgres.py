@@ -37,23 +37,14 @@ from sqlalchemy import select
 from intake.errors import StorageUnavailableError
 from intake.model import OutgoingEmail
 from intake.ports import OutboxEntry
-from intake.reference import References
 from storage.store import SqlStore
 from storage.tables import outbox
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.fake_slack import BOT_TOKEN, SIGNING_SECRET, FakeSlack, message_event, signed_post
-from tests.adapters.harness import Harness, mail, running_intake, settings_for
+from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for
 from tests.adapters.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
-
-REFS = References()
-
-
-def ref_of(reply_text: str) -> str:
-    found = [f.reference for f in REFS.find(reply_text) if f.reference]
-    assert found, reply_text
-    return found[0]
 
 
 def figure(name: str, value: Any) -> None:

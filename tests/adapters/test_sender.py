@@ -7,10 +7,9 @@ import contextlib
 import dataclasses
 import logging
 import re
-import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes
 from email import policy as email_policy
@@ -479,15 +478,6 @@ async def test_an_email_that_cannot_be_rendered_is_permanent_without_contacting_
     with pytest.raises(PermanentSendError, match="envelope_from"):
         await sender.send(outgoing(envelope_from="bounce@intake.example> NOTIFY=NEVER"))
     assert smtp_relay.transactions == 0
-
-
-@pytest.fixture
-def silent_listener() -> Iterator[tuple[str, int]]:
-    """A socket that accepts connections (kernel backlog) but never says a word."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        yield "127.0.0.1", int(listener.getsockname()[1])
 
 
 async def test_a_relay_that_never_answers_times_out_as_transient(silent_listener: tuple[str, int]) -> None:

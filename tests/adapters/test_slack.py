@@ -27,7 +27,6 @@ from adapters.slack.listener import Ignored, SlackListener, slack_to_text, split
 from adapters.slack.sender import SlackChatSender
 from intake.errors import PermanentSendError, TransientSendError
 from intake.model import Channel, InboundMessage, OutgoingChat
-from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.fake_slack import (
     APP_TOKEN,
@@ -43,17 +42,10 @@ from tests.adapters.fake_slack import (
     new_ts,
     signed_post,
 )
-from tests.adapters.harness import Harness, mail, running_intake, settings_for
+from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for, wait_until
 
-REFS = References()
 CHANNEL = "C0123ABCD"
 IRT_USER = "U0IRTLEAD"
-
-
-def ref_in(text: str) -> str:
-    found = [f.reference for f in REFS.find(text) if f.reference]
-    assert found, text
-    return found[0]
 
 
 def slack_toml(fake: FakeSlack, extra: str = "") -> str:
@@ -102,16 +94,6 @@ class Slack:
 
     async def settled(self) -> None:
         await self.h.outbox_settled()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = FakeSlack()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
@@ -217,7 +199,7 @@ async def test_reply_in_a_thread_that_is_no_ticket_yet_is_answered_at_its_root(s
 async def test_top_level_message_citing_the_reference_joins(slack: Slack) -> None:
     await slack.say("The export button does nothing")
     [ack] = await slack.fake.wait_posts(1)
-    ref = ref_in(ack.params["text"])
+    ref = ref_of(ack.params["text"])
     _, answer = await slack.say(f"Any news on {ref}? Still broken.", user="U0CAROL")
     assert answer.status == 200
     [t] = slack.h.tickets()
@@ -396,14 +378,6 @@ def socket_settings(fake: FakeSlack) -> SlackSettings:
         app_token=SecretStr(APP_TOKEN),
         channels={CHANNEL: "acme"},
     )
-
-
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_socket_mode_acks_only_what_is_stored(slack: Slack, tmp_path: Path) -> None:

@@ -24,9 +24,8 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from adapters.web import render_ticket, time_left
-from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import Harness, mail, running_intake, settings_for
+from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for
 
 TOKEN = "s3cret"
 USER, PASSWORD = "triage", "correct horse battery"
@@ -43,7 +42,6 @@ SECURITY_SUBJECT = "Possible data breach, unauthorized access to our account"
 INJECTION = "<script>alert(1)</script> & <b>bold</b>"
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = Path("/tmp/intake-triage.png")
-REFS = References()
 
 
 class ShiftedClock:
@@ -85,12 +83,6 @@ async def web(tmp_path: Path, smtp_relay: RelayStandIn) -> AsyncIterator[Web]:
     clock = ShiftedClock()
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=WEB), clock=clock) as h:
         yield Web(h, clock)
-
-
-def ref_of(text: str) -> str:
-    found = [f.reference for f in REFS.find(text) if f.reference]
-    assert found, text
-    return found[0]
 
 
 async def seed(w: Web) -> dict[str, str]:
