@@ -28,7 +28,6 @@ reaches an error anyway).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
@@ -63,6 +62,10 @@ TRANSIENT_ERRORS = frozenset(
         "ekm_access_denied",
     }
 )
+
+
+# Slack not reached: network errors and timeouts (asyncio.TimeoutError is TimeoutError on 3.11+).
+_UNREACHABLE = (TimeoutError, aiohttp.ClientError, OSError, SlackClientError)
 
 
 class SlackChatSender:
@@ -106,7 +109,7 @@ class SlackChatSender:
             )
         except SlackApiError as exc:
             raise classify_api_error(exc, "chat.postMessage", token=self._token) from None
-        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, OSError, SlackClientError) as exc:  # noqa: UP041 - aiohttp raises either
+        except _UNREACHABLE as exc:
             raise self._unreachable("chat.postMessage", exc) from None
 
     async def check(self) -> None:
@@ -117,11 +120,11 @@ class SlackChatSender:
         except SlackApiError as exc:
             error = classify_api_error(exc, "auth.test", token=self._token)
             raise ChannelUnavailableError(str(error), retry_after=error.retry_after) from None
-        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, OSError, SlackClientError) as exc:  # noqa: UP041 - aiohttp raises either
+        except _UNREACHABLE as exc:
             raise self._unreachable("auth.test", exc) from None
 
     def _unreachable(self, method: str, exc: BaseException) -> ChannelUnavailableError:
-        if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError on 3.11+
+        if isinstance(exc, TimeoutError):
             return ChannelUnavailableError(f"{method}: timed out after {self.timeout:g}s")
         text = _scrub(str(exc), self._token)
         return ChannelUnavailableError(f"{method}: {type(exc).__name__}: {text}"[:300])
