@@ -14,6 +14,10 @@ accepted recipient), the service stores them, and the receipts become reply code
 552 5.3.4                   message bigger than ``max_message_bytes`` (at SIZE= or after DATA)
 ==========================  ===============================================================
 
+Every refusal (a 4xx or 5xx reply, ours or aiosmtpd's) is logged at INFO with the client's
+address and the reply as sent; a message's own outcome (250, or 451) has its "message received"
+line instead.
+
 aiosmtpd answers an exception in a hook with a permanent ``500`` that carries the exception
 text; we never let one escape (the sender would give up and our internals would leak).
 LMTP owes one reply per recipient after DATA, which aiosmtpd does not do for you: the handler
@@ -83,6 +87,7 @@ REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, please try again l
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_UNKNOWN_RECIPIENT = "550 5.1.1 <{address}>: not a support address here"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+_REFUSALS = ("4", "5")  # the first digit of a reply that refuses (RFC 5321 4.2.1)
 REPLY_TOO_BIG = "552 5.3.4 Message too big: this server accepts at most {limit} bytes"
 REPLY_IDLE_TIMEOUT = "421 4.4.2 Timeout: nothing received for {seconds:g} s, closing connection"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timeout: the message took longer than {seconds:g} s to send, closing connection"
@@ -432,6 +437,10 @@ class _Limited:
             if self._continued:
                 status = "\r\n".join([*self._continued, status])
                 self._continued.clear()
+            if status[:1] in _REFUSALS and status != REPLY_TRY_AGAIN:  # (the message's log line says 451)
+                # Every refusal gets a log line: ours (550 unknown recipient, 452, 501, 552) and
+                # aiosmtpd's own (500 line too long, 502, 503, 553...), as an MTA logs its rejects.
+                log.info("refused %s: %s", getattr(self, "_client", "?"), _UNSTORABLE.sub("?", status))
         await super().push(status)  # type: ignore[misc]
 
     async def close_for_shutdown(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import re
 import time
 import types
@@ -176,7 +177,15 @@ def stored_count(h: Harness) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_message_size_is_refused_at_mail_from_and_after_data(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The listener's log lines for refused commands and messages, in order."""
+    return [r.getMessage() for r in caplog.records if r.name == "intake.smtp" and r.getMessage().startswith("refused")]
+
+
+async def test_message_size_is_refused_at_mail_from_and_after_data(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.smtp")
     async with intake_with(tmp_path, smtp_relay, "max_message_bytes = 2048\n") as h:
         client, _ = await RawClient.open(h.port)
         ehlo = await client.cmd("EHLO client.test")
@@ -197,6 +206,9 @@ async def test_message_size_is_refused_at_mail_from_and_after_data(tmp_path: Pat
         assert (await h.send(big)).code == 552
         assert stored_count(h) == 1
         await still_serving(h)
+    # Each refusal has its log line, with the client and the reply as sent (issue 2, item 9).
+    too_big = "refused 127.0.0.1: 552 5.3.4 Message too big: this server accepts at most 2048 bytes"
+    assert refusals(caplog) == [too_big] * 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +217,9 @@ async def test_message_size_is_refused_at_mail_from_and_after_data(tmp_path: Pat
 
 
 async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
-    tmp_path: Path, smtp_relay: RelayStandIn
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="intake.smtp")
     email = 'max_recipients = 2\nextra_addresses = ["billing@example.com", "sales@example.com"]\n'
     async with intake_with(tmp_path, smtp_relay, email) as h:
         client, _ = await RawClient.open(h.port)
@@ -225,6 +238,10 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
         recipients = h.read(lambda uow: sorted(uow.conn.execute(select(message_table.c.recipient)).scalars()))
         assert recipients == ["billing@example.com", SUPPORT]
         await still_serving(h)
+    assert refusals(caplog) == [
+        "refused 127.0.0.1: 452 4.5.3 Too many recipients",
+        "refused 127.0.0.1: 550 5.1.1 <nobody@example.com>: not a support address here",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +249,10 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_overlong_command_lines_get_500_and_the_session_goes_on(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+async def test_overlong_command_lines_get_500_and_the_session_goes_on(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.smtp")
     async with intake_with(tmp_path, smtp_relay) as h:
         client, _ = await RawClient.open(h.port)
         await client.cmd("HELO client.test")
@@ -248,6 +268,8 @@ async def test_overlong_command_lines_get_500_and_the_session_goes_on(tmp_path: 
         assert r is not None and r.code == 250
         await client.close()
         await still_serving(h)
+    # aiosmtpd's own refusals are logged as ours are.
+    assert refusals(caplog) == ["refused 127.0.0.1: 500 5.5.2 Command line too long"] * 3
 
 
 async def test_the_mail_line_limit_is_the_same_in_every_session(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
