@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from adapters.settings import Settings, load_settings
-from intake.dispatch import WAITING
+from intake.dispatch import WAITING, acknowledgement_state
 from intake.errors import ConfigError, IntakeError
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -174,7 +174,7 @@ def _ticket_json(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row.get("updated_at")),
         "response_due": _iso(row["response_due"]),
-        "acknowledgement": row.get("ack_status"),
+        "acknowledgement": acknowledgement_state(row.get("ack_status"), row.get("ack_delivery")),
         "plan": row.get("plan"),
         "language": row.get("language"),
     }

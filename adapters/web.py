@@ -49,6 +49,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from adapters.httpsite import start_site
+from intake.dispatch import acknowledgement_state
 from intake.errors import StorageUnavailableError
 from intake.ports import Histogram
 from intake.reference import References
@@ -213,17 +214,13 @@ def customer_of(row: Mapping[str, Any]) -> str:
 
 
 def ack_state(row: Mapping[str, Any]) -> tuple[str, str]:
-    """(css state, text) of the acknowledgement: queued / sent / waiting / failed / suppressed."""
-    status = str(row.get("ack_status") or "")
-    if status.startswith("suppressed"):
-        reason = status.partition(":")[2].strip()
+    """(css state, text) of the acknowledgement: queued / sent / failed / undeliverable / suppressed."""
+    # ack_delivery: the acknowledgement's outbox status, when the read side gives it.
+    state = acknowledgement_state(row.get("ack_status"), row.get("ack_delivery"))
+    if state.startswith("suppressed"):
+        reason = state.partition(":")[2].strip()
         return "suppressed", f"not sent: {reason}" if reason else "not sent"
-    delivery = row.get("ack_delivery")  # the acknowledgement's outbox status, when the read side gives it
-    if delivery == "pending":
-        return "queued", "queued"
-    if delivery:
-        return str(delivery), str(delivery)
-    return "queued", status or "queued"
+    return state, state
 
 
 def outbox_state(entry: Mapping[str, Any]) -> tuple[str, str]:

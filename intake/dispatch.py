@@ -41,6 +41,23 @@ log = logging.getLogger("intake.dispatch")
 WAITING = "waiting: "
 
 
+def acknowledgement_state(ack_status: str | None, delivery: str | None) -> str:
+    """What became of a ticket's acknowledgement, for people reading the ticket.
+
+    ``ack_status`` is the ticket's, set at intake: ``"queued"``, or ``"suppressed: <why>"``
+    when none was sent (an auto-reply, a list, the flood limit...). ``delivery`` is the
+    status of its latest acknowledgement in the outbox (``pending``, ``sent``, ``failed``,
+    ``undeliverable``), None when there is none. Returns ``"suppressed: <why>"``, ``"queued"``
+    (not sent yet), or the outbox's final status.
+    """
+    status = ack_status or "queued"
+    if status.startswith("suppressed"):
+        return status
+    if delivery in (None, "", "pending"):
+        return "queued"
+    return delivery
+
+
 def backoff(attempts: int, *, base: float, cap: float) -> float:
     """Exponential back-off with jitter: base, 2 base, 4 base, ... up to cap seconds."""
     delay: float = min(cap, base * 2.0 ** max(0, attempts - 1))

@@ -684,6 +684,9 @@ class SqlUnitOfWork:
             {**{k: v for k, v in dict(n).items() if k != "payload"}, "subject": n["payload"].get("subject", "")}
             for n in notes
         ]
+        # As list_tickets gives it: the status of the latest acknowledgement in the outbox.
+        acks = [n["status"] for n in detail["outbox"] if n["kind"] == "acknowledgement"]
+        detail["ack_delivery"] = acks[-1] if acks else None
         return detail
 
     def raw_message(self, message_row_id: int) -> bytes | None:

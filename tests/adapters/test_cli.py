@@ -39,14 +39,17 @@ async def test_tickets_list_and_show_json(tmp_path: Path, smtp_relay: RelayStand
             assert key in t, key
         assert t["reference"] == ref and t["severity"] == 1 and t["security"] is True and t["message_count"] == 2
         assert t["response_due"].endswith("+00:00")
+        assert t["acknowledgement"] == "sent"  # the outbox's word, not "queued" as at intake
         code, out = cli("--config", str(cfg), "tickets", "show", ref.lower(), "--json")
         assert code == 0, out
         detail = json.loads(out)
         assert [m["route"] for m in detail["messages"]] == ["new", "reference"]
         assert detail["evidence"] and detail["evidence"][0]["rule"]
         assert {o["kind"] for o in detail["outbox"]} == {"acknowledgement", "irt-alert"}
+        assert detail["acknowledgement"] == "sent"
         code, out = cli("--config", str(cfg), "tickets", "show", ref)
         assert code == 0 and "SECURITY INCIDENT" in out and "route: reference" in out
+        assert "Acknowledgement: sent" in out
         code, out = cli("--config", str(cfg), "tickets", "list")
         assert code == 0 and ref in out
         # A mistyped reference is recognised as such.
