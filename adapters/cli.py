@@ -299,10 +299,15 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
     if out["outbox"]:
         click.echo("")
         click.echo("Outgoing:")
-        for n in out["outbox"]:
+        now = datetime.now(UTC)
+        for n, row in zip(out["outbox"], detail["outbox"], strict=True):
             extra = ""
             if n["status"] == "pending" and (n["last_error"] or "").startswith(WAITING):
                 extra = f" - {n['last_error']}"  # held with its channel: why, and since when
+            elif n["status"] == "pending" and row["next_attempt_at"] <= now:
+                extra = f" - due since {n['next_attempt_at']}, waiting for the outbox to send it"
+                if n["last_error"]:
+                    extra += f", last error: {n['last_error']}"
             elif n["status"] == "pending":
                 extra = f" - waiting, next attempt {n['next_attempt_at']}"
                 if n["last_error"]:

@@ -32,13 +32,9 @@ from datetime import datetime, timedelta
 
 from intake.errors import ChannelUnavailableError, PermanentSendError, StorageUnavailableError, TransientSendError
 from intake.model import OutgoingChat, OutgoingEmail
-from intake.ports import CHANNELS, ChatSender, Clock, EmailSender, OutboxItem, Recorder, SendResult, Store
+from intake.ports import CHANNELS, WAITING, ChatSender, Clock, EmailSender, OutboxItem, Recorder, SendResult, Store
 
 log = logging.getLogger("intake.dispatch")
-
-# How the reason a note waits for its channel starts (``last_error``): `tickets show` prints it
-# as the note's state rather than as an error of its own.
-WAITING = "waiting: "
 
 
 def acknowledgement_state(ack_status: str | None, delivery: str | None) -> str:

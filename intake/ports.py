@@ -126,6 +126,10 @@ class NewMessage:
 # own while it is unavailable.
 CHANNELS: tuple[str, ...] = ("email", "slack")
 
+# How the reason a note waits for its unavailable channel starts (its ``last_error``): `tickets
+# show` prints it as the note's state rather than as an error of its own.
+WAITING = "waiting: "
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxEntry:
@@ -217,9 +221,11 @@ class UnitOfWork(Protocol):
 
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
     def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None, now: datetime) -> int:
-        """Record ``why`` on the channel's pending entries that have no error yet and no lease
-        running at ``now`` (due at or after ``due_since`` when given: the ones that came since
-        the last call). Returns how many."""
+        """Record ``why`` (it starts with :data:`WAITING`) on the channel's pending entries that
+        have no lease running at ``now`` and either no error yet or, due by ``now``, the error of
+        their own last attempt (a note in flight when the channel went down); when ``due_since``
+        is given, only those due at or after it (the ones that came since the last call).
+        Returns how many."""
         ...
 
 

@@ -22,7 +22,21 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import BigInteger, Insert, Integer, bindparam, column, func, insert, or_, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Insert,
+    Integer,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -30,6 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from intake.model import Channel, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
     CHANNELS,
+    WAITING,
     Duplicate,
     KnownId,
     NewMessage,
@@ -593,7 +608,12 @@ class SqlUnitOfWork:
         where = [
             outbox.c.status == "pending",
             outbox.c.channel == channel,
-            outbox.c.last_error.is_(None),
+            or_(
+                outbox.c.last_error.is_(None),
+                # Tried when the channel went down, due again since: it waits for the channel
+                # too ("next attempt" would be a time past).
+                and_(outbox.c.next_attempt_at <= now, not_(outbox.c.last_error.startswith(WAITING, autoescape=True))),
+            ),
             or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now),
         ]
         if due_since is not None:

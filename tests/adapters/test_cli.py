@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from adapters.cli import main
+from intake.model import Channel, OutgoingEmail, Severity
+from intake.ports import NewTicket, OutboxEntry, SendResult
 from intake.reference import References
+from storage.store import SqlStore
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, running_intake, settings_for
 
@@ -118,3 +122,51 @@ def test_read_commands_do_not_load_the_listener_or_the_migrations(tmp_path: Path
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert run.stdout.splitlines()[-1] == "loaded: ", (command, run.stdout)
+
+
+async def test_tickets_show_says_what_each_outgoing_note_waits_for(tmp_path: Path) -> None:
+    """A note due by now is not shown with its "next attempt" (a time past), and one held with
+    its channel shows why."""
+    url = f"sqlite:///{tmp_path / 'intake.db'}"
+    now = datetime.now(UTC)
+    store = SqlStore(url, create=True)
+    try:
+        ticket = NewTicket(
+            reference=REFS.new(), subject="printer", channel=Channel.EMAIL, requester="alice@acme.com",
+            requester_name="Alice", organisation=None, severity=Severity.S3, security=False, created_at=now,
+            response_due=now + timedelta(hours=8),
+        )  # fmt: skip
+        tid = await store.transact(lambda uow: uow.create_ticket(ticket).id)
+        for n, to in enumerate(("due@acme.com", "later@acme.com")):
+            note = OutgoingEmail(to=(to,), subject="s", body="b", message_id=f"m{n}@intake", from_address="s@x.org")
+            await store.transact(
+                lambda uow, note=note: uow.enqueue(
+                    OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=note, created_at=now)
+                )
+            )
+        claimed = await store.transact(
+            lambda uow: uow.claim_outbox(
+                now=now, owner="t", lease_until=now + timedelta(minutes=1), limit=2, channels=["email"]
+            )
+        )
+        retries = [now - timedelta(seconds=40), now + timedelta(hours=1)]  # one due since, one ahead
+        results = [
+            SendResult(id=item.id, ok=False, error="relay unreachable", retry_at=at)
+            for item, at in zip(claimed, retries, strict=True)
+        ]
+        await store.transact(lambda uow: uow.finish_outbox(results, now=now))
+    finally:
+        await store.close()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "{url}"\n')
+    code, out = cli("--config", str(cfg), "tickets", "show", ticket.reference)
+    assert code == 0, out
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("acknowledgement to")]
+    due = (now - timedelta(seconds=40)).isoformat(timespec="seconds")
+    ahead = (now + timedelta(hours=1)).isoformat(timespec="seconds")
+    assert lines == [
+        f"acknowledgement to due@acme.com: pending after 1 attempt(s) - due since {due}, waiting for the outbox "
+        "to send it, last error: relay unreachable",
+        f"acknowledgement to later@acme.com: pending after 1 attempt(s) - waiting, next attempt {ahead}, "
+        "last error: relay unreachable",
+    ]

@@ -57,6 +57,10 @@ async def test_a_relay_found_down_holds_the_email_and_sends_it_all_once_it_is_ba
         # all, and none of them grew a back-off of its own.
         assert ack_of(h, first)["attempts"] == 1
         assert ack_of(h, first)["status"] == "pending" and "unreachable" in ack_of(h, first)["last_error"]
+        # The note in flight when the relay went down is due again, and waits with the others:
+        # its own attempt's error gave way to why it waits (tickets show said "next attempt" and
+        # a time past).
+        assert ack_of(h, first)["last_error"].startswith("waiting: email unavailable since")
         for ref in later:
             note = ack_of(h, ref)
             assert note["attempts"] == 0 and note["status"] == "pending"

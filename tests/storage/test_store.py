@@ -123,6 +123,35 @@ async def test_explain_waiting_tells_the_held_channel_s_new_notes_only(store: Sq
     assert errors == ["waiting: B", "waiting: A", None, None]
 
 
+async def test_explain_waiting_takes_a_tried_note_once_it_is_due_again(store: SqlStore) -> None:
+    """A note tried as its channel went down keeps its own error until it is due again; then
+    it waits for the channel like the rest, and says so."""
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    await store.transact(
+        lambda uow: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=email(0), created_at=NOW))
+    )
+    [item] = await store.transact(
+        lambda uow: uow.claim_outbox(
+            now=NOW, owner="a", lease_until=NOW + timedelta(minutes=1), limit=1, channels=["email"]
+        )
+    )
+    retry_at = NOW + timedelta(seconds=5)
+    failed = SendResult(id=item.id, ok=False, permanent=False, error="relay unreachable", retry_at=retry_at)
+    await store.transact(lambda uow: uow.finish_outbox([failed], now=NOW))
+
+    def explain(now: datetime) -> Any:
+        return lambda uow: uow.explain_waiting(
+            channel="email", why="waiting: email unavailable", due_since=None, now=now
+        )
+
+    query = select(outbox.c.last_error)
+    assert await store.transact(explain(NOW + timedelta(seconds=1))) == 0  # its own retry is still ahead
+    assert store.run_sync(lambda uow: uow.conn.execute(query).scalar_one()) == "relay unreachable"
+    assert await store.transact(explain(retry_at)) == 1
+    assert store.run_sync(lambda uow: uow.conn.execute(query).scalar_one()) == "waiting: email unavailable"
+    assert await store.transact(explain(retry_at + timedelta(seconds=1))) == 0  # said once
+
+
 async def test_concurrent_units_commit_in_groups(store: SqlStore) -> None:
     ids = await asyncio.gather(*(store.transact(lambda uow, i=i: store_message(uow, f"m{i}@x")) for i in range(200)))
     assert len(set(ids)) == 200
