@@ -47,6 +47,7 @@ class Found:
 
     text: str
     reference: str | None
+    loose: bool = False  # written without a separator after the prefix: maybe a word, not a citation
 
 
 class References:
@@ -58,7 +59,8 @@ class References:
         self.prefix = prefix.upper()
         # Fixed pattern (not user input): bounded repetitions only, so it cannot backtrack badly.
         self._pattern = re.compile(
-            rf"(?<![A-Za-z0-9]){re.escape(self.prefix)}[ #:-]([0-9A-Za-z]{{4}})[ -]?([0-9A-Za-z]{{4}})(?![A-Za-z0-9])",
+            rf"(?<![A-Za-z0-9]){re.escape(self.prefix)}([ #:-]?)"
+            r"([0-9A-Za-z]{4})([ -]?)([0-9A-Za-z]{4})(?![A-Za-z0-9])",
             re.IGNORECASE,
         )
 
@@ -83,12 +85,20 @@ class References:
         return self._format(t) if _is_valid(t) else None
 
     def find(self, text: str) -> list[Found]:
-        """Every reference-shaped token in ``text``, in order, valid or not."""
+        """Every reference-shaped token in ``text``, in order, valid or not.
+
+        A reference written with no separator at all ("SUPFKABFWKF", as a customer may retype it)
+        is found only when its check passes, and marked ``loose``: words such as "SUPERFICIAL"
+        have that shape, and are not references mistyped.
+        """
         found: list[Found] = []
         for m in self._pattern.finditer(text):
-            code = (m.group(1) + m.group(2)).upper().translate(_ALIASES)
+            code = (m.group(2) + m.group(4)).upper().translate(_ALIASES)
             ok = all(ch in _INDEX for ch in code) and _is_valid(code)
-            found.append(Found(text=m.group(0), reference=self._format(code) if ok else None))
+            loose = not m.group(1)
+            if loose and (m.group(3) or not ok):  # "SUPPORT-ABCD" is no reference
+                continue
+            found.append(Found(text=m.group(0), reference=self._format(code) if ok else None, loose=loose))
         return found
 
     def tag(self, reference: str, tag_format: str = "[{reference}]") -> str:

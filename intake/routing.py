@@ -85,7 +85,8 @@ def place(
             continue
         ticket = by_reference.get(found.reference)
         if ticket is None:
-            remarks.append(f"cites {found.reference}, which is not a known ticket")
+            if not found.loose:  # a loose one is as likely a word that passed the check
+                remarks.append(f"cites {found.reference}, which is not a known ticket")
             continue
         why = entitlement(message, ticket, policy)
         if why:

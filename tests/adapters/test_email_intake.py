@@ -77,12 +77,19 @@ async def test_missing_details_and_cc_note(intake, smtp_relay: RelayStandIn) -> 
 
 @pytest.mark.parametrize(
     "subject_form",
-    ["Re: Printer on fire [{ref}]", "RE: AW: printer [{lower}]", "SV: [{ref}] still burning", "Fwd: {ref} update"],
+    [
+        "Re: Printer on fire [{ref}]",
+        "RE: AW: printer [{lower}]",
+        "SV: [{ref}] still burning",
+        "Fwd: {ref} update",
+        "Re: Printer on fire [{compact}]",  # retyped without the dashes
+    ],
 )
 async def test_follow_up_by_reference(intake, smtp_relay: RelayStandIn, subject_form: str) -> None:  # type: ignore[no-untyped-def]
     ref = ref_of((await intake.send(mail())).text)
     await smtp_relay.wait_for(1)
-    reply = await intake.send(mail(subject=subject_form.format(ref=ref, lower=ref.lower()), body="Any news?\n"))
+    subject = subject_form.format(ref=ref, lower=ref.lower(), compact=ref.replace("-", ""))
+    reply = await intake.send(mail(subject=subject, body="Any news?\n"))
     assert reply.code == 250 and ref in reply.text
     [t] = intake.tickets()
     assert t["message_count"] == 2

@@ -107,6 +107,13 @@ def test_mistyped_and_unknown_references_are_remarked() -> None:
     m2 = msg("alice@acme.com", f"Re: [{unknown}]")
     p2 = place(m2, policy=POLICY, cited=REFS.find(m2.subject), by_reference={})
     assert any("not a known ticket" in x for x in p2.remarks)
+    # Without its dashes a reference may also be a word that passed the check by chance: when
+    # no ticket has it, nothing is said; when one does, it joins as the dashed form would.
+    m3 = msg("alice@acme.com", f"Re: printer {unknown.replace('-', '')}")
+    p3 = place(m3, policy=POLICY, cited=REFS.find(m3.subject), by_reference={})
+    assert p3.route is Route.NEW and p3.remarks == ()
+    p4 = place(m3, policy=POLICY, cited=REFS.find(m3.subject), by_reference={unknown: ticket(unknown)})
+    assert p4.route is Route.REFERENCE and p4.ticket is not None and p4.ticket.reference == unknown
 
 
 def test_reference_wins_over_headers() -> None:
