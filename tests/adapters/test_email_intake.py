@@ -15,6 +15,7 @@ import pytest
 from intake.model import Verdict
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, ref_of, running_intake, settings_for
+from tests.corpus import CORPUS, corpus_files, needs_corpus
 
 
 @pytest.fixture
@@ -264,12 +265,9 @@ async def test_malformed_input_gets_an_answer(intake, smtp_relay: RelayStandIn) 
     assert intake.stats()["messages"] == len(cases)
 
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-
-
-@pytest.mark.skipif(not CORPUS.exists(), reason="shared/corpus is not beside the checkout")
+@needs_corpus
 async def test_every_corpus_file_is_taken_in_or_refused_clearly(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
-    files = sorted(CORPUS.rglob("*.eml"))
+    files = corpus_files()
     assert len(files) > 100
     outcomes: dict[int, list[str]] = {}
     replies: dict[str, str] = {}

@@ -55,15 +55,15 @@ from storage.tables import message as message_table
 from storage.tables import ticket as ticket_table
 from tests.adapters.conftest import RelayStandIn, _free_port
 from tests.adapters.harness import Harness, running_intake, settings_for
+from tests.corpus import CORPUS, FOUND
 
-CORPUS = Path(os.environ.get("INTAKE_CORPUS", "/work/shared/corpus"))
 DATA = Path(__file__).resolve().parent.parent / "data" / "email"
 SUPPORT = "support@example.com"
 LINE_LIMIT = 1001  # aiosmtpd: longest DATA line it takes, CRLF included
 
 
 def seed_files() -> list[Path]:
-    files = sorted(CORPUS.rglob("*.eml")) if CORPUS.is_dir() else []
+    files = sorted(CORPUS.rglob("*.eml")) if FOUND else []  # the fuzzer has seeds of its own too
     return files + sorted(DATA.glob("*.eml"))
 
 

@@ -19,9 +19,9 @@ import pytest
 from adapters.email.parsing import parse_email
 from adapters.language import LinguaDetector, _surely_english
 from intake.service import language_sample
+from tests.corpus import corpus_files
 
 ROOT = Path(__file__).resolve().parents[2]
-CORPUS = Path("/work/shared/corpus")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def detector() -> LinguaDetector:
 
 
 def _texts() -> Iterator[str]:
-    mails = [*sorted(CORPUS.rglob("*.eml")), *sorted((ROOT / "tests" / "data" / "email").glob("*.eml"))]
+    mails = [*corpus_files(), *sorted((ROOT / "tests" / "data" / "email").glob("*.eml"))]
     for path in mails:
         m = parse_email(path.read_bytes(), recipient="support@example.com")
         yield language_sample(m)

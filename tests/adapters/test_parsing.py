@@ -1,6 +1,6 @@
 """Tests of adapters.email.parsing: raw bytes to InboundMessage, never raising.
 
-Three sources of messages: every file of the real-world corpus (``/work/shared/corpus``, mail
+Three sources of messages: every file of the real-world corpus (``../shared/corpus``, mail
 nobody here wrote), hand-written tricky messages in ``tests/data/email/``, and messages built
 here (deep nesting, garbage, size caps). Failures of mail-parser and of the stdlib are
 simulated with ``monkeypatch`` because no real input is known to break the stdlib's parser
@@ -25,10 +25,9 @@ from mailparser.exceptions import MailParserError
 from adapters.email import parsing
 from adapters.email.parsing import parse_email
 from intake.model import Attachment, Channel, InboundMessage
+from tests.corpus import CORPUS, corpus_files, needs_corpus
 
-CORPUS = Path("/work/shared/corpus")
-CORPUS_FILES = sorted(str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*.eml")) if CORPUS.is_dir() else []
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+CORPUS_FILES = [str(p.relative_to(CORPUS)) for p in corpus_files()]
 DATA = Path(__file__).resolve().parent.parent / "data" / "email"
 
 
