@@ -160,12 +160,18 @@ class Receipt:
     note: str  # why the message went where it went
     ticket_id: int = 0  # 0 and "": the message is on no ticket
     reference: str = ""
-    severity: Severity = Severity.S4  # the ticket's, after this message
+    severity: Severity = Severity.S4  # the ticket's, after this message (a duplicate does not read it)
     security: bool = False
     created: bool = False  # this message opened the ticket
     acknowledged: bool = False
     alerted: bool = False  # this message queued the IRT alert
     escalated_to: str | None = None
+
+    @property
+    def known_severity(self) -> int | None:
+        """The ticket's severity as a number, for a log line; None for a duplicate delivery,
+        whose unit stops at the duplicate and never reads the ticket."""
+        return None if self.route is Route.DUPLICATE else int(self.severity)
 
 
 @dataclass(slots=True, kw_only=True)

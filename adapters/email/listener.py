@@ -275,7 +275,7 @@ class IntakeHandler:
                 "message_id": msg.message_id,
                 "outcome": receipt.route.value if receipt else "failed",
                 "acknowledgement": receipt.ack_note if receipt else None,
-                "severity": int(receipt.severity) if receipt else None,
+                "severity": receipt.known_severity if receipt else None,
                 "reply": reply,
                 "ms": round(elapsed * 1000, 1),
             },

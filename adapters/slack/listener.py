@@ -381,7 +381,7 @@ class SlackListener:
                 "outcome": receipt.route.value if receipt else "failed",
                 "duplicate": receipt.route is Route.DUPLICATE if receipt else None,
                 "acknowledgement": receipt.ack_note if receipt else None,
-                "severity": int(receipt.severity) if receipt else None,
+                "severity": receipt.known_severity if receipt else None,
                 "reply": answer,
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sqlite3
 from email import message_from_bytes
@@ -120,12 +121,18 @@ async def test_other_systems_tags_are_kept(intake, smtp_relay: RelayStandIn) -> 
     assert "[JIRA-123] [Ticket#2024010110000012] Sync fails" in ack.message["Subject"]
 
 
-async def test_redelivery_is_not_a_duplicate_but_another_address_is(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+async def test_redelivery_is_not_a_duplicate_but_another_address_is(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.smtp")
     m = mail(message_id="<again@acme.com>")
     first = await intake.send(m)
     second = await intake.send(m)
     assert first.code == second.code == 250
     assert "already stored" in second.text and ref_of(first.text) == ref_of(second.text)
+    # The log says what it knows: the duplicate's unit never read the ticket's severity.
+    logged = [(r.outcome, r.severity) for r in caplog.records if r.getMessage() == "message received"]  # type: ignore[attr-defined]
+    assert logged == [("new", 3), ("duplicate", None)]
     # No Message-ID: the same raw bytes are the same message.
     raw = b"From: dave@acme.com\r\nTo: support@example.com\r\nSubject: no id\r\n\r\nhello\r\n"
     a, b = await intake.send(raw), await intake.send(raw)
