@@ -14,7 +14,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -45,7 +45,7 @@ TEMPLATES: Mapping[str, Spec] = {
     ),
     "security-note": _spec("reference"),
     "cc-note": _spec("support_address"),
-    "limit-note": _spec(""),
+    "limit-note": _spec("period"),
     "attachments-note": _spec("files", "files"),
     "entitlement-note": _spec("plan channels channel"),
     "missing-details": _spec("items", "items"),
@@ -286,6 +286,7 @@ def render_acknowledgement(
     missing: Sequence[str],
     support_in_cc_only: bool,
     last_before_limit: bool = False,
+    limit_period: timedelta = timedelta(hours=1),
     plan: Plan | None = None,
 ) -> OutgoingEmail:
     name, definition = templates.level_text(policy, ticket.severity)
@@ -304,7 +305,11 @@ def render_acknowledgement(
         attachments_note=_attachments_text(templates, message),
         missing_details=_missing_text(templates, missing),
         support_address=support,
-        limit_note=templates.render("limit-note") if last_before_limit else "",
+        limit_note=(
+            templates.render("limit-note", period=describe_target(limit_period, templates.language))
+            if last_before_limit
+            else ""
+        ),
     )
     return outbound.reply(
         message=message, subject=reply_subject(message.subject, tag), body=body, reference=ticket.reference

@@ -14,13 +14,15 @@ BREACH = "We think there was a data breach: unauthorized access to our admin acc
 async def test_acknowledgements_per_sender_are_limited_with_one_last_notice(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
-    extra = "[limits]\nacks_per_sender = 3\ntickets_per_sender = 100\n"
+    extra = "[limits]\nacks_per_sender = 3\ntickets_per_sender = 100\nack_period_minutes = 90\n"
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
         for i in range(6):
             assert (await h.send(mail(subject=f"problem {i}"))).code == 250
         await h.outbox_settled()
         acks = await smtp_relay.wait_for(3)
         assert "last automatic reply" in acks[2].message.get_content()
+        # It says for how long, as configured (it said "today" of a 60-minute window).
+        assert "will follow for up to 90 minutes." in " ".join(acks[2].message.get_content().split())
         assert "last automatic reply" not in acks[0].message.get_content()
         tickets = h.tickets()
         assert len(tickets) == 6  # still stored, each its own ticket
