@@ -114,9 +114,17 @@ def serve(ctx: click.Context) -> None:
 
 
 def _store(settings: Settings) -> Any:
+    """The store for a command that reads (and `intake db` has made): never creates a database."""
+    from sqlalchemy.engine import make_url
+
     from storage import schema
     from storage.store import SqlStore
 
+    url = make_url(settings.storage.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and "uri" not in url.query:
+        path = Path(url.database)
+        if not path.exists():  # SQLite would create an empty file, in whatever directory this is
+            _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it (`intake serve` too)"))
     store = SqlStore(settings.storage.url, lock_timeout=settings.storage.lock_timeout)
     try:
         schema.check(store.engine)

@@ -170,3 +170,16 @@ async def test_tickets_show_says_what_each_outgoing_note_waits_for(tmp_path: Pat
         f"acknowledgement to later@acme.com: pending after 1 attempt(s) - waiting, next attempt {ahead}, "
         "last error: relay unreachable",
     ]
+
+
+def test_read_commands_never_create_a_database(tmp_path: Path) -> None:
+    """`tickets list` in the wrong directory (or with a mistyped path) said the schema was
+    missing, and left an empty database file behind."""
+    db = tmp_path / "intake.db"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{db}"\n')
+    for command in (["tickets", "list"], ["stats"], ["sla"], ["tickets", "show", REFS.new()]):
+        code, out = cli("--config", str(cfg), *command)
+        assert code == 2 and f"no database at {db}" in out, (command, out)
+        assert "intake db upgrade" in out
+    assert list(tmp_path.iterdir()) == [cfg]
