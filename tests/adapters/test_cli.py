@@ -11,6 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from adapters.cli import main
+from adapters.settings import load_settings
 from intake.model import Channel, OutgoingEmail, Severity
 from intake.ports import NewTicket, OutboxEntry, SendResult
 from intake.reference import References
@@ -97,6 +98,7 @@ def test_invalid_configuration_names_the_key(tmp_path: Path) -> None:
 _READ_COMMAND = """
 import sys
 from adapters.cli import main
+from adapters.settings import load_settings
 try:
     main(sys.argv[1:])
 except SystemExit as exc:
@@ -183,3 +185,14 @@ def test_read_commands_never_create_a_database(tmp_path: Path) -> None:
         assert code == 2 and f"no database at {db}" in out, (command, out)
         assert "intake db upgrade" in out
     assert list(tmp_path.iterdir()) == [cfg]
+
+
+def test_the_readme_s_configuration_loads_as_it_is(tmp_path: Path) -> None:
+    """A reader copies the README's block and edits it: it must load before any edit."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "intake.toml"
+    cfg.write_text(block)
+    settings = load_settings(cfg, environ={})
+    assert settings.email.max_message_bytes == 26214400 and settings.email.protocol == "smtp"
+    assert settings.outbound.relay_ca_file is None  # the example file is commented out
