@@ -283,7 +283,9 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
     sec = "  SECURITY INCIDENT" if out["security"] else ""
     click.echo(f"{out['reference']}  Severity {out['severity']}{sec}  [{out['status']}]  via {out['channel']}")
     click.echo(f"Subject:      {out['subject']}")
-    click.echo(f"Requester:    {detail['requester_name']} <{out['requester']}>  org: {out['organisation'] or '-'}")
+    name = detail["requester_name"]
+    requester = f"{name} <{out['requester']}>" if name else out["requester"]
+    click.echo(f"Requester:    {requester}  org: {out['organisation'] or '-'}")
     click.echo(f"Participants: {', '.join(out['participants'])}")
     click.echo(f"Created:      {out['created_at']}   response due: {out['response_due']}")
     click.echo(f"Acknowledgement: {out['acknowledgement']}")

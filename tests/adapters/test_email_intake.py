@@ -43,7 +43,8 @@ async def test_new_ticket_and_its_acknowledgement(intake, smtp_relay: RelayStand
     assert m["X-Intake-Loop"]
     assert "support@example.com" in m["From"]
     body = m.get_content()
-    assert ref in body and "Severity 3" in body and "8 hours" in body
+    assert ref in body and "8 hours" in body
+    assert "  Assessed as:      Severity 3 (" in body  # not "Severity: Severity 3"
     assert "keep " + ref + " in the subject" in body
     # The ack's own Message-ID is stored as ours, so replies to it thread.
     await intake.outbox_settled()
