@@ -1,6 +1,6 @@
 """Property-based fuzzing of the whole email path: SMTP in, parse, classify, store.
 
-Messages are real ones (``/work/shared/corpus`` and ``tests/data/email``) mutated the ways
+Messages are real ones (``../shared/corpus`` and ``tests/data/email``) mutated the ways
 mail breaks in the wild, or generated from scratch, and delivered over a real socket to one
 running intake (listener, store on SQLite, outbox dispatcher, relay stand-in) that lives on
 a loop in a thread of its own for the whole module (some 20-30 examples a second). One in

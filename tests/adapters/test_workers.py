@@ -25,10 +25,10 @@ from adapters.email.parsing import parse_email
 from adapters.settings import Settings
 from intake.model import InboundMessage
 from intake.service import Assessment, IntakeService
+from tests.corpus import corpus_files
 
-CORPUS = Path("/work/shared/corpus")
 DATA = Path(__file__).resolve().parent.parent / "data" / "email"
-FILES = [*sorted(CORPUS.rglob("*.eml")), *sorted(DATA.glob("*.eml"))]
+FILES = [*corpus_files(), *sorted(DATA.glob("*.eml"))]
 
 
 def settings(**email: Any) -> Settings:
