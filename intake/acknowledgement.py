@@ -31,18 +31,22 @@ class Spec:
     allowed: frozenset[str]
     required: frozenset[str] = frozenset()
     customer: bool = True  # needed in every language
+    # Added after template folders of one's own existed: a folder without it keeps loading, and
+    # the note is left out (an English note in a Spanish letter would be worse).
+    optional: bool = False
 
 
-def _spec(allowed: str, required: str = "", *, customer: bool = True) -> Spec:
-    return Spec(frozenset(allowed.split()), frozenset(required.split()), customer)
+def _spec(allowed: str, required: str = "", *, customer: bool = True, optional: bool = False) -> Spec:
+    return Spec(frozenset(allowed.split()), frozenset(required.split()), customer, optional)
 
 
 TEMPLATES: Mapping[str, Spec] = {
     "acknowledgement": _spec(
         "name reference severity severity_definition response_target security_note entitlement_note cc_note "
-        "attachments_note missing_details support_address limit_note",
+        "attachments_note missing_details support_address limit_note reference_note",
         "reference",
     ),
+    "reference-note": _spec("typed", optional=True),
     "security-note": _spec("reference"),
     "cc-note": _spec("support_address"),
     "limit-note": _spec("period"),
@@ -143,6 +147,9 @@ def _load_language(
         if not spec.customer and not staff:
             continue
         path = folder / f"{name}.txt"
+        if spec.optional and not path.exists():
+            texts[name] = Template("")
+            continue
         try:
             source = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -287,8 +294,11 @@ def render_acknowledgement(
     support_in_cc_only: bool,
     last_before_limit: bool = False,
     limit_period: timedelta = timedelta(hours=1),
+    mistyped: Sequence[str] = (),
     plan: Plan | None = None,
 ) -> OutgoingEmail:
+    """The acknowledgement of a new ticket. ``mistyped``: reference-shaped tokens of the
+    subject whose check failed (the message opened a ticket instead of joining one)."""
     name, definition = templates.level_text(policy, ticket.severity)
     tag = outbound.subject_tag.format(reference=ticket.reference)
     support = message.recipient or outbound.primary_address
@@ -305,6 +315,7 @@ def render_acknowledgement(
         attachments_note=_attachments_text(templates, message),
         missing_details=_missing_text(templates, missing),
         support_address=support,
+        reference_note=templates.render("reference-note", typed=", ".join(mistyped)) if mistyped else "",
         limit_note=(
             templates.render("limit-note", period=describe_target(limit_period, templates.language))
             if last_before_limit

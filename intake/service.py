@@ -516,6 +516,7 @@ class IntakeService:
             support_in_cc_only=message.recipient in message.cc and message.recipient not in message.to,
             last_before_limit=last_before_limit,
             limit_period=self.limits.ack_period,
+            mistyped=[found.text for found in a.cited if found.reference is None],
             plan=a.plan,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=a.received_at))

@@ -306,3 +306,41 @@ def test_start_up_names_the_bad_template_directory(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, relay_port=25, extra=f'[policy]\ntemplates = "{tmp_path}/nowhere"\n')
     with pytest.raises(ConfigError, match="nowhere"):
         build(settings)
+
+
+@pytest.mark.parametrize(
+    ("body", "note"),
+    [
+        ("Hello, the nightly export still fails. Can you look again?", "which is not one of our references"),
+        ("Hola, la exportación nocturna sigue fallando. ¿Pueden revisarlo?", "que no es una de nuestras referencias"),
+    ],
+)
+async def test_a_mistyped_reference_is_told_to_the_customer(
+    tmp_path: Path, smtp_relay: RelayStandIn, body: str, note: str
+) -> None:
+    """The check character catches a mistyped reference: the message opens a ticket of its own,
+    and its acknowledgement says why, in the customer's language (staff saw it, they did not)."""
+    code = REFS.new()[4:].replace("-", "")
+    typo = f"SUP-{code[:4]}-{code[4:7]}{'0' if code[7] != '0' else '1'}"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        await h.send(mail(subject=f"Re: export [{typo}]", body=body))
+        await h.send(mail(sender="bob@acme.com", subject="Re: export", body=body))
+        await h.outbox_settled()
+        acks = {a.rcpt_tos[0]: " ".join(a.message.get_content().split()) for a in await smtp_relay.wait_for(2)}
+        assert note in acks["alice@acme.com"] and typo in acks["alice@acme.com"]
+        assert note not in acks["bob@acme.com"]
+        [t] = [t for t in h.tickets() if t["requester"] == "alice@acme.com"]
+        assert any("fails its check" in n["text"] for n in h.detail(t["reference"])["notes"])
+
+
+def test_a_template_folder_of_one_s_own_without_the_newer_notes_still_loads(tmp_path: Path) -> None:
+    import shutil
+    from importlib import resources
+
+    src = Path(str(resources.files("intake").joinpath("data", "templates")))
+    dst = tmp_path / "templates"
+    shutil.copytree(src, dst)
+    for lang in ("en", "es"):
+        (dst / lang / "reference-note.txt").unlink()
+    book = TemplateBook.load(dst)
+    assert book.get("es").render("reference-note", typed="SUP-XXXX-XXXX") == ""
