@@ -536,12 +536,13 @@ class EmailListener:
         return [socket.socket(fileno=os.dup(s.fileno())) for server in self._servers for s in server.sockets]
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting; let messages in DATA finish (up to ``grace`` s); 421 to the rest."""
+        """Stop accepting; let messages in DATA finish (up to ``grace`` s): those being stored,
+        and those still arriving after the 354; 421 to the rest (a new MAIL meanwhile gets it too)."""
         self.tracker.closing = True
         for server in self._servers:
             server.close()
         deadline = time.monotonic() + grace
-        while self.tracker.busy and time.monotonic() < deadline:  # noqa: ASYNC110 - a set, not an event
+        while self._finishing() and time.monotonic() < deadline:  # noqa: ASYNC110 - polled state, not an event
             await asyncio.sleep(0.05)
         for proto in list(self.tracker.active):
             await proto.close_for_shutdown()
@@ -551,6 +552,12 @@ class EmailListener:
             except TimeoutError:
                 pass
         self._servers = []
+
+
+    def _finishing(self) -> bool:
+        """A message is being stored, or its bytes are still arriving after DATA."""
+        t = self.tracker
+        return bool(t.busy) or any(getattr(proto, "_in_data", False) for proto in t.active)
 
 
 def _copy_protocol(template: SMTP) -> SMTP:

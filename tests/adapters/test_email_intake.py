@@ -437,6 +437,35 @@ async def test_shutdown_mid_session_gets_421_and_loses_nothing(tmp_path: Path, s
         assert h.stats()["tickets"] == 1
 
 
+async def test_shutdown_lets_a_message_still_arriving_finish(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A message whose bytes are still arriving after the 354 when intake is told to stop is
+    waited for (up to the grace), stored and answered 250, rather than cut off with 421."""
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        await reader.readline()
+        writer.write(b"EHLO mta.test\r\nMAIL FROM:<alice@acme.com>\r\nRCPT TO:<support@example.com>\r\nDATA\r\n")
+        await writer.drain()
+        replies = b""
+        while b"354" not in replies:
+            replies += await asyncio.wait_for(reader.read(4096), 5)
+        raw = mail(subject="Sent slowly").as_bytes().replace(b"\n", b"\r\n")
+        writer.write(raw[:100])
+        await writer.drain()
+        stop = asyncio.create_task(h.app.email_listener.stop(grace=5.0))  # type: ignore[union-attr]
+        await asyncio.sleep(0.5)
+        assert not stop.done()  # waiting for the rest of the message
+        writer.write(raw[100:] + b"\r\n.\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readline(), 5)
+        assert answer.startswith(b"250 2.0.0") and b"stored as" in answer, answer
+        writer.write(b"MAIL FROM:<alice@acme.com>\r\n")  # and nothing more, now
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"421 4.3.2")
+        await asyncio.wait_for(stop, 5)
+        writer.close()
+        assert h.stats()["tickets"] == 1
+
+
 def test_acknowledgement_headers_parse_cleanly() -> None:
     from adapters.email.sender import build_message
     from intake.model import OutgoingEmail
