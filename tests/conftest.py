@@ -9,6 +9,7 @@ is set (CI sets it): then they fail, so a CI run can never pass with them skippe
 from __future__ import annotations
 
 import os
+import random
 import socket
 import uuid
 from collections.abc import Iterator
@@ -75,7 +76,36 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out on its own (to outgoing connections, to bind(0))."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_FLOOR = _ephemeral_floor()
+_ports = random.Random()
+
+
 def free_port() -> int:
+    """A loopback TCP port that is free now, for a server a test starts a little later.
+
+    Chosen below the kernel's ephemeral range where it can: a port from bind(0) is one the
+    kernel also gives to outgoing connections, so one of the test's own clients (the relay
+    sender, a load client) could take it before the server binds it, and the start failed
+    with EADDRINUSE (seen once in CI). Ports 15000 up to that range are not handed out so.
+    """
+    if _FLOOR > 16000:
+        for _ in range(200):
+            port = _ports.randrange(15000, _FLOOR)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -23,6 +23,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.adapters.fake_slack import FakeSlack
+from tests.conftest import free_port
 
 Stage = Literal["MAIL", "RCPT", "DATA"]
 
@@ -197,20 +198,14 @@ class _Handler:
         return "250 2.0.0 OK: queued"
 
 
-def _free_port() -> int:
-    # aiosmtpd's Controller cannot start on port 0 (NOTES.md): ask the OS for a free port first.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def smtp_relay_factory() -> Iterator[Callable[..., RelayStandIn]]:
     """Make running relay stand-ins on free loopback ports; all are stopped at teardown."""
     relays: list[RelayStandIn] = []
 
     def make(*, pipelining: bool = True, tls_context: ssl.SSLContext | None = None) -> RelayStandIn:
-        relay = RelayStandIn(_free_port(), pipelining=pipelining, tls_context=tls_context)
+        # aiosmtpd's Controller cannot start on port 0 (NOTES.md): a free port is asked for first.
+        relay = RelayStandIn(free_port(), pipelining=pipelining, tls_context=tls_context)
         relay.start()
         relays.append(relay)
         return relay

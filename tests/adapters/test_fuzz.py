@@ -53,8 +53,9 @@ from sqlalchemy import func, select
 
 from storage.tables import message as message_table
 from storage.tables import ticket as ticket_table
-from tests.adapters.conftest import RelayStandIn, _free_port
+from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import Harness, running_intake, settings_for
+from tests.conftest import free_port
 from tests.corpus import CORPUS, FOUND
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "email"
@@ -153,7 +154,7 @@ class LiveIntake:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.relay = RelayStandIn(_free_port())
+        self.relay = RelayStandIn(free_port())
         self.harness: Harness | None = None
         self.watch = LogWatch()
         self.tolerated: Counter[str] = Counter()  # mail-parser failures the fallback caught

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.adapters.conftest import RelayStandIn
+from tests.conftest import free_port
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -98,13 +98,7 @@ async def test_the_c_client_shares_the_load_between_servers(
 
 @needs_cc
 async def test_the_c_client_reports_a_server_that_is_not_there() -> None:
-    port = _free_port()
+    port = free_port()
     res = await smtp_load.run_load_c("127.0.0.1", port, messages=5, sessions=2)
     assert (res.sent, res.ok, res.codes) == (5, 0, {"error:ConnectionRefusedError": 5})
     assert res.p99 == 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
