@@ -15,8 +15,9 @@ from typing import Any
 import click
 
 from adapters.settings import Settings, load_settings
-from intake.dispatch import WAITING, acknowledgement_state
+from intake.dispatch import acknowledgement_state
 from intake.errors import ConfigError, IntakeError
+from intake.ports import WAITING
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -95,6 +96,7 @@ def serve(ctx: click.Context) -> None:
 
     settings = _settings(ctx)
     setup_logging(settings)
+    _require_database(settings)
     try:
         app = bootstrap.build(settings, create_tables=False)
     except IntakeError as exc:
@@ -113,18 +115,24 @@ def serve(ctx: click.Context) -> None:
     click.echo("intake stopped")
 
 
-def _store(settings: Settings) -> Any:
-    """The store for a command that reads (and `intake db` has made): never creates a database."""
+def _require_database(settings: Settings) -> None:
+    """Only `intake db upgrade` creates a database: opening a SQLite file that is not there
+    would leave an empty one behind, in whatever directory the command ran."""
     from sqlalchemy.engine import make_url
-
-    from storage import schema
-    from storage.store import SqlStore
 
     url = make_url(settings.storage.url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and "uri" not in url.query:
         path = Path(url.database)
-        if not path.exists():  # SQLite would create an empty file, in whatever directory this is
-            _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it (`intake serve` too)"))
+        if not path.exists():
+            _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it"))
+
+
+def _store(settings: Settings) -> Any:
+    """The store for a command that reads (and `intake db` has made)."""
+    from storage import schema
+    from storage.store import SqlStore
+
+    _require_database(settings)
     store = SqlStore(settings.storage.url, lock_timeout=settings.storage.lock_timeout)
     try:
         schema.check(store.engine)

@@ -297,8 +297,9 @@ def render_acknowledgement(
     mistyped: Sequence[str] = (),
     plan: Plan | None = None,
 ) -> OutgoingEmail:
-    """The acknowledgement of a new ticket. ``mistyped``: reference-shaped tokens of the
-    subject whose check failed (the message opened a ticket instead of joining one)."""
+    """The acknowledgement of a new ticket. ``mistyped``: tokens of the subject written as
+    references that are not valid ones (the message opened a ticket instead of joining one);
+    the note names the first."""
     name, definition = templates.level_text(policy, ticket.severity)
     tag = outbound.subject_tag.format(reference=ticket.reference)
     support = message.recipient or outbound.primary_address
@@ -315,7 +316,7 @@ def render_acknowledgement(
         attachments_note=_attachments_text(templates, message),
         missing_details=_missing_text(templates, missing),
         support_address=support,
-        reference_note=templates.render("reference-note", typed=", ".join(mistyped)) if mistyped else "",
+        reference_note=templates.render("reference-note", typed=mistyped[0]) if mistyped else "",
         limit_note=(
             templates.render("limit-note", period=describe_target(limit_period, templates.language))
             if last_before_limit

@@ -85,18 +85,25 @@ class References:
         return self._format(t) if _is_valid(t) else None
 
     def find(self, text: str) -> list[Found]:
-        """Every reference-shaped token in ``text``, in order, valid or not.
+        """Every reference in ``text``, in order, and every token written as one that fails.
 
-        A reference written with no separator at all ("SUPFKABFWKF", as a customer may retype it)
-        is found only when its check passes, and marked ``loose``: words such as "SUPERFICIAL"
-        have that shape, and are not references mistyped.
+        A valid reference is found in any case, with dashes, spaces, "#" or ":" after the prefix,
+        or with no separator at all ("SUPFKABFWKF", as a customer may retype it; marked
+        ``loose``). A token that fails (``reference`` None: a mistyped reference) is reported only
+        when it is written as references are, with both dashes ("SUP-FKAB-FWKX") or within
+        brackets: words have the other shapes ("Sup need help", "SUP-PORT TEAM", "SUPERFICIAL").
         """
         found: list[Found] = []
         for m in self._pattern.finditer(text):
             code = (m.group(2) + m.group(4)).upper().translate(_ALIASES)
             ok = all(ch in _INDEX for ch in code) and _is_valid(code)
             loose = not m.group(1)
-            if loose and (m.group(3) or not ok):  # "SUPPORT-ABCD" is no reference
+            if not ok:
+                dashed = m.group(1) == "-" and m.group(3) == "-"
+                bracketed = text[m.start() - 1 : m.start()] in ("[", "(") and text[m.end() : m.end() + 1] in ("]", ")")
+                if loose or not (dashed or bracketed):
+                    continue
+            elif loose and m.group(3):  # "SUPPORT-ABCD" is no reference
                 continue
             found.append(Found(text=m.group(0), reference=self._format(code) if ok else None, loose=loose))
         return found

@@ -170,8 +170,9 @@ class Receipt:
     @property
     def known_severity(self) -> int | None:
         """The ticket's severity as a number, for a log line; None for a duplicate delivery,
-        whose unit stops at the duplicate and never reads the ticket."""
-        return None if self.route is Route.DUPLICATE else int(self.severity)
+        whose unit stops at the duplicate and never reads the ticket, and for a message on no
+        ticket (a staff message outside any)."""
+        return None if self.route is Route.DUPLICATE or not self.ticket_id else int(self.severity)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -516,7 +517,7 @@ class IntakeService:
             support_in_cc_only=message.recipient in message.cc and message.recipient not in message.to,
             last_before_limit=last_before_limit,
             limit_period=self.limits.ack_period,
-            mistyped=[found.text for found in a.cited if found.reference is None],
+            mistyped=list(dict.fromkeys(found.text for found in a.cited if found.reference is None)),
             plan=a.plan,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=a.received_at))
@@ -700,7 +701,8 @@ class IntakeService:
         """The acknowledgement of a new ticket must not carry another ticket's reference back."""
         subject = message.subject
         for found in cited:
-            if found.reference != own:
+            # A loose one may be a word that passed the check ("Supermodels"): it stays.
+            if found.reference != own and not found.loose:
                 subject = subject.replace(f"[{found.text}]", "").replace(found.text, "")
         if subject == message.subject:
             return message

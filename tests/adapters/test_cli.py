@@ -98,7 +98,6 @@ def test_invalid_configuration_names_the_key(tmp_path: Path) -> None:
 _READ_COMMAND = """
 import sys
 from adapters.cli import main
-from adapters.settings import load_settings
 try:
     main(sys.argv[1:])
 except SystemExit as exc:

@@ -122,6 +122,15 @@ async def test_other_systems_tags_are_kept(intake, smtp_relay: RelayStandIn) -> 
     assert "[JIRA-123] [Ticket#2024010110000012] Sync fails" in ack.message["Subject"]
 
 
+async def test_a_word_shaped_like_a_compact_reference_stays_in_the_subject(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    # "SUPERMODELS" reads as SUP-ERM0-DE1S, whose check passes by chance: no ticket has it, and
+    # it is a word of the customer's subject, kept in the acknowledgement's.
+    reply = await intake.send(mail(subject="Supermodels photo shoot invoice"))
+    [ack] = await smtp_relay.wait_for(1)
+    assert ack.message["Subject"] == f"Re: Supermodels photo shoot invoice [{ref_of(reply.text)}]"
+    assert not any("not a known ticket" in n["text"] for n in intake.detail(ref_of(reply.text))["notes"])
+
+
 async def test_redelivery_is_not_a_duplicate_but_another_address_is(  # type: ignore[no-untyped-def]
     intake, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -56,7 +56,7 @@ from storage.tables import ticket as ticket_table
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import Harness, running_intake, settings_for
 from tests.conftest import free_port
-from tests.corpus import CORPUS, FOUND
+from tests.corpus import corpus_files
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "email"
 SUPPORT = "support@example.com"
@@ -64,7 +64,7 @@ LINE_LIMIT = 1001  # aiosmtpd: longest DATA line it takes, CRLF included
 
 
 def seed_files() -> list[Path]:
-    files = sorted(CORPUS.rglob("*.eml")) if FOUND else []  # the fuzzer has seeds of its own too
+    files = corpus_files()  # [] without the corpus: the fuzzer has seeds of its own too
     return files + sorted(DATA.glob("*.eml"))
 
 

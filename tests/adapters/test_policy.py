@@ -311,8 +311,8 @@ def test_start_up_names_the_bad_template_directory(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "note"),
     [
-        ("Hello, the nightly export still fails. Can you look again?", "which is not one of our references"),
-        ("Hola, la exportación nocturna sigue fallando. ¿Pueden revisarlo?", "que no es una de nuestras referencias"),
+        ("Hello, the nightly export still fails. Can you look again?", "which is not a valid reference"),
+        ("Hola, la exportación nocturna sigue fallando. ¿Pueden revisarlo?", "que no es una referencia válida"),
     ],
 )
 async def test_a_mistyped_reference_is_told_to_the_customer(

@@ -41,7 +41,8 @@ async def test_serve_takes_mail_acknowledges_and_stops_on_sigterm(
     refused = await asyncio.to_thread(
         subprocess.run, [*INTAKE, "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
     )
-    assert refused.returncode == 2 and "intake db upgrade" in refused.stderr  # no schema yet: refuse
+    assert refused.returncode == 2 and "intake db upgrade" in refused.stderr  # no database yet: refuse
+    assert "no database at" in refused.stderr and not (tmp_path / "intake.db").exists()  # and make none
     await asyncio.to_thread(
         subprocess.run, [*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60
     )
