@@ -41,7 +41,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -322,7 +322,7 @@ def render_ticket(d: Mapping[str, Any], *, now: datetime) -> str:
     ref = str(d["reference"])
     sec = bool(d.get("security"))
     subject = str(d.get("subject") or "") or "(no subject)"
-    state, ack_text = ack_state({**d, "ack_delivery": _ack_delivery(d.get("outbox") or ())})
+    state, ack_text = ack_state(d)  # ticket_detail gives ack_delivery, as list_tickets does
     name = str(d.get("requester_name") or "")
     requester = f"{name} <{d.get('requester')}>" if name else str(d.get("requester") or "")
     facts = [
@@ -470,11 +470,6 @@ def _size(n: object) -> str:
     if size < 1024 * 1024:
         return f"{size / 1024:.0f} KB"
     return f"{size / 1024 / 1024:.1f} MB"
-
-
-def _ack_delivery(entries: Iterable[Mapping[str, Any]]) -> str | None:
-    acks = [e for e in entries if e.get("kind") == "acknowledgement"]
-    return str(acks[-1]["status"]) if acks else None
 
 
 def message_page(title: str, text: str, *, now: datetime) -> str:

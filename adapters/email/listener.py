@@ -14,9 +14,11 @@ accepted recipient), the service stores them, and the receipts become reply code
 552 5.3.4                   message bigger than ``max_message_bytes`` (at SIZE= or after DATA)
 ==========================  ===============================================================
 
-Every refusal (a 4xx or 5xx reply, ours or aiosmtpd's) is logged at INFO with the client's
-address and the reply as sent; a message's own outcome (250, or 451) has its "message received"
-line instead.
+Every refusal of a command or message (a 4xx or 5xx reply, ours or aiosmtpd's) is logged at
+INFO with the client's address and the reply as sent, the first 20 of a session one by one; a
+message's own outcome (250, or 451) has its "message received" line instead, a 421 that closes
+a session its "closing session" or "refused connection" line (at shutdown, the one "shutting
+down" line).
 
 aiosmtpd answers an exception in a hook with a permanent ``500`` that carries the exception
 text; we never let one escape (the sender would give up and our internals would leak).
@@ -88,6 +90,7 @@ REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_UNKNOWN_RECIPIENT = "550 5.1.1 <{address}>: not a support address here"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 _REFUSALS = ("4", "5")  # the first digit of a reply that refuses (RFC 5321 4.2.1)
+REFUSALS_LOGGED = 20  # a session's refusals logged one by one; a client looping on bad commands gets no more
 REPLY_TOO_BIG = "552 5.3.4 Message too big: this server accepts at most {limit} bytes"
 REPLY_IDLE_TIMEOUT = "421 4.4.2 Timeout: nothing received for {seconds:g} s, closing connection"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timeout: the message took longer than {seconds:g} s to send, closing connection"
@@ -301,6 +304,7 @@ class _Limited:
     _continued: list[str]  # lines of a multi-line reply waiting for its last line (see push)
     _greeted: bool = False  # the greeting has gone (it carries no enhanced status code)
     _hello: bool = False  # answering HELO, EHLO or LHLO (those replies carry none either)
+    _refusals: int = 0  # 4xx/5xx replies of this session so far (see _log_refusal)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's path parser, with a fast path for plain <local@domain> (see _SIMPLE_PATH)."""
@@ -438,10 +442,18 @@ class _Limited:
                 status = "\r\n".join([*self._continued, status])
                 self._continued.clear()
             if status[:1] in _REFUSALS and status != REPLY_TRY_AGAIN:  # (the message's log line says 451)
-                # Every refusal gets a log line: ours (550 unknown recipient, 452, 501, 552) and
-                # aiosmtpd's own (500 line too long, 502, 503, 553...), as an MTA logs its rejects.
-                log.info("refused %s: %s", getattr(self, "_client", "?"), _UNSTORABLE.sub("?", status))
+                self._log_refusal(status)
         await super().push(status)  # type: ignore[misc]
+
+    def _log_refusal(self, status: str) -> None:
+        """Ours (550 unknown recipient, 452, 501, 552) and aiosmtpd's own (500 line too long,
+        502, 503, 553...) refusals are logged as an MTA logs its rejects: the first
+        REFUSALS_LOGGED of a session, then one line saying the rest are not."""
+        self._refusals += 1
+        if self._refusals <= REFUSALS_LOGGED:
+            log.info("refused %s: %s", getattr(self, "_client", "?"), _UNSTORABLE.sub("?", status))
+        elif self._refusals == REFUSALS_LOGGED + 1:
+            log.info("refused %s: further refusals in this session are not logged", getattr(self, "_client", "?"))
 
     async def close_for_shutdown(self) -> None:
         try:
@@ -552,7 +564,6 @@ class EmailListener:
             except TimeoutError:
                 pass
         self._servers = []
-
 
     def _finishing(self) -> bool:
         """A message is being stored, or its bytes are still arriving after DATA."""

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from adapters.email.listener import (
+    REFUSALS_LOGGED,
     EmailListener,
     IntakeHandler,
     ListenerConfig,
@@ -242,6 +243,26 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
         "refused 127.0.0.1: 452 4.5.3 Too many recipients",
         "refused 127.0.0.1: 550 5.1.1 <nobody@example.com>: not a support address here",
     ]
+
+
+async def test_a_session_s_refusals_are_logged_up_to_a_limit(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client looping on refused commands (a dictionary attack on RCPT) fills no log."""
+    caplog.set_level(logging.INFO, logger="intake.smtp")
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<alice@acme.com>")
+        for n in range(REFUSALS_LOGGED + 10):
+            r = await client.cmd(f"RCPT TO:<guess{n}@example.com>")
+            assert r is not None and r.code == 550
+        await client.close()
+        await still_serving(h)
+    lines = refusals(caplog)
+    assert len(lines) == REFUSALS_LOGGED + 1
+    assert lines[0] == "refused 127.0.0.1: 550 5.1.1 <guess0@example.com>: not a support address here"
+    assert lines[-1] == "refused 127.0.0.1: further refusals in this session are not logged"
 
 
 # ---------------------------------------------------------------------------------------------
