@@ -41,7 +41,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.errors import CloseBoundaryNotFoundDefect
+from email.errors import (
+    CloseBoundaryNotFoundDefect,
+    InvalidBase64CharactersDefect,
+    InvalidBase64LengthDefect,
+    InvalidBase64PaddingDefect,
+)
 from email.generator import BytesGenerator
 from email.message import Message
 from email.policy import compat32
@@ -454,14 +459,37 @@ def _message_size(part: Message) -> int:
     return buffer.tell()
 
 
-def _text_of(part: Message) -> str:
+def _text_of(part: Message, problems: list[str] | None = None) -> str:
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):
         return ""
+    if part.defects and _not_base64(part):
+        # Labelled base64 but written as plain text (broken mailers, some spam): decoding it
+        # gives bytes no one wrote. Keep the text as it was sent, and say so.
+        if problems is not None:
+            problems.append("a text part labelled base64 is not base64: kept as sent")
+        data = part.get_payload(decode=False).encode("utf-8", "surrogateescape")
     text = _decode_bytes(data, part.get_content_charset())
     if "\x00" in text:
         text = text.replace("\x00", "")
     return text.removeprefix("\ufeff")
+
+
+_BAD_BASE64 = (InvalidBase64CharactersDefect, InvalidBase64PaddingDefect, InvalidBase64LengthDefect)
+
+
+def _not_base64(part: Message) -> bool:
+    """The part says base64, but decoding it hit characters base64 has none of, and most of
+    its lines have spaces between words (base64 has none): plain text, mislabelled."""
+    if not any(isinstance(d, _BAD_BASE64) for d in part.defects):
+        return False
+    if str(part.get("content-transfer-encoding", "")).strip().lower() != "base64":
+        return False
+    sent = part.get_payload(decode=False)
+    if not isinstance(sent, str):
+        return False
+    lines = [line for line in sent.splitlines() if line.strip()]
+    return bool(lines) and sum(" " in line.strip() for line in lines) * 2 >= len(lines)
 
 
 def _salvage_multipart(part: Message) -> Message | None:
@@ -527,9 +555,9 @@ def _leaf(part: Message, content_type: str, group: int, parts: _Parts, stack: li
         return
     if content_type in ("text/plain", "text/html") and disposition != "attachment":
         if not filename:
-            parts.texts.append((_text_of(part), content_type == "text/html", group))
+            parts.texts.append((_text_of(part, parts.problems), content_type == "text/html", group))
             return
-        parts.named_text.append((_text_of(part), content_type == "text/html"))
+        parts.named_text.append((_text_of(part, parts.problems), content_type == "text/html"))
     data = part.get_payload(decode=True)
     size = len(data) if isinstance(data, bytes) else 0
     parts.files.append((filename, content_type, size))

@@ -9,6 +9,7 @@ except deep nesting, which is tested for real.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.parser
 import email.utils
@@ -694,3 +695,19 @@ def test_plain_address_lists_take_the_fast_path() -> None:
 def test_plain_header_values_read_as_the_general_path_reads_them(value: str) -> None:
     if parsing._is_plain_header(value):
         assert value.strip() == parsing._clean(parsing._decode_words(parsing._unfold(value, "utf-8")))
+
+
+def test_plain_text_labelled_base64_is_kept_as_sent() -> None:
+    """Broken mailers (and spam) label plain text base64: decoding it gives bytes nobody wrote.
+    Text with spaces between words and characters base64 lacks is kept as sent, and said so;
+    real base64 with a stray line (a signature added after encoding) still decodes."""
+    head = (
+        b"From: a@b.com\r\nTo: support@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    )
+    msg = parse(head + b"Hello, this is plain text, not base64 at all!\r\nSecond line here.\r\n")
+    assert msg.body == "Hello, this is plain text, not base64 at all!\nSecond line here."
+    assert msg.parse_problem == "a text part labelled base64 is not base64: kept as sent"
+    encoded = base64.encodebytes("Grüße, the export fails again.\n".encode()).replace(b"\n", b"\r\n")
+    real = parse(head + encoded + b"-- \r\n")
+    assert real.body == "Grüße, the export fails again." and real.parse_problem is None
