@@ -151,6 +151,7 @@ async def test_new_message_opens_a_ticket_and_replies_in_its_thread(
     [reply] = await slack.fake.wait_posts(1)
     assert reply.params["channel"] == CHANNEL and reply.params["thread_ts"] == ts
     assert t["reference"] in reply.params["text"]
+    assert f"Assessed as Severity {t['severity']} (" in reply.params["text"]  # not "Severity: Severity 3"
     assert reply.headers["authorization"] == f"Bearer {BOT_TOKEN}"
     [m] = slack.h.detail(t["reference"])["messages"]
     assert m["route"] == "new" and m["external_id"] == f"{TEAM}/{CHANNEL}/{ts}"
