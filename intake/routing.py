@@ -100,6 +100,14 @@ def place(
         refusals.append(Refusal(ticket, f"{who} cited {ticket.reference} but is not entitled to it"))
 
     for known in known_ids:
+        if known.ours and known.message_id == message.message_id:
+            return Placement(
+                Route.HEADER,
+                known.ticket,
+                f"intake's own message <{known.message_id}> for {known.ticket.reference} came back",
+                tuple(refusals),
+                tuple(remarks),
+            )
         if known.ours:
             return Placement(
                 Route.HEADER,

@@ -377,7 +377,12 @@ class IntakeService:
                 ticket = uow.ticket_by_reference(found.reference)
                 if ticket is not None:
                     by_reference[found.reference] = ticket
-        ids = tuple(dict.fromkeys((*message.related_ids, *a.bounced)))
+        # Our own mail come back (forwarded by a customer's mailbox, say) keeps our Message-ID,
+        # 64 random bits that only its ticket's people have seen: it goes back to that ticket
+        # rather than opening one from our own address (the loop marker alone is no proof: every
+        # acknowledgement shows it).
+        own = (message.message_id,) if a.automation and a.automation.kind is AutomationKind.OWN_LOOP else ()
+        ids = tuple(i for i in dict.fromkeys((*own, *message.related_ids, *a.bounced)) if i)
         known = uow.tickets_by_message_ids(ids) if ids else []
         by_thread = None
         if message.thread_key:

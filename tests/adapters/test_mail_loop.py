@@ -69,6 +69,7 @@ class Hop:
     forward_to: int | None = None
     transform: Transform | None = None
     envelope_from: str | None = None  # forward with this MAIL FROM instead of the original
+    forward_rcpt: tuple[str, ...] | None = None  # forward to these instead (an alias rewrites them)
     responder: Callable[[Passed], bytes | None] | None = None
     reply_port: int | None = None
     passed: list[Passed] = field(default_factory=list)  # as the sender sent it
@@ -111,7 +112,7 @@ class Hop:
         data = self.transform(content) if self.transform else content
         self.forwarded.append(data)
         sender = self.envelope_from if self.envelope_from is not None else mail_from.strip("<>")
-        return await deliver(self.forward_to, sender, rcpt_tos, data)
+        return await deliver(self.forward_to, sender, list(self.forward_rcpt or rcpt_tos), data)
 
     async def _answer(self, answer: bytes, to: Passed) -> None:
         await asyncio.sleep(0.05)
@@ -354,3 +355,27 @@ async def test_auto_responder_behind_the_customer(
                 routes = [(m["route"], m["automation"]) for m in h.detail(t["reference"])["messages"]]
                 assert routes[0] == ("new", None)
                 assert routes[1][1] is not None and routes[1][0] != "new"  # joined the ticket, recognised
+
+
+async def test_our_acknowledgement_forwarded_back_joins_its_ticket(tmp_path: Path) -> None:
+    """A customer's mailbox that forwards everything to support, as it is (an alias): our
+    acknowledgement comes back. It carries our loop marker, which stops the loop, and our own
+    Message-ID, which only its ticket's people have seen: it joins that ticket, instead of
+    opening one from our own address that would wait for an answer and go overdue."""
+    listen = free_port()
+    mailbox = Hop(forward_to=listen, forward_rcpt=(A,))  # all intake sends goes to Bob, and back
+    async with running_hops(mailbox):
+        settings = installation(tmp_path, address=A, listen_port=listen, relay_port=mailbox.port)
+        async with running_intake(settings) as h:
+            assert (await h.send(mail(sender=f"Bob <{CUSTOMER}>", to=A), mail_from=CUSTOMER, rcpt=(A,))).code == 250
+            await settle([h], [mailbox])
+            [ack] = acks(mailbox)
+            [t] = h.tickets()
+            messages = h.detail(t["reference"])["messages"]
+            assert [m["route"] for m in messages] == ["new", "header"]
+            back = messages[1]
+            assert back["message_id"] == ack.message["Message-ID"].strip("<>")
+            own = ack.message["Message-ID"]
+            assert back["route_note"] == f"intake's own message {own} for {t['reference']} came back"
+            assert back["automation"] and "loop marker" in back["automation"]
+            assert len(mailbox.passed) == 1  # the copy that came back is not acknowledged
