@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from adapters import cpus
+from adapters import cpus, leases
 from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
@@ -248,7 +248,7 @@ def build(
         email=sender,
         chat=chat_sender,
         clock=clock,
-        owner=f"{socket.gethostname()}:{os.getpid()}",
+        owner=leases.owner_id(),
         recorder=recorder,
         backoff_base=ob.retry_base_seconds,
         backoff_cap=ob.retry_cap_seconds,
@@ -379,6 +379,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         app.service.on_commit = worker.wake
         dispatcher_task = asyncio.create_task(worker.watch(), name="outbox-process")
     else:
+        await leases.release_the_gone(app.store, app.dispatcher.clock)
         dispatcher_task = asyncio.create_task(app.dispatcher.run(), name="outbox-dispatcher")
     listeners: ListenerProcesses | None = None
     if app.settings.email.listener_processes > 1 and app.email_listener is not None:
@@ -789,6 +790,7 @@ def _dispatcher_main(settings: Settings, wake: Any) -> None:
         loop.add_reader(wake.fileno(), woken)
         app.store.start()
         settle_heap()
+        await leases.release_the_gone(app.store, app.dispatcher.clock)
         task = asyncio.create_task(app.dispatcher.run())
         await stopping.wait()
         app.dispatcher.stop()

@@ -219,6 +219,15 @@ class UnitOfWork(Protocol):
         """Lease up to ``limit`` due entries of each of ``channels``."""
         ...
 
+    def lease_owners(self, *, now: datetime) -> list[str]:
+        """The owners of pending entries whose lease still runs at ``now``."""
+        ...
+
+    def release_leases(self, owners: Sequence[str], *, now: datetime) -> int:
+        """End the running leases of ``owners`` (dispatchers known to be gone), so that their
+        entries are claimed again at once. Returns how many."""
+        ...
+
     def finish_outbox(self, results: Sequence[SendResult], *, now: datetime) -> None: ...
     def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None, now: datetime) -> int:
         """Record ``why`` (it starts with :data:`WAITING`) on the channel's pending entries that

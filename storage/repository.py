@@ -599,6 +599,24 @@ class SqlUnitOfWork:
                     )
                 )
 
+    def lease_owners(self, *, now: datetime) -> list[str]:
+        query = (
+            select(outbox.c.claimed_by)
+            .where(outbox.c.status == "pending", outbox.c.claimed_until > now, outbox.c.claimed_by.is_not(None))
+            .distinct()
+        )
+        return [str(owner) for owner in self.conn.execute(query).scalars()]
+
+    def release_leases(self, owners: Sequence[str], *, now: datetime) -> int:
+        if not owners:
+            return 0
+        statement = (
+            update(outbox)
+            .where(outbox.c.status == "pending", outbox.c.claimed_by.in_(list(owners)), outbox.c.claimed_until > now)
+            .values(claimed_until=None)
+        )
+        return int(self.conn.execute(statement).rowcount or 0)
+
     def explain_waiting(self, *, channel: str, why: str, due_since: datetime | None, now: datetime) -> int:
         # On ix_outbox_channel_due: after the first call of an outage, only the range of the
         # entries that came since the previous one is read. Entries another dispatcher holds

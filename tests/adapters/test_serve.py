@@ -122,3 +122,57 @@ async def test_a_killed_outbox_process_is_restarted_and_delivers_what_waited(
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, "".join(seen[-20:]) + err.decode()[-2000:]
     assert "Traceback" not in "".join(seen) + err.decode()
+
+
+@pytest.mark.parametrize("dispatcher", ["process", "inline"])
+async def test_notes_claimed_by_a_dispatcher_that_is_gone_go_at_start(
+    tmp_path: Path, smtp_relay: RelayStandIn, dispatcher: str
+) -> None:
+    """An acknowledgement claimed by a dispatcher that was killed (its lease, two minutes, still
+    running) goes as soon as intake starts again on the same host, not when the lease ends."""
+    from datetime import UTC, datetime, timedelta
+
+    from adapters.leases import owner_id
+    from intake.model import Channel, OutgoingEmail, Severity
+    from intake.ports import NewTicket, OutboxEntry
+    from intake.reference import References
+    from storage.store import SqlStore
+
+    port = free_port()
+    cfg = _config(tmp_path, smtp_relay.port, port, f'dispatcher = "{dispatcher}"\n')
+    await asyncio.to_thread(
+        subprocess.run, [*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60
+    )
+    dead = await asyncio.create_subprocess_exec("true")  # a process of this host that has ended
+    await dead.wait()
+    now = datetime.now(UTC)
+    store = SqlStore(f"sqlite:///{tmp_path}/intake.db")
+    try:
+        ticket = NewTicket(
+            reference=References().new(), subject="printer", channel=Channel.EMAIL, requester="alice@acme.com",
+            requester_name="Alice", organisation=None, severity=Severity.S3, security=False, created_at=now,
+            response_due=now + timedelta(hours=8),
+        )  # fmt: skip
+        tid = await store.transact(lambda uow: uow.create_ticket(ticket).id)
+        note = OutgoingEmail(to=("alice@acme.com",), subject="s", body="b", message_id="m@intake", from_address="s@x")
+        entry = OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=note, created_at=now)
+        await store.transact(lambda uow: uow.enqueue(entry))
+        claimed = await store.transact(
+            lambda uow: uow.claim_outbox(
+                now=now, owner=owner_id(pid=dead.pid), lease_until=now + timedelta(minutes=2), limit=1
+            )
+        )
+        assert len(claimed) == 1
+    finally:
+        await store.close()
+    proc = await asyncio.create_subprocess_exec(
+        *INTAKE, "--config", str(cfg), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        [ack] = await smtp_relay.wait_for(1, timeout=20)
+        assert ack.rcpt_tos == ("alice@acme.com",)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert f"claimed by a dispatcher that is gone ({owner_id(pid=dead.pid)})" in err.decode()
