@@ -548,14 +548,17 @@ class EmailListener:
         return [socket.socket(fileno=os.dup(s.fileno())) for server in self._servers for s in server.sockets]
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting; let messages in DATA finish (up to ``grace`` s): those being stored,
-        and those still arriving after the 354; 421 to the rest (a new MAIL meanwhile gets it too)."""
-        self.tracker.closing = True
-        for server in self._servers:
-            server.close()
+        """Let messages in DATA finish (up to ``grace`` s): those being stored, and those still
+        arriving after the 354; 421 to the rest (a new MAIL meanwhile gets it too), and to new
+        connections while the messages finish; then stop listening."""
+        self.tracker.closing = True  # from now on a new connection is answered 421 (connection_made)
         deadline = time.monotonic() + grace
         while self._finishing() and time.monotonic() < deadline:  # noqa: ASYNC110 - polled state, not an event
             await asyncio.sleep(0.05)
+        # Closed only now: a connection waiting to be accepted when the socket closes is reset
+        # by the kernel, where one accepted while the messages finished got a 421 to retry on.
+        for server in self._servers:
+            server.close()
         for proto in list(self.tracker.active):
             await proto.close_for_shutdown()
         for server in self._servers:

@@ -463,6 +463,10 @@ async def test_shutdown_lets_a_message_still_arriving_finish(tmp_path: Path, smt
         stop = asyncio.create_task(h.app.email_listener.stop(grace=5.0))  # type: ignore[union-attr]
         await asyncio.sleep(0.5)
         assert not stop.done()  # waiting for the rest of the message
+        # Meanwhile a new connection is answered 421, not reset: its sender retries later.
+        late_reader, late_writer = await asyncio.open_connection("127.0.0.1", h.port)
+        assert (await asyncio.wait_for(late_reader.readline(), 5)).startswith(b"421 4.3.2")
+        late_writer.close()
         writer.write(raw[100:] + b"\r\n.\r\n")
         await writer.drain()
         answer = await asyncio.wait_for(reader.readline(), 5)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail
+from tests.adapters.harness import mail, wait_until
 from tests.conftest import free_port
 
 INTAKE = [sys.executable, "-m", "adapters.cli"]
+
+
+def _sent(tmp_path: Path) -> int:
+    """Outbox entries recorded as sent, read as another process would."""
+    with contextlib.closing(sqlite3.connect(f"file:{tmp_path}/intake.db?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT count(*) FROM outbox WHERE status = 'sent'").fetchone()[0])
 
 
 def _config(tmp_path: Path, relay_port: int, port: int, extra: str = "") -> Path:
@@ -110,6 +118,9 @@ async def test_a_killed_outbox_process_is_restarted_and_delivers_what_waited(
         await asyncio.wait_for(proc.stdout.readline(), 30)  # listening
         await send(1)
         await smtp_relay.wait_for(1, timeout=15)
+        # Killed once its send is recorded: one killed between the relay's 250 and that record
+        # (0.1 s) would send it again as it restarts (README, "After a crash").
+        await wait_until(lambda: _sent(tmp_path) == 1)
         os.kill(first, signal.SIGKILL)
         await send(2)  # committed while the outbox is gone: its wake-up finds no one
         await log_line(r"outbox dispatcher process exited .*; restarting it")
