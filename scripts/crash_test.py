@@ -671,7 +671,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for inst in instances:
             assert inst.proc is not None
             await inst.proc.wait_ready()
-        log(f"load done in {elapsed:.1f}s after {len(kills)} kills; draining the outbox (a dead dispatcher's claims end when its successor starts; leases last 2 min at most)")
+        log(
+            f"load done in {elapsed:.1f}s after {len(kills)} kills; draining the outbox"
+            " (a dead dispatcher's claims end as its successor starts; leases last 2 min at most)"
+        )
         t1 = time.monotonic()
         status = await drain(db_url, record, args.drain)
         drained_in = time.monotonic() - t1
