@@ -15,9 +15,8 @@ from typing import Any
 import click
 
 from adapters.settings import Settings, load_settings
-from intake.dispatch import acknowledgement_state
+from intake.dispatch import acknowledgement_state, pending_wait
 from intake.errors import ConfigError, IntakeError
-from intake.ports import WAITING
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -320,16 +319,16 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
         now = datetime.now(UTC)
         for n, row in zip(out["outbox"], detail["outbox"], strict=True):
             extra = ""
-            if n["status"] == "pending" and (n["last_error"] or "").startswith(WAITING):
-                extra = f" - {n['last_error']}"  # held with its channel: why, and since when
-            elif n["status"] == "pending" and row["next_attempt_at"] <= now:
-                extra = f" - due since {n['next_attempt_at']}, waiting for the outbox to send it"
-                if n["last_error"]:
-                    extra += f", last error: {n['last_error']}"
-            elif n["status"] == "pending":
-                extra = f" - waiting, next attempt {n['next_attempt_at']}"
-                if n["last_error"]:
-                    extra += f", last error: {n['last_error']}"
+            if n["status"] == "pending":
+                wait = pending_wait(row["next_attempt_at"], row["last_error"], now)
+                if wait.kind == "held":
+                    extra = f" - {wait.error}"  # held with its channel: why, and since when
+                else:
+                    when = n["next_attempt_at"]
+                    due = f"due since {when}, waiting for the outbox to send it"
+                    extra = f" - {due}" if wait.kind == "due" else f" - waiting, next attempt {when}"
+                    if wait.error:
+                        extra += f", last error: {wait.error}"
             elif n["status"] in ("failed", "undeliverable"):
                 extra = f" - {n['last_error']}"
             click.echo(f"  {n['kind']} to {n['recipient']}: {n['status']} after {n['attempts']} attempt(s){extra}")

@@ -49,7 +49,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from adapters.httpsite import start_site
-from intake.dispatch import acknowledgement_state
+from intake.dispatch import acknowledgement_state, pending_wait
 from intake.errors import StorageUnavailableError
 from intake.ports import Histogram
 from intake.reference import References
@@ -223,7 +223,7 @@ def ack_state(row: Mapping[str, Any]) -> tuple[str, str]:
     return state, state
 
 
-def outbox_state(entry: Mapping[str, Any]) -> tuple[str, str]:
+def outbox_state(entry: Mapping[str, Any], *, now: datetime) -> tuple[str, str]:
     """(state, HTML detail) of one outbox entry: sent / queued / waiting / failed / undeliverable."""
     status = str(entry.get("status") or "")
     error = entry.get("last_error")
@@ -231,11 +231,16 @@ def outbox_state(entry: Mapping[str, Any]) -> tuple[str, str]:
     attempts = int(entry.get("attempts") or 0)
     if status == "sent":
         return "sent", f"at {esc(when(entry.get('sent_at')))}"
-    if status == "pending":
+    if status == "pending" and entry.get("next_attempt_at") is not None:
+        wait = pending_wait(entry["next_attempt_at"], error, now)
+        tries = f"{attempts} {'attempt' if attempts == 1 else 'attempts'}, " if attempts else ""
+        if wait.kind == "held":
+            return "waiting", f"{tries}{esc(wait.error)}"
+        if wait.kind == "due":
+            return ("waiting" if attempts else "queued"), f"{tries}due since {esc(when(wait.at))}{err}"
         if attempts == 0:
-            return "queued", f"first attempt {esc(when(entry.get('next_attempt_at')))}"
-        tries = "attempt" if attempts == 1 else "attempts"
-        return "waiting", f"{attempts} {tries}, next {esc(when(entry.get('next_attempt_at')))}{err}"
+            return "queued", f"first attempt {esc(when(wait.at))}"
+        return "waiting", f"{tries}next {esc(when(wait.at))}{err}"
     if status == "failed":
         return "failed", f"after {attempts} {'attempt' if attempts == 1 else 'attempts'}{err}"
     if status == "undeliverable":
@@ -398,7 +403,7 @@ def render_ticket(d: Mapping[str, Any], *, now: datetime) -> str:
             "<th>Queued</th></tr></thead><tbody>"
         )
         for e in entries:
-            st, detail = outbox_state(e)
+            st, detail = outbox_state(e, now=now)
             parts.append(
                 f'<tr class="outbox-entry" data-status="{esc(st)}"><td class="small">{esc(e.get("kind"))}</td>'
                 f'<td class="small">{esc(e.get("recipient"))}</td>'

@@ -37,6 +37,26 @@ from intake.ports import CHANNELS, WAITING, ChatSender, Clock, EmailSender, Outb
 log = logging.getLogger("intake.dispatch")
 
 
+@dataclass(frozen=True, slots=True)
+class PendingWait:
+    """Why a pending note has not gone yet, for people reading the ticket (CLI, web page).
+
+    ``kind``: ``"held"`` (its channel is unavailable: ``error`` says since when and why),
+    ``"due"`` (due since ``at``: the outbox sends it on its next turn, or when its channel is
+    back), or ``"retry"`` (its own next attempt, ``at``, is ahead). ``error``: its last error.
+    """
+
+    kind: str
+    at: datetime | None
+    error: str | None
+
+
+def pending_wait(next_attempt_at: datetime, last_error: str | None, now: datetime) -> PendingWait:
+    if (last_error or "").startswith(WAITING):
+        return PendingWait("held", None, last_error)
+    return PendingWait("due" if next_attempt_at <= now else "retry", next_attempt_at, last_error or None)
+
+
 def acknowledgement_state(ack_status: str | None, delivery: str | None) -> str:
     """What became of a ticket's acknowledgement, for people reading the ticket.
 

@@ -527,3 +527,23 @@ async def test_headless_chromium_renders_the_triage_page(web: Web, chromium: Pat
     assert detail_shot.stat().st_size > 10_000
     if SCREENSHOTS:
         shutil.copyfile(detail_shot, Path(SCREENSHOTS) / "intake-ticket.png")
+
+
+def test_ticket_page_says_what_a_pending_note_waits_for() -> None:
+    """The same words as `intake tickets show` (intake.dispatch.pending_wait): a note held with
+    its channel shows why; one due by now shows since when, not a "next" time past."""
+    from adapters.web import outbox_state
+
+    now = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+    held = {
+        "status": "pending", "attempts": 0, "next_attempt_at": now - timedelta(minutes=3),
+        "last_error": "waiting: email unavailable since 2026-11-21 09:57:00 UTC: relay down",
+    }  # fmt: skip
+    assert outbox_state(held, now=now) == (
+        "waiting",
+        "waiting: email unavailable since 2026-11-21 09:57:00 UTC: relay down",
+    )
+    due = {"status": "pending", "attempts": 1, "next_attempt_at": now - timedelta(seconds=40), "last_error": "421"}
+    assert outbox_state(due, now=now) == ("waiting", "1 attempt, due since 2026-11-21 09:59 UTC<br>421")
+    new = {"status": "pending", "attempts": 0, "next_attempt_at": now, "last_error": None}
+    assert outbox_state(new, now=now) == ("queued", "due since 2026-11-21 10:00 UTC")
