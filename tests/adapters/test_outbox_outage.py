@@ -175,16 +175,29 @@ def outbox_rows(store: SqlStore) -> dict[str, list[tuple[int, str, str | None]]]
     return rows
 
 
+def relay_sender(host: str, port: int, timeout: float) -> SmtpRelaySender:
+    return SmtpRelaySender(host=host, port=port, timeout=timeout, local_hostname="intake.test")
+
+
+def slack_sender(fake: FakeSlack) -> SlackChatSender:
+    return SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
+
+
+def dispatcher_for(
+    store: SqlStore, relay: SmtpRelaySender, chat: SlackChatSender | None = None, **knobs: Any
+) -> Dispatcher:
+    """A dispatcher on the system clock; ``knobs``: its back-off, poll and concurrency."""
+    return Dispatcher(store=store, email=relay, chat=chat, clock=SystemClock(), owner="t", **knobs)
+
+
 async def test_a_hung_relay_holds_up_neither_slack_nor_the_email_it_never_tried(
     store: SqlStore, silent_listener: tuple[str, int], fake: FakeSlack
 ) -> None:
     host, port = silent_listener
-    email_sender = SmtpRelaySender(host=host, port=port, timeout=3.0, local_hostname="intake.test")
-    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
-    dispatcher = Dispatcher(
-        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", concurrency=10,
-        backoff_base=30.0, check_cap=30.0,
-    )  # fmt: skip
+    chat_sender = slack_sender(fake)
+    dispatcher = dispatcher_for(
+        store, relay_sender(host, port, 3.0), chat_sender, concurrency=10, backoff_base=30.0, check_cap=30.0
+    )
     # Twelve emails, then a Slack post: more emails than sends at once, so that a gate shared by
     # both channels would keep the post waiting behind sends that hang.
     await enqueue(store, *(email(n) for n in range(12)), OutgoingChat(channel="C0IRT", text="Severity 1"))
@@ -219,12 +232,9 @@ async def test_a_slack_note_that_comes_while_email_sends_hang_goes_at_once(
     store: SqlStore, silent_listener: tuple[str, int], fake: FakeSlack
 ) -> None:
     host, port = silent_listener
-    email_sender = SmtpRelaySender(host=host, port=port, timeout=5.0, local_hostname="intake.test")
-    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
-    dispatcher = Dispatcher(
-        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", idle_poll=0.1,
-        backoff_base=30.0, check_cap=30.0,
-    )  # fmt: skip
+    email_sender = relay_sender(host, port, 5.0)
+    chat_sender = slack_sender(fake)
+    dispatcher = dispatcher_for(store, email_sender, chat_sender, idle_poll=0.1, backoff_base=30.0, check_cap=30.0)
     await enqueue(store, *(email(n) for n in range(3)))
     runner = asyncio.create_task(dispatcher.run())
     try:
@@ -256,14 +266,9 @@ async def test_slack_failing_is_held_checked_with_auth_test_and_delivered_when_b
     store: SqlStore, smtp_relay: RelayStandIn, fake: FakeSlack, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="intake.dispatch")
-    chat_sender = SlackChatSender(token=BOT_TOKEN, api_url=fake.api_url, timeout=2.0)
-    email_sender = SmtpRelaySender(
-        host=smtp_relay.host, port=smtp_relay.port, timeout=2.0, local_hostname="intake.test"
-    )
-    dispatcher = Dispatcher(
-        store=store, email=email_sender, chat=chat_sender, clock=SystemClock(), owner="t", idle_poll=0.1,
-        backoff_base=0.1, check_cap=0.2,
-    )  # fmt: skip
+    chat_sender = slack_sender(fake)
+    email_sender = relay_sender(smtp_relay.host, smtp_relay.port, 2.0)
+    dispatcher = dispatcher_for(store, email_sender, chat_sender, idle_poll=0.1, backoff_base=0.1, check_cap=0.2)
     fake.fail_next("chat.postMessage", status=500, error="internal_error", retry_after=None)
     fake.fail_next("auth.test", count=2, status=503, error="service_unavailable", retry_after=None)
     await enqueue(store, OutgoingChat(channel="C0A", text="one"), email(1))
@@ -289,11 +294,8 @@ async def test_stopping_while_a_check_waits_on_a_hung_relay_returns_at_once(
     store: SqlStore, silent_listener: tuple[str, int]
 ) -> None:
     host, port = silent_listener
-    email_sender = SmtpRelaySender(host=host, port=port, timeout=0.3, local_hostname="intake.test")
-    dispatcher = Dispatcher(
-        store=store, email=email_sender, clock=SystemClock(), owner="t", idle_poll=0.05,
-        backoff_base=0.05, check_cap=0.05,
-    )  # fmt: skip
+    email_sender = relay_sender(host, port, 0.3)
+    dispatcher = dispatcher_for(store, email_sender, idle_poll=0.05, backoff_base=0.05, check_cap=0.05)
     await enqueue(store, email(0))
     runner = asyncio.create_task(dispatcher.run())
     await wait_until(lambda: "email" in dispatcher.unavailable(), timeout=3.0)
