@@ -292,14 +292,14 @@ def render_acknowledgement(
     ticket: TicketFacts,
     missing: Sequence[str],
     support_in_cc_only: bool,
-    last_before_limit: bool = False,
-    limit_period: timedelta = timedelta(hours=1),
-    mistyped: Sequence[str] = (),
+    limit_period: timedelta | None = None,
+    mistyped: str | None = None,
     plan: Plan | None = None,
 ) -> OutgoingEmail:
-    """The acknowledgement of a new ticket. ``mistyped``: tokens of the subject written as
-    references that are not valid ones (the message opened a ticket instead of joining one);
-    the note names the first."""
+    """The acknowledgement of a new ticket. ``limit_period``: given when this is the last one
+    the sender gets within that period (the flood limit). ``mistyped``: a token of the subject
+    written as a reference that is not a valid one (the message opened a ticket instead of
+    joining one)."""
     name, definition = templates.level_text(policy, ticket.severity)
     tag = outbound.subject_tag.format(reference=ticket.reference)
     support = message.recipient or outbound.primary_address
@@ -316,10 +316,10 @@ def render_acknowledgement(
         attachments_note=_attachments_text(templates, message),
         missing_details=_missing_text(templates, missing),
         support_address=support,
-        reference_note=templates.render("reference-note", typed=mistyped[0]) if mistyped else "",
+        reference_note=templates.render("reference-note", typed=mistyped) if mistyped else "",
         limit_note=(
             templates.render("limit-note", period=describe_target(limit_period, templates.language))
-            if last_before_limit
+            if limit_period is not None
             else ""
         ),
     )

@@ -100,19 +100,16 @@ def place(
         refusals.append(Refusal(ticket, f"{who} cited {ticket.reference} but is not entitled to it"))
 
     for known in known_ids:
-        if known.ours and known.message_id == message.message_id:
-            return Placement(
-                Route.HEADER,
-                known.ticket,
-                f"intake's own message <{known.message_id}> for {known.ticket.reference} came back",
-                tuple(refusals),
-                tuple(remarks),
-            )
         if known.ours:
+            ref = known.ticket.reference
+            if known.message_id == message.message_id:  # our own mail come back (a forwarding mailbox)
+                note = f"intake's own message <{known.message_id}> for {ref} came back"
+            else:
+                note = f"replies to <{known.message_id}>, sent by intake for {ref}"
             return Placement(
                 Route.HEADER,
                 known.ticket,
-                f"replies to <{known.message_id}>, sent by intake for {known.ticket.reference}",
+                note,
                 tuple(refusals),
                 tuple(remarks),
             )

@@ -520,9 +520,8 @@ class IntakeService:
             ticket=ticket,
             missing=a.missing,
             support_in_cc_only=message.recipient in message.cc and message.recipient not in message.to,
-            last_before_limit=last_before_limit,
-            limit_period=self.limits.ack_period,
-            mistyped=list(dict.fromkeys(found.text for found in a.cited if found.reference is None)),
+            limit_period=self.limits.ack_period if last_before_limit else None,
+            mistyped=next((found.text for found in a.cited if found.reference is None), None),
             plan=a.plan,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="acknowledgement", payload=email, created_at=a.received_at))
