@@ -8,13 +8,16 @@ character and most swapped neighbours, so a typo is recognised as a typo instead
 on somebody else's ticket.
 
 Reading is forgiving as people are: any case, ``O`` for ``0``, ``I``/``L`` for ``1``, with or
-without the dashes.
+without the dashes, and as mail clients, input methods and copies from rendered text write it:
+fullwidth forms, typographic dashes, no-break spaces, invisible zero-width characters. Letters
+of other scripts that look like ours (Cyrillic, Greek) are not read as ours.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -23,6 +26,36 @@ _INDEX = {ch: i for i, ch in enumerate(ALPHABET)}
 _ALIASES = str.maketrans({"O": "0", "I": "1", "L": "1"})
 RANDOM_LENGTH = 7
 DEFAULT_PREFIX = "SUP"
+
+# Invisible characters that copies from HTML, PDFs and word processors leave inside words.
+_INVISIBLE = frozenset("\u00ad\u200b\u200c\u200d\u2060\ufeff")
+# Dashes that autocorrect and rendered text put where a person typed "-".
+_DASHES = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d")
+
+
+def _fold(text: str) -> tuple[str, list[int]]:
+    """``text`` as a person meant it for reading references, and where each character came from.
+
+    Fullwidth and other compatibility forms become their ASCII character (NFKC, only when that
+    gives one ASCII character: never a letter of another script), typographic dashes "-",
+    invisible characters are dropped. ``at[i]`` is the index in ``text`` of folded character
+    ``i``; ``at[len(folded)]`` is ``len(text)``.
+    """
+    out: list[str] = []
+    at: list[int] = []
+    for i, ch in enumerate(text):
+        if ch.isascii():
+            out.append(ch)
+        elif ch in _INVISIBLE:
+            continue
+        elif ch in _DASHES:
+            out.append("-")
+        else:
+            plain = unicodedata.normalize("NFKC", ch)
+            out.append(plain if len(plain) == 1 and plain.isascii() else ch)
+        at.append(i)
+    at.append(len(text))
+    return "".join(out), at
 
 
 def _check_character(body: str) -> str:
@@ -93,6 +126,10 @@ class References:
         when it is written as references are, with both dashes ("SUP-FKAB-FWKX") or within
         brackets: words have the other shapes ("Sup need help", "SUP-PORT TEAM", "SUPERFICIAL").
         """
+        original = text
+        at: list[int] | None = None
+        if not text.isascii():
+            text, at = _fold(text)
         found: list[Found] = []
         for m in self._pattern.finditer(text):
             code = (m.group(2) + m.group(4)).upper().translate(_ALIASES)
@@ -105,7 +142,8 @@ class References:
                     continue
             elif loose and m.group(3):  # "SUPPORT-ABCD" is no reference
                 continue
-            found.append(Found(text=m.group(0), reference=self._format(code) if ok else None, loose=loose))
+            typed = m.group(0) if at is None else original[at[m.start()] : at[m.end() - 1] + 1]
+            found.append(Found(text=typed, reference=self._format(code) if ok else None, loose=loose))
         return found
 
     def tag(self, reference: str, tag_format: str = "[{reference}]") -> str:

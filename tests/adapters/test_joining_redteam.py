@@ -1,0 +1,54 @@
+"""Red-team cases of joining tickets, end to end over real SMTP: the customer's clumsy typing,
+and a stranger's tricks. What a stranger learns from intake's answers is checked too."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import mail, ref_of, running_intake, settings_for
+
+
+@pytest.fixture
+async def intake(tmp_path: Path, smtp_relay: RelayStandIn):  # type: ignore[no-untyped-def]
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        yield h
+
+
+def raw_mail(from_header: str, subject: str, message_id: str) -> bytes:
+    return (
+        f"From: {from_header}\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{message_id}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Please send me the invoices.\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        lambda r: r.replace("-", "\u2011"),  # non-breaking hyphens, as copied from rendered text
+        lambda r: r.replace("-", "\u2013"),  # en dashes, as autocorrect makes them
+        lambda r: "".join(chr(ord(c) + 0xFEE0) for c in r),  # fullwidth, as a CJK input method types it
+        lambda r: r[:7] + "\u200b" + r[7:],  # a zero-width space copied from a web page
+    ],
+    ids=["nb-hyphen", "en-dash", "fullwidth", "zero-width-space"],
+)
+async def test_the_customer_typing_the_reference_in_unicode_forms_joins(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, typed
+) -> None:
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    await smtp_relay.wait_for(1)
+    subject = f"Re: Our invoices [{typed(ref)}]"  # sent as an RFC 2047 encoded word
+    reply = await intake.send(mail(subject=subject, body="Any news?\n"))
+    assert ref_of(reply.text) == ref
+    assert [m["route"] for m in intake.detail(ref)["messages"]] == ["new", "reference"]
+    # A stranger writing it the same way is still refused, and is not told of the ticket.
+    other = await intake.send(mail(sender="mallory@evil.example", subject=subject))
+    assert ref_of(other.text) != ref and len(intake.detail(ref)["messages"]) == 2
+    acks = await smtp_relay.wait_for(2)
+    assert ref not in acks[1].content.decode() and acks[1].rcpt_tos == ("mallory@evil.example",)
+    await asyncio.sleep(0.3)
+    assert len(smtp_relay.messages) == 2  # the customer's follow-up is not acknowledged

@@ -1,0 +1,99 @@
+"""Red-team cases of which ticket a message joins: what a person types, and what a stranger tries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from intake.model import Channel, InboundMessage, Route, Severity
+from intake.policy import Policy
+from intake.ports import TicketFacts
+from intake.reference import References
+from intake.routing import place
+
+REFS = References()
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+POLICY = Policy(organisations={"acme": ("acme.com",)})
+
+
+def ticket(ref: str, requester: str = "alice@acme.com", org: str | None = "acme") -> TicketFacts:
+    return TicketFacts(
+        id=1,
+        reference=ref,
+        subject="printer",
+        channel=Channel.EMAIL,
+        requester=requester,
+        organisation=org,
+        severity=Severity.S3,
+        security=False,
+        alerted=False,
+        status="open",
+        created_at=NOW,
+        response_due=NOW,
+        participants=frozenset({requester}),
+    )
+
+
+def msg(sender: str, subject: str) -> InboundMessage:
+    return InboundMessage(channel=Channel.EMAIL, sender=sender, subject=subject)
+
+
+def _fullwidth(text: str) -> str:
+    return "".join(chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else ch for ch in text)
+
+
+# What mail clients, word processors, IMEs and copies from PDFs / web pages make of a reference a
+# person meant to type: fullwidth forms (CJK input methods), typographic dashes (autocorrect,
+# non-breaking hyphens from rendered text), invisible characters (copied from HTML), no-break
+# spaces. Each still carries the reference, as "any case" does.
+TYPED_FORMS = {
+    "fullwidth": lambda r: _fullwidth(r),
+    "non-breaking hyphen U+2011": lambda r: r.replace("-", "\u2011"),
+    "hyphen U+2010": lambda r: r.replace("-", "\u2010"),
+    "en dash": lambda r: r.replace("-", "\u2013"),
+    "em dash": lambda r: r.replace("-", "\u2014"),
+    "minus sign": lambda r: r.replace("-", "\u2212"),
+    "zero-width space inside": lambda r: r[:6] + "\u200b" + r[6:],
+    "soft hyphen inside": lambda r: r[:10] + "\u00ad" + r[10:],
+    "word joiner and BOM": lambda r: "\u2060" + r[:4] + "\ufeff" + r[4:],
+    "no-break spaces": lambda r: r.replace("-", "\u00a0"),
+    "fullwidth brackets": lambda r: "\uff3b" + r + "\uff3d",
+}
+
+
+@pytest.mark.parametrize("form", sorted(TYPED_FORMS))
+def test_a_reference_typed_with_unicode_look_alike_punctuation_or_width_is_found(form: str) -> None:
+    r = REFS.new()
+    typed = TYPED_FORMS[form](r)
+    subject = f"Re: printer [{typed}] still broken"
+    found = REFS.find(subject)
+    assert [f.reference for f in found] == [r], (form, typed)
+    # The text found is what the person typed, as it stands in the subject (so that it can be
+    # quoted or taken out of the subject again).
+    assert found[0].text in subject
+
+
+@pytest.mark.parametrize("form", sorted(TYPED_FORMS))
+def test_such_a_reference_joins_for_the_customer_and_never_for_a_stranger(form: str) -> None:
+    r = REFS.new()
+    t = ticket(r)
+    subject = f"Re: printer [{TYPED_FORMS[form](r)}]"
+    own = place(msg("alice@acme.com", subject), policy=POLICY, cited=REFS.find(subject), by_reference={r: t})
+    assert own.route is Route.REFERENCE and own.ticket == t, form
+    stranger = place(msg("mallory@evil.example", subject), policy=POLICY, cited=REFS.find(subject), by_reference={r: t})
+    assert stranger.route is Route.NEW and [x.ticket for x in stranger.refusals] == [t], form
+
+
+def test_a_mistyped_reference_in_fullwidth_is_told_as_mistyped() -> None:
+    code = REFS.new()[4:].replace("-", "")
+    typo = code[:7] + ("0" if code[7] != "0" else "1")
+    subject = f"Re: [{_fullwidth(f'SUP-{typo[:4]}-{typo[4:]}')}]"
+    [found] = REFS.find(subject)
+    assert found.reference is None and found.text in subject
+
+
+def test_words_stay_words_in_non_ascii_subjects() -> None:
+    fullwidth_superb = "\uff33\uff35\uff30\uff25\uff32\uff22"
+    for subject in ("Re: SUPERFICIAL question \u00e9", "SUPPORT\u2011ABCD\u2011EFGH", f"{fullwidth_superb} team"):
+        assert REFS.find(subject) == [], subject
