@@ -52,7 +52,7 @@ from intake.ports import (
     UnitOfWork,
 )
 from intake.reference import Found, References
-from intake.routing import Placement, place
+from intake.routing import Placement, may_be_told, place
 from intake.rules import PhraseMatcher, RuleSet
 
 log = logging.getLogger("intake.service")
@@ -166,6 +166,7 @@ class Receipt:
     acknowledged: bool = False
     alerted: bool = False  # this message queued the IRT alert
     escalated_to: str | None = None
+    disclosed: bool = True  # the sender may be told ``reference`` (see routing.may_be_told)
 
     @property
     def known_severity(self) -> int | None:
@@ -290,12 +291,14 @@ class IntakeService:
         now = a.received_at
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
+            ticket = uow.ticket_by_reference(dup.reference)
             return Receipt(
                 route=Route.DUPLICATE,
                 ticket_id=dup.ticket_id,
                 reference=dup.reference,
                 ack_note="duplicate delivery",
                 note="duplicate of a message already stored",
+                disclosed=ticket is not None and may_be_told(message, ticket, self.policy),
             )
         placement = self._place(uow, message, a)
         # Staff answering a ticket are recorded as staff replies; a staff member writing to

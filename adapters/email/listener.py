@@ -4,7 +4,8 @@ The handler translates and delegates: an SMTP transaction becomes InboundMessage
 accepted recipient), the service stores them, and the receipts become reply codes. Replies:
 
 ==========================  ===============================================================
-250 2.0.0                   stored (committed) - or already stored, for a redelivery
+250 2.0.0                   stored (committed) - or already stored, for a redelivery (the
+                            reference named only to a sender entitled to its ticket)
 451 4.3.0                   storage failed or an unexpected error: nothing half-stored, retry
 421 4.3.2 / 421 4.7.0       shutting down / too many connections: retry later
 421 4.4.2                   a time limit passed (silence, DATA phase, whole session); closed
@@ -83,6 +84,7 @@ log = logging.getLogger("intake.smtp")
 
 REPLY_STORED = "250 2.0.0 Ok: stored as {reference}"
 REPLY_DUPLICATE = "250 2.0.0 Ok: already stored as {reference}"
+REPLY_DUPLICATE_UNNAMED = "250 2.0.0 Ok: already stored"  # to a sender not entitled to the ticket
 REPLY_TRY_AGAIN = "451 4.3.0 Temporary failure storing the message, please try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, please try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, please try again later"
@@ -235,8 +237,12 @@ class IntakeHandler:
                 receipt = None
             else:
                 receipt = outcome
-                fmt = REPLY_DUPLICATE if receipt.route is Route.DUPLICATE else REPLY_STORED
-                reply = fmt.format(reference=receipt.reference)
+                if receipt.route is not Route.DUPLICATE:
+                    reply = REPLY_STORED.format(reference=receipt.reference)
+                elif receipt.disclosed:
+                    reply = REPLY_DUPLICATE.format(reference=receipt.reference)
+                else:
+                    reply = REPLY_DUPLICATE_UNNAMED
             replies.append(reply)
             self._log(msg, reply, receipt, time.perf_counter() - started)
         if self.config.protocol == "lmtp":

@@ -52,3 +52,15 @@ async def test_the_customer_typing_the_reference_in_unicode_forms_joins(  # type
     assert ref not in acks[1].content.decode() and acks[1].rcpt_tos == ("mallory@evil.example",)
     await asyncio.sleep(0.3)
     assert len(smtp_relay.messages) == 2  # the customer's follow-up is not acknowledged
+
+
+async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    # A colleague Cc'd on the customer's mail, or anyone who saw its headers, knows its Message-ID.
+    ref = ref_of((await intake.send(mail(message_id="<invoices-1@acme.com>", subject="Our invoices"))).text)
+    probe = await intake.send(mail(sender="mallory@evil.example", message_id="<invoices-1@acme.com>", subject="hi"))
+    assert probe.code == 250 and "already stored" in probe.text
+    assert ref not in probe.text and "SUP-" not in probe.text.upper()
+    assert len(intake.detail(ref)["messages"]) == 1
+    # The customer's own MTA redelivering still hears which ticket has it.
+    again = await intake.send(mail(message_id="<invoices-1@acme.com>", subject="Our invoices"))
+    assert "already stored" in again.text and ref_of(again.text) == ref

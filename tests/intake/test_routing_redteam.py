@@ -10,7 +10,7 @@ from intake.model import Channel, InboundMessage, Route, Severity
 from intake.policy import Policy
 from intake.ports import TicketFacts
 from intake.reference import References
-from intake.routing import place
+from intake.routing import may_be_told, place
 
 REFS = References()
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -97,3 +97,11 @@ def test_words_stay_words_in_non_ascii_subjects() -> None:
     fullwidth_superb = "\uff33\uff35\uff30\uff25\uff32\uff22"
     for subject in ("Re: SUPERFICIAL question \u00e9", "SUPPORT\u2011ABCD\u2011EFGH", f"{fullwidth_superb} team"):
         assert REFS.find(subject) == [], subject
+
+
+def test_only_someone_entitled_is_told_which_ticket_has_a_message() -> None:
+    t = ticket(REFS.new())
+    assert may_be_told(msg("alice@acme.com", ""), t, POLICY)
+    assert may_be_told(msg("carol@acme.com", ""), t, POLICY)
+    assert not may_be_told(msg("mallory@evil.example", ""), t, POLICY)
+    assert not may_be_told(msg("mailer-daemon@mx.evil.example", ""), t, POLICY)
