@@ -291,6 +291,31 @@ def _address_pairs(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
+    """(display name, address) of the message's author, and whether From was ambiguous.
+
+    The author's address decides who may join a ticket, so it is read as a DMARC check at the
+    border reads it, and nothing else: the one mailbox of From, as written (an address that
+    only appears once encoded words are decoded was never checked by anyone); of several
+    mailboxes (RFC 5322 §3.6.2), the one the Sender field names. A From field that holds
+    something address-like but not one readable mailbox ("alice@acme.com <evil@x.com>", the
+    address as an encoded word, several authors and no Sender among them) is ambiguous: no
+    author. Only a From without anything address-like falls back to Sender, then the envelope.
+    """
+    values = headers.all("from")
+    pairs = _getaddresses(values)
+    if len(pairs) == 1:
+        return pairs[0], False
+    if len(pairs) > 1:
+        named = {address for _, address in _getaddresses(headers.all("sender"))}
+        chosen = [pair for pair in pairs if pair[1] in named]
+        return (chosen[0], False) if len(chosen) == 1 else (None, True)
+    if any("@" in value or "@" in _decode_words(value) for value in values):
+        return None, True
+    sender = _address_pairs(headers.all("sender"))
+    return (sender[0], False) if sender else (None, False)
+
+
 def _simple_addresses(values: list[str]) -> list[tuple[str, str]] | None:
     """What ``email.utils.getaddresses`` returns for plain lists ("Jane Doe <jd@example.com>,
     x@example.org"), or None for anything else (quotes, comments, groups, encoded words,
@@ -686,9 +711,11 @@ def _build(
         problems.append("no header fields found")
 
     sender_name = ""
-    author = _address_pairs(headers.all("from")) or _address_pairs(headers.all("sender"))
-    if author:
-        sender_name, sender = author[0]
+    author, ambiguous = _author(headers)
+    if author is not None:
+        sender_name, sender = author
+    elif ambiguous:
+        sender = ""  # no one's identity: joins no ticket on anyone's behalf, and is not answered
     else:
         sender = _bare(delivery.envelope_sender)
 

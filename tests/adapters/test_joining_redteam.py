@@ -4,6 +4,7 @@ and a stranger's tricks. What a stranger learns from intake's answers is checked
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,41 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
     # The customer's own MTA redelivering still hears which ticket has it.
     again = await intake.send(mail(message_id="<invoices-1@acme.com>", subject="Our invoices"))
     assert "already stored" in again.text and ref_of(again.text) == ref
+
+
+@pytest.mark.parametrize(
+    "from_header",
+    [
+        "alice@acme.com <mallory@evil.example>",  # an address as an unquoted display name
+        "<alice@acme.com>mallory@evil.example",
+        "=?utf-8?b?" + base64.b64encode(b"alice@acme.com").decode() + "?=",  # the address as an encoded word
+        "=?utf-8?q?alice=40acme.com?=",
+    ],
+    ids=["unquoted-name", "angle-then-bare", "b-encoded-address", "q-encoded-address"],
+)
+async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identity(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, from_header: str
+) -> None:
+    """What a DMARC check at the border reads as the author (the angle address, or no valid
+    address at all) must not be read by intake as the customer's address: such a From joins no
+    ticket on anyone's behalf."""
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    await smtp_relay.wait_for(1)
+    reply = await intake.send(
+        raw_mail(from_header, f"Re: Our invoices [{ref}]", "spoof-1@evil.example"), mail_from="mallory@evil.example"
+    )
+    assert reply.code == 250 and ref_of(reply.text) != ref
+    assert len(intake.detail(ref)["messages"]) == 1
+    assert intake.detail(ref)["participants"] == ["alice@acme.com"]
+    await asyncio.sleep(0.3)
+    assert all(m.rcpt_tos != ("alice@acme.com",) for m in smtp_relay.messages[1:])
+
+
+async def test_several_authors_with_a_sender_field_are_that_sender(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    head = (
+        "From: alice@acme.com, mallory@evil.example\r\nSender: mallory@evil.example\r\nTo: support@example.com\r\n"
+        f"Subject: Re: Our invoices [{ref}]\r\nMessage-ID: <two-authors@evil.example>\r\n\r\nhi\r\n"
+    )
+    reply = await intake.send(head.encode(), mail_from="mallory@evil.example")
+    assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
