@@ -96,8 +96,55 @@ PUBLIC_MAIL_DOMAINS: frozenset[str] = frozenset(
         "163.com",
         "126.com",
         "mail.ru",
+        # Internet providers' mailboxes, and more free ones: anyone who pays for a line or signs up.
+        "orange.fr",
+        "wanadoo.fr",
+        "free.fr",
+        "sfr.fr",
+        "laposte.net",
+        "t-online.de",
+        "freenet.de",
+        "libero.it",
+        "virgilio.it",
+        "tiscali.it",
+        "btinternet.com",
+        "sky.com",
+        "virginmedia.com",
+        "comcast.net",
+        "verizon.net",
+        "att.net",
+        "sbcglobal.net",
+        "cox.net",
+        "charter.net",
+        "bigpond.com",
+        "shaw.ca",
+        "rogers.com",
+        "naver.com",
+        "daum.net",
+        "rediffmail.com",
+        "seznam.cz",
+        "wp.pl",
+        "o2.pl",
+        "interia.pl",
+        "rambler.ru",
+        "bk.ru",
+        "list.ru",
+        "inbox.ru",
+        "pm.me",
+        "tuta.io",
+        "hey.com",
+        "gmx.ch",
+        "gmx.at",
     }
 )
+
+# Providers that give mailboxes under many country domains (hotmail.fr, yahoo.co.jp, gmx.at):
+# "<brand>.<country suffix>" is theirs whatever the suffix.
+PUBLIC_MAIL_BRANDS: frozenset[str] = frozenset(
+    {"gmail", "googlemail", "yahoo", "ymail", "hotmail", "outlook", "live", "msn", "aol", "gmx", "yandex", "zoho"}
+)
+# A country suffix: "fr", "de", "co.uk", "com.br" (one or two labels of at most three letters).
+_COUNTRY_SUFFIX = re.compile(r"[a-z]{2,3}(?:\.[a-z]{2,3})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +216,11 @@ class Policy:
         return None
 
     def is_public_domain(self, domain: str) -> bool:
-        return domain.lower() in self.public_mail_domains
+        domain = domain.lower().rstrip(".")
+        if domain in self.public_mail_domains:
+            return True
+        brand, _, suffix = domain.partition(".")
+        return brand in PUBLIC_MAIL_BRANDS and _COUNTRY_SUFFIX.fullmatch(suffix) is not None
 
     def plan_of(self, organisation: str | None) -> Plan:
         name = self.organisation_plans.get(organisation or "", self.default_plan)

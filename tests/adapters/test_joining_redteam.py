@@ -103,3 +103,10 @@ async def test_several_authors_with_a_sender_field_are_that_sender(intake, smtp_
     )
     reply = await intake.send(head.encode(), mail_from="mallory@evil.example")
     assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
+
+
+async def test_a_stranger_at_the_customers_mail_provider_is_refused(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    ref = ref_of((await intake.send(mail(sender="Alice <alice@hotmail.fr>", subject="Mon compte"))).text)
+    reply = await intake.send(mail(sender="mallory@hotmail.fr", subject=f"RE: Mon compte [{ref}]"))
+    assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
+    assert any("mallory@hotmail.fr" in n["text"] for n in intake.detail(ref)["notes"])

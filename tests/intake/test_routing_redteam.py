@@ -105,3 +105,27 @@ def test_only_someone_entitled_is_told_which_ticket_has_a_message() -> None:
     assert may_be_told(msg("carol@acme.com", ""), t, POLICY)
     assert not may_be_told(msg("mallory@evil.example", ""), t, POLICY)
     assert not may_be_told(msg("mailer-daemon@mx.evil.example", ""), t, POLICY)
+
+
+@pytest.mark.parametrize(
+    "domain",
+    ["hotmail.fr", "hotmail.de", "outlook.de", "live.fr", "yahoo.de", "yahoo.com.br", "gmx.at", "yandex.ua",
+     "aol.co.uk", "orange.fr", "wanadoo.fr", "t-online.de", "libero.it", "btinternet.com", "comcast.net", "pm.me"],
+)  # fmt: skip
+def test_a_stranger_at_the_same_public_mail_provider_is_no_colleague(domain: str) -> None:
+    """The listed providers exist under many country domains (hotmail.es is listed, hotmail.fr is
+    the same service), and big ISPs give addresses to anyone who pays for a line."""
+    r = REFS.new()
+    t = ticket(r, requester=f"alice@{domain}", org=None)
+    m = msg(f"mallory@{domain}", f"Re: [{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t})
+    assert p.route is Route.NEW and [x.ticket for x in p.refusals] == [t], domain
+
+
+@pytest.mark.parametrize("domain", ["small.io", "mail.smallco.com", "hotmailer.fr", "live-events.de", "acmeyahoo.com"])
+def test_a_company_domain_still_makes_colleagues(domain: str) -> None:
+    r = REFS.new()
+    t = ticket(r, requester=f"alice@{domain}", org=None)
+    m = msg(f"frank@{domain}", f"Re: [{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t})
+    assert p.route is Route.REFERENCE and "same domain as the requester" in p.note, domain
