@@ -59,6 +59,7 @@ class TicketFacts:
 class Duplicate:
     ticket_id: int
     reference: str
+    sender: str = ""  # the sender of the copy already stored
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,14 +291,19 @@ class IntakeService:
         now = a.received_at
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
-            ticket = uow.ticket_by_reference(dup.reference)
+            # A redelivery comes from the sender of the copy stored: it hears the reference at no
+            # extra cost. Anyone else re-sending that Message-ID only if entitled to the ticket.
+            told = bool(message.sender) and message.sender == dup.sender
+            if not told:
+                ticket = uow.ticket_by_reference(dup.reference)
+                told = ticket is not None and may_be_told(message, ticket, self.policy)
             return Receipt(
                 route=Route.DUPLICATE,
                 ticket_id=dup.ticket_id,
                 reference=dup.reference,
                 ack_note="duplicate delivery",
                 note="duplicate of a message already stored",
-                disclosed=ticket is not None and may_be_told(message, ticket, self.policy),
+                disclosed=told,
             )
         placement = self._place(uow, message, a)
         # Staff answering a ticket are recorded as staff replies; a staff member writing to

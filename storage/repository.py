@@ -92,7 +92,7 @@ _INSERT_TICKET = insert(ticket)
 _INSERT_MESSAGE = insert(message)
 _INSERT_OUTBOX = insert(outbox)
 _FIND_DUPLICATE = (
-    select(message.c.ticket_id, ticket.c.reference)
+    select(message.c.ticket_id, ticket.c.reference, message.c.sender)
     .join(ticket, ticket.c.id == message.c.ticket_id)
     .where(message.c.recipient == bindparam("recipient"), message.c.dedup_key == bindparam("dedup_key"))
 )
@@ -143,18 +143,20 @@ def _ignoring(dialect: str, table: Any) -> Insert:
 # held each other's deliveries (PostgreSQL then aborted a whole group, every message in it
 # answered 451, after deadlock_timeout).
 _PG_FIND_DUPLICATE = text(
-    "SELECT pg_try_advisory_xact_lock(:lock) AS free, d.ticket_id, d.reference "
+    "SELECT pg_try_advisory_xact_lock(:lock) AS free, d.ticket_id, d.reference, d.sender "
     "FROM (SELECT 1) AS one LEFT JOIN ("
-    "SELECT message.ticket_id, ticket.reference FROM message JOIN ticket ON ticket.id = message.ticket_id "
+    "SELECT message.ticket_id, ticket.reference, message.sender FROM message "
+    "JOIN ticket ON ticket.id = message.ticket_id "
     "WHERE message.recipient = :recipient AND message.dedup_key = :dedup_key"
     ") AS d ON true"
 ).bindparams(bindparam("lock", type_=BigInteger))
 
 # The same lookup as PgWire sends it, with ids for the inserts written behind (storage.pgwire).
 _WIRE_FIND_DUPLICATE = (
-    f"SELECT pg_try_advisory_xact_lock(%s::bigint) AS free, d.ticket_id, d.reference, {NEXT_IDS} "
+    f"SELECT pg_try_advisory_xact_lock(%s::bigint) AS free, d.ticket_id, d.reference, d.sender, {NEXT_IDS} "
     "FROM (SELECT 1) AS one LEFT JOIN ("
-    "SELECT message.ticket_id, ticket.reference FROM message JOIN ticket ON ticket.id = message.ticket_id "
+    "SELECT message.ticket_id, ticket.reference, message.sender FROM message "
+    "JOIN ticket ON ticket.id = message.ticket_id "
     "WHERE message.recipient = %s AND message.dedup_key = %s"
     ") AS d ON true"
 )
@@ -306,21 +308,21 @@ class SqlUnitOfWork:
         if self.dialect == "postgresql":
             return self._pg_find_duplicate(recipient, dedup_key)
         row = self._first(_FIND_DUPLICATE, {"recipient": recipient, "dedup_key": dedup_key})
-        return Duplicate(ticket_id=row[0], reference=row[1]) if row else None
+        return Duplicate(ticket_id=row[0], reference=row[1], sender=row[2]) if row else None
 
     def _pg_find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None:
         params = {"lock": _delivery_lock(recipient, dedup_key), "recipient": recipient, "dedup_key": dedup_key}
         if self.wire is not None:
             # One round trip with BEGIN and whatever the units before this one wrote.
             ids = self.wire.ids
-            free, ticket_id, reference, *fresh = self.wire.query(
+            free, ticket_id, reference, sender, *fresh = self.wire.query(
                 _WIRE_FIND_DUPLICATE, (params["lock"], *ids.wanted(), recipient, dedup_key)
             )[0]
             ids.add(fresh)
         else:
-            free, ticket_id, reference = self.conn.execute(_PG_FIND_DUPLICATE, params).one()
+            free, ticket_id, reference, sender = self.conn.execute(_PG_FIND_DUPLICATE, params).one()
         if ticket_id is not None:
-            return Duplicate(ticket_id=ticket_id, reference=reference)
+            return Duplicate(ticket_id=ticket_id, reference=reference, sender=sender)
         if free:
             return None
         # Another transaction (another instance) is storing this delivery right now. Do not
