@@ -307,6 +307,10 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     if len(pairs) == 1:
         return pairs[0], False
     if len(pairs) > 1:
+        if len({address for _, address in pairs}) == 1:
+            # "alice@acme.com <alice@acme.com>", as some mailers and web forms write it: the
+            # address as its own display name, unquoted. One mailbox named twice is that one.
+            return ("", pairs[0][1]), False
         named = {address for _, address in _getaddresses(headers.all("sender"))}
         chosen = [pair for pair in pairs if pair[1] in named]
         return (chosen[0], False) if len(chosen) == 1 else (None, True)

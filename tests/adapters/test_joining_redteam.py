@@ -110,3 +110,15 @@ async def test_a_stranger_at_the_customers_mail_provider_is_refused(intake, smtp
     reply = await intake.send(mail(sender="mallory@hotmail.fr", subject=f"RE: Mon compte [{ref}]"))
     assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
     assert any("mallory@hotmail.fr" in n["text"] for n in intake.detail(ref)["notes"])
+
+
+async def test_the_address_written_as_its_own_display_name_is_the_customer(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Some mailers and web forms write ``From: alice@acme.com <alice@acme.com>``: one mailbox
+    named twice is that mailbox, acknowledged and entitled, not an ambiguous author."""
+    first = await intake.send(raw_mail("alice@acme.com <alice@acme.com>", "Our invoices", "twice-1@acme.com"))
+    ref = ref_of(first.text)
+    acks = await smtp_relay.wait_for(1)
+    assert acks[0].rcpt_tos == ("alice@acme.com",)
+    assert intake.detail(ref)["requester"].endswith("alice@acme.com")
+    again = await intake.send(raw_mail("ALICE@acme.com <alice@ACME.com>", f"Re: [{ref}]", "twice-2@acme.com"))
+    assert ref_of(again.text) == ref and len(intake.detail(ref)["messages"]) == 2
