@@ -720,6 +720,7 @@ def _build(
         sender_name, sender = author
     elif ambiguous:
         sender = ""  # no one's identity: joins no ticket on anyone's behalf, and is not answered
+        problems.append("the From field does not give one readable author address: not answered, joins no ticket")
     else:
         sender = _bare(delivery.envelope_sender)
 

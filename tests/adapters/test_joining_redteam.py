@@ -91,6 +91,8 @@ async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identi
     assert reply.code == 250 and ref_of(reply.text) != ref
     assert len(intake.detail(ref)["messages"]) == 1
     assert intake.detail(ref)["participants"] == ["alice@acme.com"]
+    spoof = intake.detail(ref_of(reply.text))["messages"][0]
+    assert "does not give one readable author" in spoof["parse_problem"]  # staff see why
     await asyncio.sleep(0.3)
     assert all(m.rcpt_tos != ("alice@acme.com",) for m in smtp_relay.messages[1:])
 

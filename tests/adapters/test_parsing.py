@@ -77,8 +77,12 @@ def test_every_corpus_file_parses_and_keeps_its_bytes(name: str) -> None:
     raw = (CORPUS / name).read_bytes()
     msg = parse(raw, envelope_sender="bounces@example.org")
     assert_well_formed(msg, raw)
-    # Nothing in the corpus needs a fallback: mail-parser plus salvage reads all of it.
-    assert msg.parse_problem is None or msg.parse_problem.startswith("multipart not closed")
+    # Nothing in the corpus needs a fallback: mail-parser plus salvage reads all of it. Three
+    # files have a From that names no one author: mail-parser's own spoof case ("alice@x <bob@x>")
+    # and two bounces from <"System Administrator"@example.com>; that is said, not hidden.
+    assert msg.parse_problem is None or msg.parse_problem.startswith(
+        ("multipart not closed", "the From field does not give one readable author")
+    )
     assert len(msg.new_text) <= len(msg.body)
 
 
