@@ -176,6 +176,21 @@ def _defer_wal_sync(conn: Connection) -> str | None:
     return f"{path}-wal"
 
 
+def _database_file(conn: Connection) -> tuple[str | None, tuple[int, int] | None]:
+    """The main database file of a SQLite connection and its (device, inode); (None, None) for
+    an in-memory database."""
+    db: Any = conn.connection.driver_connection
+    files = {name: path for _, name, path in db.execute("PRAGMA database_list").fetchall()}
+    path = files.get("main") or ""
+    if not path:
+        return None, None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return path, (st.st_dev, st.st_ino)
+
+
 def create_schema(engine: Engine) -> None:
     """Create or upgrade the schema through the migrations (the same path as `intake db upgrade`)."""
     from storage import schema
@@ -246,6 +261,10 @@ class SqlStore:
         self.commit_seconds = 0.0  # SQLite: moving average of a COMMIT's own duration, its sync included
         self._wal_path: str | None = None  # SQLite in WAL mode: the log the store syncs after COMMIT
         self._wal_fd: int | None = None  # open on _wal_path while the store's connection is
+        # SQLite: the database file the writer's connection opened, and its (device, inode): a
+        # file deleted or replaced under an open connection takes every later commit with it.
+        self._db_file: str | None = None
+        self._db_id: tuple[int, int] | None = None
         self.units = 0
         # PostgreSQL: the writer's connection runs in autocommit mode and a PgWire drives its
         # transaction (BEGIN with the first statement, inserts written behind, COMMIT with the
@@ -390,6 +409,7 @@ class SqlStore:
             started = time.perf_counter()
             trans.commit()
             self._sync_wal()
+            self._check_same_file()
             return time.perf_counter() - started
 
         if self.commit_seconds <= _COMMIT_ON_LOOP_MAX:
@@ -434,6 +454,48 @@ class SqlStore:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
             raise OSError(exc.errno, f"committed, but the sync of the write-ahead log failed: {exc.strerror}") from exc
+
+    def _check_same_file(self) -> None:
+        """Raise unless the file at the database's path is still the one the connection has open.
+
+        After `rm intake.db` (or a backup moved over it) SQLite goes on committing into the
+        file it holds open, which is gone from the directory: nothing of it survives the
+        connection. A group that committed there must be told to try again, not 250; the next
+        connection opens whatever is at the path (one stat a group: microseconds).
+        """
+        if self._db_file is None:
+            return
+        try:
+            st = os.stat(self._db_file)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._db_id:
+            raise OSError(
+                f"{self._db_file} was deleted or replaced while intake had it open: this commit went to the old file"
+            )
+
+    def _refuse_another_file(self) -> None:
+        """Before the writer connects again: the file at the path must be the one it had.
+
+        Missing, connecting would make a new, empty database (no schema) in its place. Replaced
+        (a backup moved over it while intake ran), a connection to the new file would read the
+        old file's write-ahead log, still at the same path, as its own (SQLite leaves that log
+        behind when its database was moved or deleted). Until intake is restarted, every commit
+        is refused (451: the senders keep their messages), and the log says what to remove.
+        """
+        assert self._db_file is not None
+        try:
+            st = os.stat(self._db_file)
+        except FileNotFoundError:
+            raise OSError(
+                f"{self._db_file} is gone (deleted while intake ran?): stop intake, remove its -wal and -shm"
+                " files, restore it or run `intake db upgrade`"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._db_id:
+            raise OSError(
+                f"{self._db_file} was replaced while intake ran: stop intake, remove its -wal and -shm files"
+                " (the old file's), start it"
+            )
 
     def _close_wal(self) -> None:
         if self._wal_fd is not None:
@@ -506,10 +568,13 @@ class SqlStore:
 
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
+            if self._db_file is not None:
+                self._refuse_another_file()
             conn = self.engine.connect()
             if self.on_loop:
                 self._close_wal()  # a descriptor from the connection before belongs to its log
                 self._wal_path = _defer_wal_sync(conn)
+                self._db_file, self._db_id = _database_file(conn)
             if self._wired:
                 conn.execution_options(isolation_level="AUTOCOMMIT")  # the wire sends BEGIN and COMMIT
                 pg: Any = conn.connection.driver_connection  # psycopg's Connection
