@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +92,8 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the email listener and the outbox dispatcher until Ctrl-C / SIGTERM."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from adapters import bootstrap
 
     settings = _settings(ctx)
@@ -100,6 +103,9 @@ def serve(ctx: click.Context) -> None:
         app = bootstrap.build(settings, create_tables=False)
     except IntakeError as exc:
         _fail(exc)
+    except SQLAlchemyError as exc:  # unreachable, unreadable, not a database: one line, as the read commands say it
+        where = bootstrap.redact(settings.storage.url)
+        _fail(IntakeError(f"cannot open the database {where}: {_db_problem(settings, exc)}"))
 
     def ready(line: str) -> None:
         click.echo(line, err=False)
@@ -108,6 +114,8 @@ def serve(ctx: click.Context) -> None:
     try:
         bootstrap.run_loop(settings, bootstrap.serve(app, ready=ready))
     except OSError as exc:
+        if exc.strerror is None:  # not the socket's own error: a listener process that did not start, say
+            _fail(IntakeError(str(exc)))
         _fail(
             ConfigError(f"cannot listen on {settings.email.listen_host}:{settings.email.listen_port}: {exc.strerror}")
         )
@@ -126,6 +134,33 @@ def _require_database(settings: Settings) -> None:
             _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it"))
 
 
+def _sqlite_file(settings: Settings) -> Path | None:
+    """The database file of a SQLite URL (None for PostgreSQL, an in-memory or URI database)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.storage.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and "uri" not in url.query:
+        return Path(url.database).absolute()
+    return None
+
+
+def _db_problem(settings: Settings, exc: BaseException) -> str:
+    """The first line of the driver's error, and for SQLite's "unable to open database file"
+    what is wrong with the directory (it says neither which nor why)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    problem = (text[0] if text else type(exc).__name__)[:200]
+    path = _sqlite_file(settings)
+    if path is not None and "unable to open" in problem:
+        if not path.parent.is_dir():
+            problem += f" (the directory {path.parent} does not exist)"
+        elif not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            problem += (
+                f" ({path} or its directory is not writable by this user: SQLite writes"
+                f" {path.name}-wal and {path.name}-shm beside it)"
+            )
+    return problem
+
+
 def _store(settings: Settings) -> Any:
     """The store for a command that reads (and `intake db` has made)."""
     from storage import schema
@@ -140,7 +175,7 @@ def _store(settings: Settings) -> Any:
         _fail(exc)
     except Exception as exc:  # the database is unreachable
         store.dispose()
-        _fail(IntakeError(f"cannot open the database: {str(exc).splitlines()[0][:200]}"))
+        _fail(IntakeError(f"cannot open the database: {_db_problem(settings, exc)}"))
     return store
 
 
@@ -158,11 +193,19 @@ def db_upgrade(ctx: click.Context) -> None:
     from storage.store import make_engine
 
     settings = _settings(ctx)
+    path = _sqlite_file(settings)
+    if path is not None and not path.parent.is_dir():  # SQLite would say only "unable to open database file"
+        _fail(
+            IntakeError(
+                f"cannot create {path}: the directory {path.parent} does not exist (create it, owned by the user"
+                " intake runs as)"
+            )
+        )
     engine = make_engine(settings.storage.url)
     try:
         before, after = schema.upgrade(engine)
     except Exception as exc:
-        _fail(IntakeError(f"cannot upgrade {redact(settings.storage.url)}: {str(exc).splitlines()[0][:200]}"))
+        _fail(IntakeError(f"cannot upgrade {redact(settings.storage.url)}: {_db_problem(settings, exc)}"))
     finally:
         engine.dispose()
     if before == after:

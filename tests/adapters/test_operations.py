@@ -9,10 +9,12 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from adapters import bootstrap
 from adapters.cli import main
 from intake.errors import StorageUnavailableError
 from storage.store import SqlStore
@@ -33,6 +35,56 @@ def _config(tmp_path: Path, url: str, extra: str = "") -> Path:
     cfg = tmp_path / "intake.toml"
     cfg.write_text(f'[storage]\nurl = "{url}"\n[email]\nlisten_port = {free_port()}\n{extra}')
     return cfg
+
+
+def test_serve_on_a_file_that_is_not_a_database_says_so_without_a_traceback(tmp_path: Path) -> None:
+    """A database file replaced by something else (a truncated copy, the wrong file restored):
+    `serve` printed 120 lines of SQLAlchemy traceback; the read commands said it in one line."""
+    db = tmp_path / "intake.db"
+    db.write_bytes(b"this is not an SQLite database, just some text " * 100)
+    cfg = _config(tmp_path, f"sqlite:///{db}")
+    code, out = cli("--config", str(cfg), "serve")
+    assert code == 2, out
+    assert "Traceback" not in out
+    assert f"cannot open the database sqlite:///{db}" in out and "file is not a database" in out
+
+
+def test_serve_on_an_unreachable_postgresql_says_so_without_a_traceback(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, f"postgresql+psycopg://intake:secret@127.0.0.1:{free_port()}/intake")
+    code, out = cli("--config", str(cfg), "serve")
+    assert code == 2, out
+    assert "Traceback" not in out and "secret" not in out
+    assert "cannot open the database postgresql+psycopg://intake:***@127.0.0.1" in out
+
+
+def test_db_upgrade_names_a_missing_directory(tmp_path: Path) -> None:
+    """`serve` says `intake db upgrade` creates the database; in a directory that does not
+    exist, `db upgrade` then said only SQLite's "unable to open database file"."""
+    db = tmp_path / "nodir" / "intake.db"
+    cfg = _config(tmp_path, f"sqlite:///{db}")
+    code, out = cli("--config", str(cfg), "db", "upgrade")
+    assert code == 2, out
+    assert f"the directory {db.parent} does not exist" in out
+    assert not db.parent.exists()  # said, not guessed: the operator chooses where it goes
+
+
+def test_a_listener_process_that_does_not_start_is_named_not_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second listener process that died while starting (its interpreter not executable by
+    the service user, say) ended `serve` with "cannot listen on 127.0.0.1:2525: None"."""
+    cfg = _config(tmp_path, f"sqlite:///{tmp_path}/intake.db")
+    assert cli("--config", str(cfg), "db", "upgrade")[0] == 0
+
+    def run_loop(settings: Any, coro: Any) -> None:
+        coro.close()
+        raise OSError("email listener 2 did not start: it exited while starting")
+
+    monkeypatch.setattr(bootstrap, "run_loop", run_loop)
+    code, out = cli("--config", str(cfg), "serve")
+    assert code == 2, out
+    assert "None" not in out
+    assert "email listener 2 did not start: it exited while starting" in out
 
 
 async def test_a_database_file_deleted_while_serving_answers_try_again_not_250(
