@@ -361,9 +361,20 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         log.info("email listener 1 pinned to CPU %s", cpus.pin_listener(1))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def stop_on(sig: signal.Signals) -> None:
+        # SIGHUP is a closed terminal, or a `kill -HUP` meant as "reload": a clean stop either
+        # way (by default it killed this process on the spot, in-flight sessions and all).
+        why = " (intake has no reload: the configuration is read when it starts)" if sig == signal.SIGHUP else ""
+        log.info("%s received: stopping%s", sig.name, why)
+        stopping.set()
+
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # under nohup it stays ignored
+        handled.append(signal.SIGHUP)
+    for sig in handled:
         try:
-            loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(sig, stop_on, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     await start(app)
@@ -416,7 +427,7 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
         await asyncio.wait_for(sla_task, timeout=5.0)
         if pool is not None:
             await asyncio.to_thread(pool.close)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in handled:
             try:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
@@ -578,7 +589,8 @@ def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, nu
     """Entry point of an email listener child process (see ListenerProcesses)."""
     from adapters.cli import setup_logging
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a hang-up are the parent's to handle
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(settings)
     if cpus.wanted(settings.email.pin_listeners, settings.email.listener_processes):
         log.info("email listener %d pinned to CPU %s", number, cpus.pin_listener(number))
@@ -766,6 +778,7 @@ def outbox_settings(settings: Settings) -> Settings:
 
 def _dispatcher_main(settings: Settings, wake: Any) -> None:
     """Entry point of the dispatcher process."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hang-up is the parent's to handle (it stops us)
     cpus.unpin()  # (email.pin_listeners) started by a pinned listener: free to run anywhere
     _lower_priority(settings.outbound.process_nice)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)

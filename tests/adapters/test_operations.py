@@ -4,9 +4,12 @@ traceback or a 250 for a message that is not stored."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,3 +139,43 @@ async def test_a_database_file_replaced_while_open_refuses_commits_until_restart
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT count(*) FROM message").fetchone()[0] == 0  # the restored file, untouched
+
+
+@pytest.mark.parametrize("hangup", ["serving process", "process group"])
+async def test_sighup_stops_cleanly_and_says_why(tmp_path: Path, smtp_relay: RelayStandIn, hangup: str) -> None:
+    """SIGHUP (the terminal of `./scripts/run` closed, or a `kill -HUP` meant as "reload")
+    killed the serving process on the spot: no log line, no 421 to sessions in flight, and the
+    listener and outbox processes died under it or were left to notice it was gone."""
+    port = free_port()
+    cfg = tmp_path / "intake.toml"
+    cfg.write_text(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/intake.db"\n[email]\nlisten_port = {port}\nlistener_processes = 2\n'
+        f'[outbound]\nrelay_port = {smtp_relay.port}\ndispatcher = "process"\n'
+    )
+    await asyncio.to_thread(
+        subprocess.run, [*INTAKE, "--config", str(cfg), "db", "upgrade"], check=True, capture_output=True, timeout=60
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *INTAKE, "--config", str(cfg), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert b"listening on" in line
+        while b"email listener 2 started" not in await asyncio.wait_for(proc.stderr.readline(), 60):
+            pass
+        if hangup == "process group":
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            proc.send_signal(signal.SIGHUP)
+        out, err = await asyncio.wait_for(proc.communicate(), 40)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"SIGHUP" in err and b"shutting down" in err
+    assert b"intake stopped" in out
+    assert b"restarting it" not in err and b"Traceback" not in err
