@@ -99,6 +99,15 @@ def serve(ctx: click.Context) -> None:
     settings = _settings(ctx)
     setup_logging(settings)
     _require_database(settings)
+    path = _sqlite_file(settings)
+    if path is not None and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
+        # It would listen, and answer 451 to every message ("attempt to write a readonly database").
+        _fail(
+            IntakeError(
+                f"cannot write {path}: it or its directory is read-only for this user (SQLite also writes"
+                f" {path.name}-wal and {path.name}-shm beside it)"
+            )
+        )
     try:
         app = bootstrap.build(settings, create_tables=False)
     except IntakeError as exc:

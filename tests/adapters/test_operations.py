@@ -60,6 +60,20 @@ def test_serve_on_an_unreachable_postgresql_says_so_without_a_traceback(tmp_path
     assert "cannot open the database postgresql+psycopg://intake:***@127.0.0.1" in out
 
 
+def test_serve_refuses_a_database_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database (or its directory) read-only for the service user: serve listened all the
+    same and answered 451 to every message, "attempt to write a readonly database" in its log.
+    (The tests run as root, for whom chmod changes nothing: os.access answers as for another user.)"""
+    db = tmp_path / "intake.db"
+    cfg = _config(tmp_path, f"sqlite:///{db}")
+    assert cli("--config", str(cfg), "db", "upgrade")[0] == 0
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == db else real_access(p, mode))
+    code, out = cli("--config", str(cfg), "serve")
+    assert code == 2, out
+    assert f"cannot write {db}: it or its directory is read-only for this user" in out
+
+
 def test_db_upgrade_names_a_missing_directory(tmp_path: Path) -> None:
     """`serve` says `intake db upgrade` creates the database; in a directory that does not
     exist, `db upgrade` then said only SQLite's "unable to open database file"."""
