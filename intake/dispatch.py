@@ -132,10 +132,17 @@ class Dispatcher:
     # Seconds between checks of an unavailable channel, at most (from backoff_base, doubling):
     # how long its notes may wait after it is back.
     check_cap: float = 60.0
+    storage_retry: float = 1.0  # seconds before trying storage again, doubling up to storage_retry_cap
+    storage_retry_cap: float = 10.0
     warn_every: float = 600.0  # seconds between "still unavailable" warnings of one outage
     _wakes: dict[str, asyncio.Event] = field(default_factory=lambda: {c: asyncio.Event() for c in CHANNELS})
     _stopping: bool = False
     _outages: dict[str, _Outage] = field(default_factory=dict)
+    # Outcomes known but not recorded: their commit failed (the disk full, the database down).
+    # They are recorded before anything is claimed again. Dropped, their notes stayed claimed
+    # and went a second time once their lease ran out (a disk-full run sent three
+    # acknowledgements twice, two minutes apart).
+    _held: list[SendResult] = field(default_factory=list)
 
     def wake(self) -> None:
         """Something was committed: claim what is due now. Without a chat sender the chat
@@ -165,16 +172,44 @@ class Dispatcher:
             for check in checks:
                 check.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
+            if self._held:  # a last try: what stays unrecorded goes again after its lease
+                try:
+                    await self._record_held()
+                except Exception as exc:
+                    log.warning(
+                        "outbox: the outcomes of %d sent note(s) could not be recorded (%s); they will be sent again",
+                        len(self._held),
+                        exc,
+                    )
+
+    async def _record_held(self) -> None:
+        """Record the outcomes a failed commit left (see ``_held``); on failure they stay held."""
+        if not self._held:
+            return
+        batch = self._held.copy()
+        self._held.clear()
+        try:
+            await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
+        except BaseException:
+            self._held[:0] = batch
+            raise
+        log.info("outbox: recorded the outcomes of %d note(s) held while storage was unavailable", len(batch))
 
     async def _run(self, channel: str) -> None:
         wake = self._wakes[channel]
+        failures = 0  # storage found unavailable in a row
         while not self._stopping:
             try:
                 sent = await self.run_once((channel,))
+                failures = 0
             except StorageUnavailableError as exc:
-                log.warning("outbox: storage unavailable (%s); retrying shortly", exc)
-                sent = 0
-                await asyncio.sleep(1.0)
+                # Again soon (outcomes may be held, notes due), not after an idle wait; the
+                # pause doubles so that a full disk does not fill the log too.
+                delay = min(self.storage_retry * 2**failures, self.storage_retry_cap)
+                failures += 1
+                log.warning("outbox: storage unavailable (%s); retrying in %s", exc, _duration(delay))
+                await asyncio.sleep(delay)
+                continue
             except Exception:
                 log.exception("outbox: unexpected error; continuing")
                 sent = 0
@@ -191,6 +226,7 @@ class Dispatcher:
     async def run_once(self, channels: Sequence[str] = CHANNELS) -> int:
         """Claim the due entries of ``channels``, send them, record the outcomes. Returns how
         many were tried."""
+        await self._record_held()  # before any claim: a held note must not be claimed and sent again
         channels = self._open_channels(channels)
         if not channels:
             return 0
@@ -221,7 +257,11 @@ class Dispatcher:
             batch = unrecorded.copy()
             unrecorded.clear()
             flush = None  # an outcome from now on schedules the next commit
-            await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
+            try:
+                await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
+            except BaseException:
+                self._held.extend(batch)  # recorded before the next claim (see _held)
+                raise
 
         async def one(item: OutboxItem) -> SendResult:
             nonlocal flush

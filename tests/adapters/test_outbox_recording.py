@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert
 
+from intake.errors import StorageUnavailableError
 from storage.store import SqlStore
 from storage.tables import outbox
 from tests.adapters.conftest import RelayStandIn
@@ -108,3 +109,56 @@ async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smt
         rows = db.execute("SELECT status, last_error FROM outbox WHERE recipient = 'old@acme.com'").fetchall()
     assert len(rows) == 1 and rows[0][0] == "failed"
     assert rows[0][1].startswith("stored note unreadable: KeyError"), rows
+
+
+class FullDiskStore:
+    """The real store, whose commits of outbox outcomes fail ``failures`` times, as on a full disk."""
+
+    def __init__(self, store: Any, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def transact(self, fn: Any) -> Any:
+        def failing(uow: Any) -> Any:
+            finish = uow.finish_outbox
+
+            def finish_outbox(results: Any, **kw: Any) -> Any:
+                if self.failures > 0:
+                    self.failures -= 1
+                    raise StorageUnavailableError("database or disk is full")
+                return finish(results, **kw)
+
+            uow.finish_outbox = finish_outbox
+            try:
+                return fn(uow)
+            finally:
+                del uow.finish_outbox
+
+        return await self._store.transact(failing)
+
+
+async def test_outcomes_not_recorded_are_kept_until_they_are(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A full disk fails the commit of "sent": the dispatcher keeps the outcomes and records them
+    before it claims anything again. When it dropped them, the notes stayed claimed and were sent
+    a second time when their lease ran out."""
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port)
+    async with running_intake(settings) as h:
+        dispatcher = h.app.dispatcher
+        failing = FullDiskStore(dispatcher.store, failures=2)
+        dispatcher.store = failing  # type: ignore[assignment]
+        dispatcher.lease = timedelta(seconds=0.5)  # outlived by the failures (1 s, then 2 s apart)
+        senders = [f"user{i}@acme.com" for i in range(3)]
+        replies = await asyncio.gather(
+            *(h.send(mail(subject=f"Export {i} fails", sender=s), mail_from=s) for i, s in enumerate(senders))
+        )
+        assert [r.code for r in replies] == [250] * 3
+        stats = await h.outbox_settled()
+        await asyncio.sleep(1.5)  # three leases more: a second copy would have gone by now
+        captured = list(smtp_relay.messages)
+
+    assert failing.failures == 0
+    assert stats["outbox"] == {"pending": 0, "sent": 3, "failed": 0, "undeliverable": 0}
+    assert sorted(m.rcpt_tos[0] for m in captured) == senders  # each acknowledgement once
