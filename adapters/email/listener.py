@@ -326,6 +326,18 @@ class _Limited:
             return None, None
         return address, found.group(2) or ""
 
+    def _getparams(self, params: list[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's MAIL/RCPT parameter reader, with SIZE= held to ASCII digits (RFC 1870).
+
+        aiosmtpd checks SIZE with ``str.isdigit()``, which is true of "²" and "①" too; its
+        ``int()`` then raised (a traceback and 451, a temporary failure the client retries
+        for ever) or read other scripts' digits as a number. None: the 501 syntax reply."""
+        result = super()._getparams(params)  # type: ignore[misc]
+        size = result.get("SIZE") if result else None
+        if isinstance(size, str) and not (size.isascii() and size.isdigit()):
+            return None
+        return result  # type: ignore[no-any-return]
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
