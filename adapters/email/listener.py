@@ -211,7 +211,7 @@ class IntakeHandler:
             first, assessment = await self._parse(raw, recipients[0], sender)
         except Exception:  # parse_email does not raise; this is belt and braces
             log.exception("parse failed unexpectedly (%d bytes from %s)", len(raw), sender or "<>")
-            return REPLY_TRY_AGAIN
+            return await self._answer(server, [REPLY_TRY_AGAIN] * len(recipients))
         messages = [first] + [dataclasses.replace(first, recipient=r) for r in recipients[1:]]
         outcomes: list[Receipt | BaseException]
         if len(messages) == 1:
@@ -245,6 +245,10 @@ class IntakeHandler:
                     reply = REPLY_DUPLICATE_UNNAMED
             replies.append(reply)
             self._log(msg, reply, receipt, time.perf_counter() - started)
+        return await self._answer(server, replies)
+
+    async def _answer(self, server: SMTP, replies: list[str]) -> str:
+        """The reply to DATA from one reply per accepted recipient, in RCPT order."""
         if self.config.protocol == "lmtp":
             # One reply per accepted recipient, in RCPT order: push all but the last ourselves.
             for reply in replies[:-1]:

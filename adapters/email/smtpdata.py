@@ -27,6 +27,7 @@ import asyncio
 import logging
 from typing import Any
 
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import MISSING, syntax
 
 log = logging.getLogger("mail.log")  # aiosmtpd's own logger: these are its messages
@@ -148,7 +149,11 @@ class ChunkedData:
             smtp._writer.close()
             return
         if refusal is not None:
-            await smtp.push(refusal)
+            # LMTP (RFC 2033 4.2) owes one reply per accepted recipient after the final dot, a
+            # refusal included: with one reply for several recipients the client waits for the
+            # rest, and reads the replies to its next commands (a 250 to RSET, NOOP...) as theirs.
+            for _ in range(len(smtp.envelope.rcpt_tos) if isinstance(smtp, LMTP) else 1):
+                await smtp.push(refusal)
             smtp._set_post_data_state()
             return
         smtp.envelope.content = smtp.envelope.original_content = content

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from adapters.email.listener import IntakeHandler
+from intake.model import InboundMessage
+from intake.service import Assessment
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.test_listener_limits import (
+    SUPPORT,
     RawClient,
     Reply,
+    extra_listener,
     intake_with,
     message_bytes,
     still_serving,
+    stored_count,
 )
 
+BILLING = "billing@example.com"  # the harness's second support address
 SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
 
 
@@ -41,3 +49,61 @@ async def test_a_size_parameter_that_is_not_ascii_digits_is_a_syntax_error(
         await client.close()
         await still_serving(h)
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+
+
+async def lmtp_data(client: RawClient, content: bytes, rcpt: tuple[str, ...]) -> list[Reply | None]:
+    """LHLO done: MAIL, RCPT for each of ``rcpt``, DATA, ``content`` and the final dot; the
+    replies after the dot (one per recipient, RFC 2033 4.2), then the reply to a NOOP sent
+    behind them, to show that the session is still in step."""
+    await client.envelope(rcpt=rcpt)
+    r = await client.cmd("DATA")
+    assert r is not None and r.code == 354, r
+    await client.write(content + b".\r\nNOOP\r\n")
+    return [await client.reply() for _ in range(len(rcpt) + 1)]
+
+
+async def test_lmtp_refuses_a_message_once_per_recipient(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A message refused after the final dot (a line too long, too big) got one reply however
+    many recipients had been accepted: an LMTP client (Postfix) then waited for the others, or
+    took the reply to its next command (here NOOP's 250) as a recipient's delivery."""
+    async with intake_with(tmp_path, smtp_relay, 'protocol = "lmtp"\nmax_message_bytes = 2048\n') as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("LHLO client.test")
+        too_long = Reply(500, "5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
+        too_big = Reply(552, "5.3.4 Message too big: this server accepts at most 2048 bytes")
+        noop = Reply(250, "2.0.0 OK")
+        rcpt = (SUPPORT, BILLING)
+        assert await lmtp_data(client, message_bytes(body=b"x" * 2000 + b"\r\n"), rcpt) == [too_long, too_long, noop]
+        assert await lmtp_data(client, message_bytes(body=b"y" * 70 + b"\r\n") * 40, rcpt) == [too_big, too_big, noop]
+        # One recipient, one reply, as before.
+        assert await lmtp_data(client, message_bytes(body=b"z" * 2000 + b"\r\n"), (SUPPORT,)) == [too_long, noop]
+        assert stored_count(h) == 0
+        # And a message that fits is delivered to both, a reply each.
+        replies = await lmtp_data(client, message_bytes(), rcpt)
+        assert [r.code if r else None for r in replies] == [250, 250, 250], replies
+        assert all("stored as" in r.text for r in replies[:2] if r), replies
+        assert stored_count(h) == 2
+        await client.close()
+
+
+class _ParseFails(IntakeHandler):
+    async def _parse(self, raw: bytes, recipient: str, sender: str) -> tuple[InboundMessage, Assessment | None]:
+        raise RuntimeError("parser broke")
+
+
+async def test_lmtp_answers_an_unexpected_failure_once_per_recipient(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler's last resort (parsing raised, which parse_email never should) answered one
+    451 for the whole transaction; in LMTP each accepted recipient is owed its own."""
+    caplog.set_level(logging.ERROR, logger="intake.smtp")
+    kw: dict[str, Any] = {"protocol": "lmtp"}
+    async with intake_with(tmp_path, smtp_relay) as h, extra_listener(h, _ParseFails, **kw) as listener:
+        client, _ = await RawClient.open(listener.port)
+        await client.cmd("LHLO client.test")
+        try_again = Reply(451, "4.3.0 Temporary failure storing the message, please try again later")
+        replies = await lmtp_data(client, message_bytes(), (SUPPORT, BILLING))
+        assert replies == [try_again, try_again, Reply(250, "2.0.0 OK")]
+        await client.close()
+        assert stored_count(h) == 0
+    assert "parse failed unexpectedly" in caplog.text
