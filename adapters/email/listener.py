@@ -214,15 +214,27 @@ class IntakeHandler:
             return await self._answer(server, [REPLY_TRY_AGAIN] * len(recipients))
         messages = [first] + [dataclasses.replace(first, recipient=r) for r in recipients[1:]]
         outcomes: list[Receipt | BaseException]
-        if len(messages) == 1:
-            # Awaited in this task: gather would wrap the store in a task of its own, and the
-            # reply would wait two more turns of the loop after the commit.
-            try:
-                outcomes = [await self._store(first, assessment)]
-            except Exception as exc:
-                outcomes = [exc]
-        else:
-            outcomes = await asyncio.gather(*(self._store(m, assessment) for m in messages), return_exceptions=True)
+        try:
+            if len(messages) == 1:
+                # Awaited in this task: gather would wrap the store in a task of its own, and the
+                # reply would wait two more turns of the loop after the commit.
+                try:
+                    outcomes = [await self._store(first, assessment)]
+                except Exception as exc:
+                    outcomes = [exc]
+            else:
+                outcomes = await asyncio.gather(*(self._store(m, assessment) for m in messages), return_exceptions=True)
+        except asyncio.CancelledError:
+            # The session was cancelled while storing: the client closed the connection after
+            # the final dot, before our reply (or shutdown's grace ran out). The store commits a
+            # unit already queued all the same (storage/store.py, _resolve), so without this line
+            # a stored message had no log line at all. A retry is answered as a duplicate.
+            for msg in messages:
+                log.info(
+                    "connection lost before the reply: the message may be stored all the same",
+                    extra={"sender": msg.sender, "recipient": msg.recipient, "message_id": msg.message_id},
+                )
+            raise
         replies: list[str] = []
         for msg, outcome in zip(messages, outcomes, strict=True):
             if isinstance(outcome, BaseException):

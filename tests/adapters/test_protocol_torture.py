@@ -6,6 +6,8 @@ the listener must keep serving."""
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from adapters.email.listener import IntakeHandler
 from intake.model import InboundMessage
 from intake.service import Assessment
 from tests.adapters.conftest import RelayStandIn
+from tests.adapters.harness import wait_until
 from tests.adapters.test_listener_limits import (
     SUPPORT,
     RawClient,
@@ -107,3 +110,28 @@ async def test_lmtp_answers_an_unexpected_failure_once_per_recipient(
         await client.close()
         assert stored_count(h) == 0
     assert "parse failed unexpectedly" in caplog.text
+
+
+@pytest.mark.parametrize("recipients", [(SUPPORT,), (SUPPORT, BILLING)], ids=["one", "two"])
+async def test_a_message_stored_after_the_client_left_has_a_log_line(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture, recipients: tuple[str, ...]
+) -> None:
+    """A client that resets the connection right after the final dot cancels the session while
+    the store commits its message all the same: the ticket was there, and not one log line
+    said that the message had come. Every stored message's Message-ID must be in the log."""
+    caplog.set_level(logging.INFO, logger="intake.smtp")
+    async with intake_with(tmp_path, smtp_relay) as h:
+        ids = [f"gone-{n}@acme.com" for n in range(5)]
+        for message_id in ids:
+            client, _ = await RawClient.open(h.port)
+            await client.cmd("EHLO client.test")
+            await client.envelope(rcpt=recipients)
+            assert (await client.cmd("DATA")).code == 354  # type: ignore[union-attr]
+            sock = client.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.write(message_bytes(Message_ID=f"<{message_id}>") + b".\r\n")
+            client.writer.transport.abort()  # a reset, at once: no reply is read
+        await wait_until(lambda: stored_count(h) == len(ids) * len(recipients))
+        await still_serving(h)
+    logged = {r.__dict__.get("message_id") for r in caplog.records if r.name == "intake.smtp"}
+    assert set(ids) <= logged, caplog.text
