@@ -26,7 +26,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from adapters import cpus, leases
-from adapters.email.listener import EmailListener, IntakeHandler, ListenerConfig, SessionTracker
+from adapters.email.listener import (
+    EmailListener,
+    IntakeHandler,
+    ListenerConfig,
+    SessionTracker,
+    SharedSessionCounts,
+)
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
 from adapters.heap import settle_heap
@@ -161,6 +167,7 @@ class App:
     chat_sender: Any | None = None  # adapters.slack.sender.SlackChatSender when enabled
     web: Any | None = None  # adapters.web.WebServer when enabled
     listeners: ListenerProcesses | None = None  # email.listener_processes > 1
+    sessions: SharedSessionCounts | None = None  # the session caps' counts, when several listen
 
 
 def build_service(
@@ -292,7 +299,7 @@ def make_email_listener(app: App, socks: list[socket.socket] | None = None) -> E
         max_sessions=em.max_sessions,
         max_sessions_per_client=em.max_sessions_per_client,
     )
-    handler = IntakeHandler(app.service, config, SessionTracker())
+    handler = IntakeHandler(app.service, config, SessionTracker(shared=app.sessions))
     return EmailListener(handler, config, host=em.listen_host, port=em.listen_port, socks=socks)
 
 
@@ -377,6 +384,9 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
             loop.add_signal_handler(sig, stop_on, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    if em.listener_processes > 1:  # the session caps are on the service, not each process
+        app.sessions = SharedSessionCounts(em.listener_processes, multiprocessing.get_context("spawn"))
+        app.sessions.claim(0)
     await start(app)
     pool: ParsePool | None = None
     if app.settings.email.parse_workers and app.email_listener is not None:
@@ -395,7 +405,9 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
     listeners: ListenerProcesses | None = None
     if app.settings.email.listener_processes > 1 and app.email_listener is not None:
         wake = worker.wake if worker is not None else app.dispatcher.wake
-        listeners = ListenerProcesses(app.settings, app.email_listener.shareable_sockets(), wake, app.recorder)
+        listeners = ListenerProcesses(
+            app.settings, app.email_listener.shareable_sockets(), wake, app.recorder, app.sessions
+        )
         await listeners.start()
         app.listeners = listeners
     sla_task = asyncio.create_task(app.sla.run(), name="response-clocks")
@@ -456,9 +468,15 @@ class ListenerProcesses:
     """
 
     def __init__(
-        self, settings: Settings, socks: list[socket.socket], wake: Callable[[], None], recorder: Recorder
+        self,
+        settings: Settings,
+        socks: list[socket.socket],
+        wake: Callable[[], None],
+        recorder: Recorder,
+        sessions: SharedSessionCounts | None = None,
     ) -> None:
         self.settings = settings
+        self.session_counts = sessions  # each child counts its sessions in its own row
         self.socks = socks  # ours until stop(): a restarted child gets them again
         self.wake = wake
         self.recorder = recorder
@@ -487,7 +505,7 @@ class ListenerProcesses:
         reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_listener_main,
-            args=(self.settings, self.socks, writer, k + 2),
+            args=(self.settings, self.socks, writer, k + 2, self.session_counts),
             name=f"intake-listener-{k + 2}",
             daemon=False,  # a child with parsing workers of its own must be allowed children
         )
@@ -585,7 +603,9 @@ def _first_message(conn: Any, timeout: float) -> bytes:
         return b"it exited while starting"
 
 
-def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, number: int) -> None:
+def _listener_main(
+    settings: Settings, socks: list[socket.socket], wake: Any, number: int, sessions: SharedSessionCounts | None = None
+) -> None:
     """Entry point of an email listener child process (see ListenerProcesses)."""
     from adapters.cli import setup_logging
 
@@ -604,6 +624,9 @@ def _listener_main(settings: Settings, socks: list[socket.socket], wake: Any, nu
     except Exception as exc:
         wake.send_bytes(f"{type(exc).__name__}: {exc}".encode())
         raise
+    if sessions is not None:
+        sessions.claim(number - 1)  # a restarted listener: its predecessor's sessions are gone
+        app.sessions = sessions
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -63,6 +63,7 @@ import re
 import socket
 import time
 import types
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -131,14 +132,83 @@ class ListenerConfig:
     command_call_limit: dict[str, int] = field(default_factory=lambda: {"NOOP": 20, "RSET": 20, "*": 200})
 
 
+class SharedSessionCounts:
+    """Open sessions of every email listener process, in shared memory, for the session caps.
+
+    ``max_sessions`` and ``max_sessions_per_client`` are caps on the service: with
+    ``email.listener_processes`` above 1 each process counting only its own sessions let
+    a client hold that many per process (40 instead of 20 with the default two). Each
+    process has a row of its own, the only one it writes (so no lock): its open sessions,
+    then its sessions per client address, hashed into buckets; a process reads the others'
+    rows. Two processes admitting at the same instant may each pass a cap by one, and two
+    addresses in one bucket share the per-client count of the other processes' sessions
+    (a process's own count per address is exact). A restarted process clears its row:
+    the sessions of the one it replaces are gone.
+    """
+
+    BUCKETS = 4096
+
+    def __init__(self, processes: int, ctx: Any) -> None:
+        self._width = 1 + self.BUCKETS
+        self._rows = processes
+        self._counts: Any = ctx.RawArray("i", processes * self._width)  # zeroed; passed to children
+        self._row = 0
+
+    def claim(self, row: int) -> None:
+        """This process writes row ``row`` (0: the first listener; k: listener k + 1)."""
+        self._row = row
+        base = row * self._width
+        for i in range(base, base + self._width):
+            self._counts[i] = 0
+
+    def _bucket(self, client: str) -> int:
+        return 1 + zlib.crc32(client.encode("utf-8", "replace")) % self.BUCKETS
+
+    def total(self) -> int:
+        return sum(self._counts[r * self._width] for r in range(self._rows))
+
+    def elsewhere(self, client: str) -> int:
+        """Sessions of ``client`` (of its bucket) in the other processes."""
+        b = self._bucket(client)
+        return sum(self._counts[r * self._width + b] for r in range(self._rows) if r != self._row)
+
+    def moved(self, client: str, delta: int) -> None:
+        base = self._row * self._width
+        self._counts[base] += delta
+        self._counts[base + self._bucket(client)] += delta
+
+
 @dataclass(slots=True)
 class SessionTracker:
-    """Active sessions, in all and per client address (aiosmtpd has no such cap)."""
+    """Active sessions, in all and per client address (aiosmtpd has no such cap); with
+    ``shared``, the caps count every listener process's sessions (SharedSessionCounts)."""
 
     active: set[Any] = field(default_factory=set)
     per_client: Counter[str] = field(default_factory=Counter)
     busy: set[Any] = field(default_factory=set)  # sessions inside a DATA hook
     closing: bool = False
+    shared: SharedSessionCounts | None = None
+
+    def over_caps(self, client: str, config: ListenerConfig) -> bool:
+        if self.shared is None:
+            total, of_client = len(self.active), self.per_client[client]
+        else:
+            total, of_client = self.shared.total(), self.per_client[client] + self.shared.elsewhere(client)
+        return total >= config.max_sessions or of_client >= config.max_sessions_per_client
+
+    def opened(self, session: Any, client: str) -> None:
+        self.active.add(session)
+        self.per_client[client] += 1
+        if self.shared is not None:
+            self.shared.moved(client, 1)
+
+    def closed(self, session: Any, client: str) -> None:
+        self.active.discard(session)
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+        if self.shared is not None:
+            self.shared.moved(client, -1)
 
 
 class IntakeHandler:
@@ -358,11 +428,7 @@ class _Limited:
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         t = self.tracker
-        if (
-            t.closing
-            or len(t.active) >= self.config.max_sessions
-            or (t.per_client[client] >= self.config.max_sessions_per_client)
-        ):
+        if t.closing or t.over_caps(client, self.config):
             self._refused = True
             reply = REPLY_SHUTTING_DOWN if t.closing else REPLY_TOO_MANY_CONNECTIONS
             log.warning("refused connection from %s: %s", client, reply)
@@ -370,8 +436,7 @@ class _Limited:
             transport.close()
             return
         self._client = client
-        t.active.add(self)
-        t.per_client[client] += 1
+        t.opened(self, client)
         self._continued = []
         self._greeted = False
         super().connection_made(transport)  # type: ignore[misc]
@@ -385,10 +450,7 @@ class _Limited:
                 timer.cancel()
         t = self.tracker
         if self in t.active:
-            t.active.discard(self)
-            t.per_client[self._client] -= 1
-            if t.per_client[self._client] <= 0:
-                del t.per_client[self._client]
+            t.closed(self, self._client)
         super().connection_lost(error)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:

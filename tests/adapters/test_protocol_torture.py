@@ -5,9 +5,13 @@ the listener must keep serving."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ from tests.adapters.test_listener_limits import (
     still_serving,
     stored_count,
 )
+from tests.adapters.test_listener_processes import INTAKE, _serve
+from tests.conftest import free_port
 
 BILLING = "billing@example.com"  # the harness's second support address
 SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
@@ -135,3 +141,47 @@ async def test_a_message_stored_after_the_client_left_has_a_log_line(
         await still_serving(h)
     logged = {r.__dict__.get("message_id") for r in caplog.records if r.name == "intake.smtp"}
     assert set(ids) <= logged, caplog.text
+
+
+async def _greetings(port: int, n: int, source: str, held: list[socket.socket]) -> list[bytes]:
+    """Open ``n`` connections from ``source`` one after another, each kept open in ``held``;
+    the reply code each got on connecting (220 greeted, 421 refused)."""
+
+    def one() -> bytes:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        held.append(sock)
+        return sock.recv(100)[:3]
+
+    return [await asyncio.to_thread(one) for _ in range(n)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="runs `intake serve` as test_listener_processes")
+async def test_the_session_caps_hold_across_listener_processes(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """The caps are the service's: each listener process counted only its own sessions, so
+    with two processes one client held up to twice max_sessions_per_client (36 of 60 idle
+    connections greeted, per-client cap 20, against a running `intake serve`)."""
+    port = free_port()
+    cfg = tmp_path / "intake.toml"
+    cfg.write_text(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/intake.db"\n'
+        f"[email]\nlisten_port = {port}\nlistener_processes = 2\nparse_workers = 0\n"
+        "max_sessions = 6\nmax_sessions_per_client = 4\n"
+        f"[outbound]\nrelay_port = {smtp_relay.port}\n"
+    )
+    upgrade = [*INTAKE, "--config", str(cfg), "db", "upgrade"]
+    await asyncio.to_thread(subprocess.run, upgrade, check=True, capture_output=True, timeout=60)
+    proc = await _serve(cfg, port)
+    held: list[socket.socket] = []
+    try:
+        assert await _greetings(port, 10, "127.0.0.1", held) == [b"220"] * 4 + [b"421"] * 6
+        assert await _greetings(port, 4, "127.0.0.2", held) == [b"220"] * 2 + [b"421"] * 2
+        for sock in held:
+            sock.close()
+        held.clear()
+        await asyncio.sleep(0.5)  # the closes reach both processes
+        assert await _greetings(port, 5, "127.0.0.1", held) == [b"220"] * 4 + [b"421"]
+    finally:
+        for sock in held:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
