@@ -519,6 +519,12 @@ class _Limited:
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
+            if not status.isprintable():
+                # aiosmtpd echoes what the client sent in some replies ('502 Could not VRFY
+                # <arg>', '500 Error: command "<name>" not recognized'): a lone surrogate (bytes
+                # that are not UTF-8) made the reply itself raise, answered with a traceback and
+                # a 451; NUL, CR and other control characters went back raw in the reply line.
+                status = _UNSTORABLE.sub("?", status)
             # aiosmtpd's own texts for an over-size message (at SIZE= in MAIL, or during DATA).
             if status.startswith("552 Error"):
                 status = REPLY_TOO_BIG.format(limit=self.config.max_message_bytes)

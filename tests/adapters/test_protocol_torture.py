@@ -185,3 +185,23 @@ async def test_the_session_caps_hold_across_listener_processes(tmp_path: Path, s
             sock.close()
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_arguments_echoed_in_a_reply_are_made_safe(
+    tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd echoes some arguments: bytes that are not UTF-8 in one made the reply raise
+    (a traceback, and '451 ... storing the message' to a VRFY); control characters went back
+    raw, a bare CR or a NUL inside a reply line."""
+    caplog.set_level(logging.INFO, logger="intake.smtp")
+    async with intake_with(tmp_path, smtp_relay) as h:
+        client, _ = await RawClient.open(h.port)
+        await client.cmd("EHLO client.test")
+        assert await client.cmd(b"VRFY .@[\xff") == Reply(502, "5.5.1 Could not VRFY .@[?")
+        assert await client.cmd(b"FOO\rBAR") == Reply(500, '5.5.2 Error: command "FOO?BAR" not recognized')
+        assert await client.cmd(b"NO\x00OP") == Reply(500, '5.5.2 Error: command "NO?OP" not recognized')
+        r = await client.transaction(message_bytes())
+        assert r is not None and r.code == 250, r
+        await client.close()
+        await still_serving(h)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
