@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +37,31 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# Control characters in a log line's text: a client's bytes (aiosmtpd logs an unknown command
+# as sent; a sender or a Message-ID) could otherwise end a line and write one that looks like
+# ours, or make the log a binary file to grep.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
+
+
 class _TextFormatter(logging.Formatter):
+    """One line a record (a traceback follows on lines of its own): the message and the
+    extras with control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _escape(line)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
         if extra:
-            base += " " + " ".join(f"{k}={v}" for k, v in extra.items() if v not in (None, ""))
+            fields = " ".join(_escape(f"{k}={v}") for k, v in extra.items() if v not in (None, ""))
+            head, newline, rest = base.partition("\n")  # after the message, before any traceback
+            base = f"{head} {fields}{newline}{rest}"
         return base
 
 

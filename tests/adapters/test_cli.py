@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -195,3 +196,34 @@ def test_the_readme_s_configuration_loads_as_it_is(tmp_path: Path) -> None:
     settings = load_settings(cfg, environ={})
     assert settings.email.max_message_bytes == 26214400 and settings.email.protocol == "smtp"
     assert settings.outbound.relay_ca_file is None  # the example file is commented out
+
+
+def test_a_log_line_cannot_be_ended_or_forged_by_what_a_client_sent() -> None:
+    """aiosmtpd logs an unknown command as the client sent it; a sender or a Message-ID comes
+    from the client too. In the text log each record stays one line, control characters shown
+    as escapes, and the extras come before any traceback."""
+    from adapters.cli import _TextFormatter
+
+    formatter = _TextFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.makeLogRecord(
+        {
+            "name": "mail.log",
+            "levelname": "WARNING",
+            "msg": "unrecognised: %s",
+            "args": ("FOO\r\n2026-12-04 INFO intake.smtp: message received\x00",),
+            "sender": "a@b.example\nforged=1",
+        }
+    )
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line
+    assert line == (
+        "WARNING mail.log: unrecognised: FOO\\x0d\\x0a2026-12-04 INFO intake.smtp: message received\\x00"
+        " sender=a@b.example\\x0aforged=1"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        info = sys.exc_info()
+    failed = logging.makeLogRecord({"msg": "failed", "levelname": "ERROR", "exc_info": info, "sender": "x"})
+    head, _, trace = formatter.format(failed).partition("\n")
+    assert head.endswith("failed sender=x") and trace.startswith("Traceback") and "ValueError: boom" in trace
