@@ -31,10 +31,12 @@ its text. NUL characters are dropped from text (PostgreSQL cannot store them).
 from __future__ import annotations
 
 import binascii
+import codecs
 import dataclasses
 import email
 import email.parser
 import email.utils
+import functools
 import io
 import logging
 import re
@@ -173,12 +175,51 @@ def _decode_bytes(data: bytes, charset: str | None, *, hint: str | None = None) 
         text = _try_decode(data, label)
         if text is not None:
             return text
-    for codec in ("utf-8", _codec(hint), "cp1252"):
+    text = _try_decode(data, "utf-8")
+    if text is not None:
+        return text
+    hint = _codec(hint)
+    if hint and not _single_byte(hint):  # Shift_JIS, GB18030, Big5...: whole, as declared
+        text = _try_decode(data, hint)
+        if text is not None:
+            return text
+    text = _mixed_utf8(data)
+    if text is not None:
+        return text
+    for codec in (hint, "cp1252"):
         if codec:
             text = _try_decode(data, codec)
             if text is not None:
                 return text
     return data.decode("latin-1")
+
+
+def _stray_bytes(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    stray = error.object[error.start : error.end]
+    return "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in stray), error.end
+
+
+codecs.register_error("intake-stray-cp1252", _stray_bytes)
+
+
+def _mixed_utf8(data: bytes) -> str | None:
+    """UTF-8 with stray bytes of a single-byte charset ("café" typed in one program, a name
+    pasted from another): the UTF-8 sequences as UTF-8, each stray byte as cp1252 (Latin-1
+    where cp1252 has none). Read whole as cp1252 instead, every UTF-8 "é" came out "Ã©".
+    None when not one multi-byte UTF-8 sequence is there: that is no UTF-8 at all."""
+    if data.decode("utf-8", "ignore").isascii():
+        return None
+    return data.decode("utf-8", "intake-stray-cp1252")
+
+
+@functools.lru_cache(maxsize=64)
+def _single_byte(codec: str) -> bool:
+    """Whether ``codec`` reads each byte as one character (Latin-1, cp1252, KOI8-R...)."""
+    try:
+        return len(bytes(range(256)).decode(codec, "replace")) == 256
+    except (LookupError, ValueError, TypeError):
+        return True  # unknown: not worth more than the fallbacks after it
 
 
 def _fix_surrogates(value: str, hint: str | None = None) -> str:

@@ -276,6 +276,30 @@ def test_non_utf8_bytes_in_headers() -> None:
 
 
 @pytest.mark.parametrize(
+    ("raw_subject", "subject"),
+    [
+        (b"caf\xc3\xa9 na\xefve", "café naïve"),  # UTF-8 with a stray Latin-1 byte: was "cafÃ© naïve"
+        (b"\x93Ayuda\x94 se\xc3\xb1or", "“Ayuda” señor"),  # cp1252 quotes pasted into UTF-8
+        (b"Probl\xe8me d'acc\xe8s", "Problème d'accès"),  # no UTF-8 at all: cp1252 whole, as before
+        (b"caf\xc3\xa9", "café"),
+    ],
+)
+def test_raw_header_bytes_mixing_utf8_and_a_single_byte_charset(raw_subject: bytes, subject: str) -> None:
+    raw = b"From: a@b.example\r\nSubject: " + raw_subject + b"\r\nMessage-ID: <mixed@b.example>\r\n\r\nhello\r\n"
+    assert parse(raw).subject == subject
+
+
+def test_a_declared_multibyte_charset_still_reads_raw_header_bytes_whole() -> None:
+    # Shift_JIS bytes may hold a valid UTF-8 sequence by chance; the declared charset comes first.
+    raw_subject = "サーバー障害".encode("cp932")
+    raw = (
+        b"From: a@b.example\r\nSubject: " + raw_subject + b"\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=shift_jis\r\n\r\n" + "本文".encode("cp932") + b"\r\n"
+    )
+    assert parse(raw).subject == "サーバー障害"
+
+
+@pytest.mark.parametrize(
     ("name", "subject", "sender_name"),
     [
         ("subject_iso8859.eml", "Problème de connexion à l'intranet", "André Pérez"),
