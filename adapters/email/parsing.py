@@ -31,12 +31,10 @@ its text. NUL characters are dropped from text (PostgreSQL cannot store them).
 from __future__ import annotations
 
 import binascii
-import codecs
 import dataclasses
 import email
 import email.parser
 import email.utils
-import functools
 import io
 import logging
 import re
@@ -175,18 +173,7 @@ def _decode_bytes(data: bytes, charset: str | None, *, hint: str | None = None) 
         text = _try_decode(data, label)
         if text is not None:
             return text
-    text = _try_decode(data, "utf-8")
-    if text is not None:
-        return text
-    hint = _codec(hint)
-    if hint and not _single_byte(hint):  # Shift_JIS, GB18030, Big5...: whole, as declared
-        text = _try_decode(data, hint)
-        if text is not None:
-            return text
-    text = _mixed_utf8(data)
-    if text is not None:
-        return text
-    for codec in (hint, "cp1252"):
+    for codec in ("utf-8", _codec(hint), "cp1252"):
         if codec:
             text = _try_decode(data, codec)
             if text is not None:
@@ -194,32 +181,43 @@ def _decode_bytes(data: bytes, charset: str | None, *, hint: str | None = None) 
     return data.decode("latin-1")
 
 
-def _stray_bytes(error: UnicodeError) -> tuple[str, int]:
-    assert isinstance(error, UnicodeDecodeError)
-    stray = error.object[error.start : error.end]
-    return "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in stray), error.end
-
-
-codecs.register_error("intake-stray-cp1252", _stray_bytes)
+# A run of well-formed multi-byte UTF-8 sequences (RFC 3629: no overlongs, no surrogates).
+_UTF8_RUN = re.compile(
+    rb"(?:[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    rb"|\xf4[\x80-\x8f][\x80-\xbf]{2})+"
+)
 
 
 def _mixed_utf8(data: bytes) -> str | None:
-    """UTF-8 with stray bytes of a single-byte charset ("café" typed in one program, a name
-    pasted from another): the UTF-8 sequences as UTF-8, each stray byte as cp1252 (Latin-1
-    where cp1252 has none). Read whole as cp1252 instead, every UTF-8 "é" came out "Ã©".
-    None when not one multi-byte UTF-8 sequence is there: that is no UTF-8 at all."""
-    if data.decode("utf-8", "ignore").isascii():
+    """A raw header in UTF-8 with stray bytes of a single-byte charset ("café" typed in one
+    program, a name pasted from another): the UTF-8 sequences as UTF-8, the stray bytes as
+    cp1252 (Latin-1 where cp1252 has none). Read whole as cp1252 instead, every UTF-8 "é" came
+    out "Ã©". None unless UTF-8 is the better reading: at least as many UTF-8 characters as
+    stray bytes (a cp1252 text may hold a valid UTF-8 pair by chance, "ß…", but not mostly)."""
+    parts: list[str] = []
+    utf8_chars = stray = pos = 0
+    for run in _UTF8_RUN.finditer(data):
+        between = data[pos : run.start()]
+        stray += len(between) - len(between.decode("ascii", "ignore"))
+        parts.append(_single_byte_text(between))
+        text = run.group().decode("utf-8")
+        utf8_chars += len(text)
+        parts.append(text)
+        pos = run.end()
+    tail = data[pos:]
+    stray += len(tail) - len(tail.decode("ascii", "ignore"))
+    if utf8_chars == 0 or stray > utf8_chars:
         return None
-    return data.decode("utf-8", "intake-stray-cp1252")
+    parts.append(_single_byte_text(tail))
+    return "".join(parts)
 
 
-@functools.lru_cache(maxsize=64)
-def _single_byte(codec: str) -> bool:
-    """Whether ``codec`` reads each byte as one character (Latin-1, cp1252, KOI8-R...)."""
+def _single_byte_text(data: bytes) -> str:
     try:
-        return len(bytes(range(256)).decode(codec, "replace")) == 256
-    except (LookupError, ValueError, TypeError):
-        return True  # unknown: not worth more than the fallbacks after it
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def _fix_surrogates(value: str, hint: str | None = None) -> str:
@@ -231,6 +229,12 @@ def _fix_surrogates(value: str, hint: str | None = None) -> str:
         data = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # surrogates that are not escapes of bytes
         return value.encode("utf-8", "replace").decode("utf-8")
+    if _try_decode(data, "utf-8") is None and (not hint or _codec(hint) in _WEAK_LABELS):
+        # Not UTF-8 as a whole, and no charset declared but a client's default: UTF-8 with a
+        # stray byte or two is likelier than Latin-1 or cp1252 throughout.
+        mixed = _mixed_utf8(data)
+        if mixed is not None:
+            return mixed
     return _decode_bytes(data, "utf-8", hint=hint)
 
 
@@ -336,28 +340,31 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     """(display name, address) of the message's author, and whether From was ambiguous.
 
     The author's address decides who may join a ticket, so it is read as a DMARC check at the
-    border reads it, and nothing else: the one mailbox of From, as written (an address that
-    only appears once encoded words are decoded was never checked by anyone); of several
-    mailboxes (RFC 5322 §3.6.2), the one the Sender field names. A From field that holds
-    something address-like but not one readable mailbox ("alice@acme.com <evil@x.com>", the
-    address as an encoded word, several authors and no Sender among them) is ambiguous: no
-    author. Only a From without anything address-like falls back to Sender, then the envelope.
+    border reads it, and nothing else: the one mailbox of From, as written. An address that
+    only appears once encoded words are decoded was never checked by anyone, and neither was
+    the Sender field. So a From field that names more than one mailbox ("alice@acme.com
+    <evil@x.com>", "alice@acme.com, <"m"@evil.example>", whatever Sender says), or one that
+    is not a plain address (a quoted local part, a domain literal, an encoded word), is
+    ambiguous: no author. One mailbox named twice ("alice@acme.com <alice@acme.com>",
+    Outlook's "'alice@acme.com' <alice@acme.com>") is that mailbox. Only a From without
+    anything address-like falls back to Sender, then the envelope.
     """
     values = headers.all("from")
-    pairs = _getaddresses(values)
-    if len(pairs) == 1:
-        return pairs[0], False
-    if len(pairs) > 1:
-        if len({address for _, address in pairs}) == 1:
-            # "alice@acme.com <alice@acme.com>", as some mailers and web forms write it: the
-            # address as its own display name, unquoted. One mailbox named twice is that one.
-            return ("", pairs[0][1]), False
-        named = {address for _, address in _getaddresses(headers.all("sender"))}
-        chosen = [pair for pair in pairs if pair[1] in named]
-        return (chosen[0], False) if len(chosen) == 1 else (None, True)
-    if any("@" in value or "@" in _decode_words(value) for value in values):
+    found = _parsed_addresses(values)
+    if found is None:
         return None, True
-    sender = _address_pairs(headers.all("sender"))
+    mailboxes = {address.strip().strip("'").lower() for _, address in found if "@" in address}
+    if len(mailboxes) > 1:
+        return None, True
+    if mailboxes:
+        (address,) = mailboxes
+        if len(address) > 320 or not _ADDRESS.fullmatch(address):
+            return None, True
+        name = next((n for n, a in found if n and a.strip().strip("'").lower() == address), "")
+        return (_clean(_decode_words(name)), address), False
+    if any("@" in _decode_words(value) for value in values):
+        return None, True
+    sender = _getaddresses(headers.all("sender"))  # as written: no encoded word decoded into an address
     return (sender[0], False) if sender else (None, False)
 
 
@@ -377,13 +384,21 @@ def _simple_addresses(values: list[str]) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+def _parsed_addresses(values: list[str]) -> list[tuple[str, str]] | None:
+    """(name, address) as the parser reads them, valid or not; None when the parser failed."""
     found = _simple_addresses(values)
     if found is None:
         try:
             found = email.utils.getaddresses(values)
         except Exception:  # the stdlib address parser has raised IndexError on odd input
-            return []
+            return None
+    return found
+
+
+def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    found = _parsed_addresses(values)
+    if found is None:
+        return []
     pairs: list[tuple[str, str]] = []
     for name, address in found:
         address = address.strip().lower()

@@ -74,8 +74,10 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "<alice@acme.com>mallory@evil.example",
         "=?utf-8?b?" + base64.b64encode(b"alice@acme.com").decode() + "?=",  # the address as an encoded word
         "=?utf-8?q?alice=40acme.com?=",
+        'alice@acme.com <"m"@evil.example>',  # the real mailbox's local part quoted
+        "alice@acme.com, mallory@[203.0.113.9]",  # a domain literal beside the customer
     ],
-    ids=["unquoted-name", "angle-then-bare", "b-encoded-address", "q-encoded-address"],
+    ids=["unquoted-name", "angle-then-bare", "b-encoded-address", "q-encoded-address", "quoted-local", "literal"],
 )
 async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identity(  # type: ignore[no-untyped-def]
     intake, smtp_relay: RelayStandIn, from_header: str
@@ -97,10 +99,23 @@ async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identi
     assert all(m.rcpt_tos != ("alice@acme.com",) for m in smtp_relay.messages[1:])
 
 
-async def test_several_authors_with_a_sender_field_are_that_sender(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("sender_field", ["mallory@evil.example", "alice@acme.com"])
+@pytest.mark.parametrize(
+    "from_header",
+    [
+        "alice@acme.com, mallory@evil.example",
+        "alice@acme.com <mallory@evil.example>",
+        "mallory@evil.example <alice@acme.com>",
+    ],
+)
+async def test_several_authors_are_no_one_whatever_sender_says(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, from_header: str, sender_field: str
+) -> None:
+    """Sender is checked by no one at the border: naming the customer there must not pick her
+    out of a From that names two mailboxes."""
     ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
     head = (
-        "From: alice@acme.com, mallory@evil.example\r\nSender: mallory@evil.example\r\nTo: support@example.com\r\n"
+        f"From: {from_header}\r\nSender: {sender_field}\r\nTo: support@example.com\r\n"
         f"Subject: Re: Our invoices [{ref}]\r\nMessage-ID: <two-authors@evil.example>\r\n\r\nhi\r\n"
     )
     reply = await intake.send(head.encode(), mail_from="mallory@evil.example")
@@ -124,3 +139,5 @@ async def test_the_address_written_as_its_own_display_name_is_the_customer(intak
     assert intake.detail(ref)["requester"].endswith("alice@acme.com")
     again = await intake.send(raw_mail("ALICE@acme.com <alice@ACME.com>", f"Re: [{ref}]", "twice-2@acme.com"))
     assert ref_of(again.text) == ref and len(intake.detail(ref)["messages"]) == 2
+    outlook = await intake.send(raw_mail("'alice@acme.com' <alice@acme.com>", f"Re: [{ref}]", "twice-3@acme.com"))
+    assert ref_of(outlook.text) == ref and len(intake.detail(ref)["messages"]) == 3

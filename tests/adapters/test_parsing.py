@@ -279,13 +279,25 @@ def test_non_utf8_bytes_in_headers() -> None:
     ("raw_subject", "subject"),
     [
         (b"caf\xc3\xa9 na\xefve", "café naïve"),  # UTF-8 with a stray Latin-1 byte: was "cafÃ© naïve"
-        (b"\x93Ayuda\x94 se\xc3\xb1or", "“Ayuda” señor"),  # cp1252 quotes pasted into UTF-8
+        (b"Se\xc3\xb1or Mu\xc3\xb1oz: \x93urgente\x94", "Señor Muñoz: “urgente”"),  # cp1252 quotes pasted in
         (b"Probl\xe8me d'acc\xe8s", "Problème d'accès"),  # no UTF-8 at all: cp1252 whole, as before
+        # More stray bytes than UTF-8 characters: a cp1252 text with a UTF-8 pair by chance.
+        (b"\x93Gr\xfc\xdfe\x94 se\xc3\xb1or", "“Grüße” seÃ±or"),
         (b"caf\xc3\xa9", "café"),
     ],
 )
 def test_raw_header_bytes_mixing_utf8_and_a_single_byte_charset(raw_subject: bytes, subject: str) -> None:
     raw = b"From: a@b.example\r\nSubject: " + raw_subject + b"\r\nMessage-ID: <mixed@b.example>\r\n\r\nhello\r\n"
+    assert parse(raw).subject == subject
+
+
+def test_a_declared_single_byte_charset_reads_raw_header_bytes_whole() -> None:
+    # "Пётр" in windows-1251 holds a valid UTF-8 pair ("Пё" is D0 B8): the declared charset wins.
+    subject = "Пётр: Віктор не може увійти"
+    raw = (
+        b"From: a@b.example\r\nSubject: " + subject.encode("cp1251") + b"\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=windows-1251\r\n\r\n" + "Фёдор".encode("cp1251") + b"\r\n"
+    )
     assert parse(raw).subject == subject
 
 
