@@ -20,6 +20,7 @@ import pickle
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
@@ -554,23 +555,33 @@ class ListenerProcesses:
         if child is None:
             return
         self._sessions.pop(k, None)  # a restarted child reports its own, from none
+        if self.session_counts is not None:
+            self.session_counts.clear(k + 1)  # its sessions are gone with it: no capacity held
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(child[1].fileno())
         child[1].close()
 
     async def _watch_children(self) -> None:
+        retry: dict[int, tuple[float, float]] = {}  # a child that could not be restarted: (when, pause)
         while not self._stopping:
             await asyncio.sleep(1.0)
-            for k, (proc, _) in list(self._children.items()):
-                if proc.is_alive() or self._stopping:
+            for k in range(self.count):
+                child = self._children.get(k)
+                if self._stopping or (child is not None and child[0].is_alive()):
                     continue
-                log.error("email listener %d exited (%s); restarting it", k + 2, proc.exitcode)
-                self._read(k)
-                self._forget(k)
+                if child is not None:
+                    log.error("email listener %d exited (%s); restarting it", k + 2, child[0].exitcode)
+                    self._read(k)
+                    self._forget(k)
+                elif time.monotonic() < retry.get(k, (0.0, 0.0))[0]:
+                    continue
                 try:
                     await self._spawn(k)
+                    retry.pop(k, None)
                 except (OSError, EOFError) as exc:
-                    log.error("email listener %d could not be restarted: %s", k + 2, exc)
+                    pause = min(retry.get(k, (0.0, 0.5))[1] * 2, 60.0)  # 1 s, doubling to a minute
+                    retry[k] = (time.monotonic() + pause, pause)
+                    log.error("email listener %d could not be restarted: %s; trying again in %.0f s", k + 2, exc, pause)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM to every child: each finishes its sessions (up to ``grace`` s) and exits."""

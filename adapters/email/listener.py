@@ -57,13 +57,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 import re
 import socket
 import time
 import types
-import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -153,16 +153,24 @@ class SharedSessionCounts:
         self._rows = processes
         self._counts: Any = ctx.RawArray("i", processes * self._width)  # zeroed; passed to children
         self._row = 0
+        # The bucket of an address is a keyed hash: with a known one (CRC-32) anyone could pick
+        # addresses (an IPv6 /64 has plenty) that share a victim's bucket and fill its count.
+        self._key = os.urandom(16)
 
     def claim(self, row: int) -> None:
         """This process writes row ``row`` (0: the first listener; k: listener k + 1)."""
         self._row = row
+        self.clear(row)
+
+    def clear(self, row: int) -> None:
+        """Forget the sessions of row ``row``: its process is gone (the parent, on seeing a
+        listener die, so that its sessions hold no capacity while it restarts, or if it cannot)."""
         base = row * self._width
-        for i in range(base, base + self._width):
-            self._counts[i] = 0
+        self._counts[base : base + self._width] = [0] * self._width
 
     def _bucket(self, client: str) -> int:
-        return 1 + zlib.crc32(client.encode("utf-8", "replace")) % self.BUCKETS
+        digest = hashlib.blake2b(client.encode("utf-8", "replace"), digest_size=4, key=self._key).digest()
+        return 1 + int.from_bytes(digest, "little") % self.BUCKETS
 
     def total(self) -> int:
         return sum(self._counts[r * self._width] for r in range(self._rows))

@@ -752,3 +752,25 @@ async def test_a_path_the_email_parser_chokes_on_is_malformed_not_a_failure(
         first, second, good = await asyncio.to_thread(talk)
     assert first[0] == 553 and second[0] == 553, (first, second)  # not 451: retrying cannot help
     assert good[0] == 250
+
+
+def test_a_gone_listeners_sessions_hold_no_capacity() -> None:
+    """The parent clears the row of a listener process it found dead: behind Postfix every
+    session comes from one address, and a dead child's 20 would otherwise hold that address at
+    its cap until the child was back (or for good, if it could not be restarted)."""
+    import multiprocessing
+
+    from adapters.email.listener import SharedSessionCounts
+
+    counts = SharedSessionCounts(2, multiprocessing.get_context("spawn"))
+    counts.claim(1)  # as listener 2 does in its process
+    for _ in range(3):
+        counts.moved("127.0.0.1", 1)
+    counts.claim(0)  # the first listener's view (its own row is empty)
+    assert counts.total() == 3 and counts.elsewhere("127.0.0.1") == 3
+    counts.clear(1)  # ListenerProcesses._forget, on seeing listener 2 dead
+    assert counts.total() == 0 and counts.elsewhere("127.0.0.1") == 0
+    # Buckets are keyed per service: nobody outside can pick addresses that share one.
+    other = SharedSessionCounts(2, multiprocessing.get_context("spawn"))
+    addresses = [f"2001:db8::{i:x}" for i in range(64)]
+    assert [counts._bucket(a) for a in addresses] != [other._bucket(a) for a in addresses]
