@@ -216,11 +216,7 @@ class Policy:
         return None
 
     def is_public_domain(self, domain: str) -> bool:
-        domain = domain.lower().rstrip(".")
-        if domain in self.public_mail_domains:
-            return True
-        brand, _, suffix = domain.partition(".")
-        return brand in PUBLIC_MAIL_BRANDS and _COUNTRY_SUFFIX.fullmatch(suffix) is not None
+        return is_public_mail_domain(domain, self.public_mail_domains)
 
     def plan_of(self, organisation: str | None) -> Plan:
         name = self.organisation_plans.get(organisation or "", self.default_plan)
@@ -403,6 +399,15 @@ MISSING_LABELS: Mapping[str, str] = {
 }
 
 
+def is_public_mail_domain(domain: str, listed: frozenset[str] = PUBLIC_MAIL_DOMAINS) -> bool:
+    """A domain anyone can have a mailbox at: listed, or a listed brand under a country domain."""
+    domain = domain.lower().rstrip(".")
+    if domain in listed:
+        return True
+    brand, _, suffix = domain.partition(".")
+    return brand in PUBLIC_MAIL_BRANDS and _COUNTRY_SUFFIX.fullmatch(suffix) is not None
+
+
 def missing_details(message: InboundMessage, *, organisation: str | None) -> tuple[str, ...]:
     """Which items of the policy's "How to Report a Problem" list the message lacks.
 
@@ -414,7 +419,7 @@ def missing_details(message: InboundMessage, *, organisation: str | None) -> tup
     text = f"{message.subject}\n{own}"
     folded = _fold(text)
     missing: list[str] = []
-    if not organisation and (not message.sender_domain or message.sender_domain in PUBLIC_MAIL_DOMAINS):
+    if not organisation and (not message.sender_domain or is_public_mail_domain(message.sender_domain)):
         if "company" not in folded and "empresa" not in folded:
             missing.append("company")
     if not message.sender_name.strip() and "\n" not in own.strip()[-200:]:

@@ -401,7 +401,8 @@ def _read_frame_blocking(sock: socket.socket) -> bytes:
 
 def _worker_main(sock: socket.socket, settings: Settings) -> None:
     """A worker: set up, say ready, then answer requests until a request of 0 bytes or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a hang-up are the parent's to handle
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cpus.unpin()  # (email.pin_listeners) started by a pinned listener: free to run anywhere
     _init_worker(settings)
     settle_heap()

@@ -87,3 +87,10 @@ def test_each_detail_on_its_own() -> None:
     assert "when" in lacks("it happened recently")
     assert "phone" not in lacks("call 91 123 45 67")
     assert "phone" in lacks("ticket 123456")
+
+
+def test_a_mailbox_at_a_providers_country_domain_is_asked_for_its_company() -> None:
+    # The same rule as entitlement's (routing): hotmail.fr is no company, acme.fr is.
+    assert "company" in missing_details(message("it is broken", sender="jo@hotmail.fr"), organisation=None)
+    assert "company" in missing_details(message("it is broken", sender="jo@yahoo.com.br"), organisation=None)
+    assert "company" not in missing_details(message("it is broken", sender="jo@acme.fr"), organisation=None)
