@@ -142,7 +142,11 @@ class Dispatcher:
     # They are recorded before anything is claimed again. Dropped, their notes stayed claimed
     # and went a second time once their lease ran out (a disk-full run sent three
     # acknowledgements twice, two minutes apart).
-    _held: list[SendResult] = field(default_factory=list)
+    # Kept by the channels of the loop that sent them: each loop records its own before its
+    # next claim (see _record_held).
+    _held: dict[tuple[str, ...], list[SendResult]] = field(default_factory=dict)
+    _held_tries: dict[tuple[str, ...], int] = field(default_factory=dict)
+    held_split: int = 3  # failures in a row before held outcomes are tried one by one
 
     def wake(self) -> None:
         """Something was committed: claim what is due now. Without a chat sender the chat
@@ -172,28 +176,51 @@ class Dispatcher:
             for check in checks:
                 check.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
-            if self._held:  # a last try: what stays unrecorded goes again after its lease
+            for key in list(self._held):  # a last try: what stays unrecorded goes again after its lease
                 try:
-                    await self._record_held()
+                    await self._record_held(key)
                 except Exception as exc:
                     log.warning(
                         "outbox: the outcomes of %d sent note(s) could not be recorded (%s); they will be sent again",
-                        len(self._held),
+                        len(self._held.get(key, ())),
                         exc,
                     )
 
-    async def _record_held(self) -> None:
-        """Record the outcomes a failed commit left (see ``_held``); on failure they stay held."""
-        if not self._held:
+    async def _record_held(self, key: tuple[str, ...]) -> None:
+        """Record the outcomes a failed commit left (see ``_held``); on failure they stay held.
+
+        After ``held_split`` failures in a row the outcomes are tried one by one: if some
+        commit, storage works and the others hold something it refuses; those are dropped with
+        an error (their notes go again after the lease) so that they cannot stop the outbox. If
+        none commits, storage itself is unavailable (a full disk): they stay held, however long.
+        """
+        batch = self._held.pop(key, None)
+        if not batch:
             return
-        batch = self._held.copy()
-        self._held.clear()
+        self._held[key] = batch  # until recorded or dropped: a cancelled try loses nothing
         try:
-            await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
-        except BaseException:
-            self._held[:0] = batch
-            raise
+            await self._finish(batch)
+        except Exception:
+            tries = self._held_tries.get(key, 0) + 1
+            self._held_tries[key] = tries
+            if tries < self.held_split or len(batch) == 1:
+                raise
+            refused: list[tuple[SendResult, Exception]] = []
+            for result in batch:
+                try:
+                    await self._finish([result])
+                except Exception as alone:
+                    refused.append((result, alone))
+            if len(refused) == len(batch):
+                raise
+            for result, why in refused:
+                log.error("outbox: note %s: its outcome cannot be recorded (%s); dropped, goes again", result.id, why)
+        del self._held[key]
+        self._held_tries.pop(key, None)
         log.info("outbox: recorded the outcomes of %d note(s) held while storage was unavailable", len(batch))
+
+    async def _finish(self, results: list[SendResult]) -> None:
+        await self.store.transact(lambda uow: uow.finish_outbox(results, now=self.clock.now()))
 
     async def _run(self, channel: str) -> None:
         wake = self._wakes[channel]
@@ -226,7 +253,8 @@ class Dispatcher:
     async def run_once(self, channels: Sequence[str] = CHANNELS) -> int:
         """Claim the due entries of ``channels``, send them, record the outcomes. Returns how
         many were tried."""
-        await self._record_held()  # before any claim: a held note must not be claimed and sent again
+        key = tuple(channels)
+        await self._record_held(key)  # before any claim: a held note must not be claimed and sent again
         channels = self._open_channels(channels)
         if not channels:
             return 0
@@ -258,9 +286,9 @@ class Dispatcher:
             unrecorded.clear()
             flush = None  # an outcome from now on schedules the next commit
             try:
-                await self.store.transact(lambda uow: uow.finish_outbox(batch, now=self.clock.now()))
+                await self._finish(batch)
             except BaseException:
-                self._held.extend(batch)  # recorded before the next claim (see _held)
+                self._held.setdefault(key, []).extend(batch)  # recorded before the next claim (see _held)
                 raise
 
         async def one(item: OutboxItem) -> SendResult:

@@ -171,6 +171,12 @@ _WIRE_COUNT_OUTBOX_TO = "SELECT count(*) FROM outbox WHERE kind = %s AND created
 _WIRE_COUNT_OUTBOX_KIND = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s"
 
 
+def _error_text(error: str | None) -> str:
+    """A send's error as stored: its first 500 characters, without NUL (a relay's reply may
+    carry one, and PostgreSQL refuses it in text: the outcome could never be recorded)."""
+    return (error or "").replace("\x00", "")[:500]
+
+
 def _delivery_lock(recipient: str, dedup_key: str) -> int:
     """The advisory lock key of one delivery: 64 bits of a hash, as PostgreSQL's bigint."""
     digest = hashlib.blake2b(f"intake-delivery\0{recipient}\0{dedup_key}".encode(), digest_size=8).digest()
@@ -581,14 +587,14 @@ class SqlUnitOfWork:
         for r in sorted((r for r in results if not r.ok), key=lambda r: r.id):  # in one order: no deadlock
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")
             if not r.attempted:  # held with its channel: as it was, due again at once
-                self.conn.execute(base.values(claimed_until=None, last_error=(r.error or "")[:500]))
+                self.conn.execute(base.values(claimed_until=None, last_error=_error_text(r.error)))
             elif r.permanent:
                 self.conn.execute(
                     base.values(
                         status="failed",
                         attempts=outbox.c.attempts + 1,
                         claimed_until=None,
-                        last_error=(r.error or "")[:500],
+                        last_error=_error_text(r.error),
                     )
                 )
             else:
@@ -597,7 +603,7 @@ class SqlUnitOfWork:
                         attempts=outbox.c.attempts + 1,
                         claimed_until=None,
                         next_attempt_at=r.retry_at or now,
-                        last_error=(r.error or "")[:500],
+                        last_error=_error_text(r.error),
                     )
                 )
 
