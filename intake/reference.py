@@ -33,6 +33,15 @@ _INVISIBLE = frozenset("\u00ad\u200b\u200c\u200d\u2060\ufeff")
 _DASHES = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d")
 
 
+# Where those characters are (and the other compatibility forms people type: superscripts,
+# circled digits, mathematical letters): text with none of them is read as it is, without
+# _fold's loop over every character (17 µs for a Japanese subject of 88).
+_FOLDABLE = re.compile(
+    "[\u00a0\u00ad\u00b2\u00b3\u00b9\u2000-\u209f\u2100-\u218f\u2212\u2460-\u24ff\u3000"
+    "\ufe50-\ufe6b\ufeff\uff01-\uff5e\U0001d400-\U0001d7ff]"
+)
+
+
 def _fold(text: str) -> tuple[str, list[int]]:
     """``text`` as a person meant it for reading references, and where each character came from.
 
@@ -128,7 +137,7 @@ class References:
         """
         original = text
         at: list[int] | None = None
-        if not text.isascii():
+        if not text.isascii() and _FOLDABLE.search(text):
             text, at = _fold(text)
         found: list[Found] = []
         for m in self._pattern.finditer(text):
