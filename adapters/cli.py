@@ -59,7 +59,7 @@ class _TextFormatter(logging.Formatter):
         base = super().format(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
         if extra:
-            fields = " ".join(_escape(f"{k}={v}") for k, v in extra.items() if v not in (None, ""))
+            fields = _escape(" ".join(f"{k}={v}" for k, v in extra.items() if v not in (None, "")))
             head, newline, rest = base.partition("\n")  # after the message, before any traceback
             base = f"{head} {fields}{newline}{rest}"
         return base

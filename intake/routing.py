@@ -62,7 +62,7 @@ def entitlement(message: InboundMessage, ticket: TicketFacts, policy: Policy) ->
 def may_be_told(message: InboundMessage, ticket: TicketFacts, policy: Policy) -> bool:
     """Whether intake's answer to ``message`` may name ``ticket`` (a redelivery's "already stored
     as REF"): only to someone entitled to it. A Message-ID is no secret (everyone on the Cc
-    line has it), so a stranger re-sending one must not learn which ticket, or that any, has it.
+    line has it), so a stranger re-sending one must not learn which ticket has it.
     """
     return entitlement(message, ticket, policy) is not None
 
