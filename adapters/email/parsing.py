@@ -48,6 +48,7 @@ from email.errors import (
     InvalidBase64PaddingDefect,
 )
 from email.generator import BytesGenerator
+from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.policy import compat32
 
@@ -336,6 +337,22 @@ def _address_pairs(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+_HEADERS = HeaderRegistry()
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _mailbox(address: str) -> str:
+    """An address as a border check compares it: only spaces and tabs trimmed, only ASCII
+    letters lowered (``str.lower`` makes the Kelvin sign a "k"; ``str.strip`` drops a no-break
+    space a byte-level parser keeps in the domain)."""
+    return address.strip(" \t").translate(_ASCII_LOWER)
+
+
+def _names(written: str, address: str) -> bool:
+    """Whether ``written`` is ``address``, or Outlook's ``'address'`` display-name form of it."""
+    return written == address or (len(written) > 2 and written[0] == written[-1] == "'" and written[1:-1] == address)
+
+
 def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     """(display name, address) of the message's author, and whether From was ambiguous.
 
@@ -343,29 +360,41 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     border reads it, and nothing else: the one mailbox of From, as written. An address that
     only appears once encoded words are decoded was never checked by anyone, and neither was
     the Sender field. So a From field that names more than one mailbox ("alice@acme.com
-    <evil@x.com>", "alice@acme.com, <"m"@evil.example>", whatever Sender says), or one that
-    is not a plain address (a quoted local part, a domain literal, an encoded word), is
-    ambiguous: no author. One mailbox named twice ("alice@acme.com <alice@acme.com>",
-    Outlook's "'alice@acme.com' <alice@acme.com>") is that mailbox. Only a From without
-    anything address-like falls back to Sender, then the envelope.
+    <evil@x.com>", "alice@acme.com, <"m"@evil.example>", whatever Sender says), one that is not
+    a plain address (a quoted local part, a domain literal, an encoded word), or one whose
+    forms the lenient and the strict parser read differently, is ambiguous: no author. One
+    mailbox named twice ("alice@acme.com <alice@acme.com>", Outlook's "'alice@acme.com'
+    <alice@acme.com>") is that mailbox. A From without anything address-like has no author
+    either: the envelope sender (which SPF checks) stands in, never Sender (which nothing does).
     """
     values = headers.all("from")
     found = _parsed_addresses(values)
     if found is None:
         return None, True
-    mailboxes = {address.strip().strip("'").lower() for _, address in found if "@" in address}
-    if len(mailboxes) > 1:
+    written = [_mailbox(address) for _, address in found if "@" in address]
+    if not written:
+        return (None, True) if any("@" in _decode_words(value) for value in values) else (None, False)
+    plain = {w for w in written if not (len(w) > 2 and w[0] == w[-1] == "'")}
+    if len(plain) != 1:
         return None, True
-    if mailboxes:
-        (address,) = mailboxes
-        if len(address) > 320 or not _ADDRESS.fullmatch(address):
-            return None, True
-        name = next((n for n, a in found if n and a.strip().strip("'").lower() == address), "")
-        return (_clean(_decode_words(name)), address), False
-    if any("@" in _decode_words(value) for value in values):
+    (address,) = plain
+    if len(address) > 320 or not _ADDRESS.fullmatch(address) or not all(_names(w, address) for w in written):
         return None, True
-    sender = _getaddresses(headers.all("sender"))  # as written: no encoded word decoded into an address
-    return (sender[0], False) if sender else (None, False)
+    if _simple_addresses(values) is None and not _strict_agrees(values, address):
+        return None, True
+    name = next((n for n, a in found if n and _names(_mailbox(a), address)), "")
+    return (_clean(_decode_words(name)), address), False
+
+
+def _strict_agrees(values: list[str], address: str) -> bool:
+    """Whether the strict RFC 5322 parser finds no mailbox in From but ``address`` (or its
+    Outlook form). The lenient one skips what it cannot read: "mallory@evil.example
+    x@<alice@acme.com>" is Alice to it and Mallory to the strict one, as to a DMARC check."""
+    try:
+        parsed = [_HEADERS("From", value) for value in values]
+    except Exception:  # the strict parser has raised on odd input: no agreement
+        return False
+    return all(_names(_mailbox(a.addr_spec), address) for h in parsed for a in h.addresses if "@" in a.addr_spec)
 
 
 def _simple_addresses(values: list[str]) -> list[tuple[str, str]] | None:

@@ -76,8 +76,19 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "=?utf-8?q?alice=40acme.com?=",
         'alice@acme.com <"m"@evil.example>',  # the real mailbox's local part quoted
         "alice@acme.com, mallory@[203.0.113.9]",  # a domain literal beside the customer
+        "mallory@evil.example x@<alice@acme.com>",  # the strict parser (and DMARC) reads Mallory
+        "alice@acme.com\u00a0",  # a no-break space a byte-level parser keeps in the domain
     ],
-    ids=["unquoted-name", "angle-then-bare", "b-encoded-address", "q-encoded-address", "quoted-local", "literal"],
+    ids=[
+        "unquoted-name",
+        "angle-then-bare",
+        "b-encoded-address",
+        "q-encoded-address",
+        "quoted-local",
+        "literal",
+        "parser-gadget",
+        "nbsp",
+    ],
 )
 async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identity(  # type: ignore[no-untyped-def]
     intake, smtp_relay: RelayStandIn, from_header: str
@@ -141,3 +152,26 @@ async def test_the_address_written_as_its_own_display_name_is_the_customer(intak
     assert ref_of(again.text) == ref and len(intake.detail(ref)["messages"]) == 2
     outlook = await intake.send(raw_mail("'alice@acme.com' <alice@acme.com>", f"Re: [{ref}]", "twice-3@acme.com"))
     assert ref_of(outlook.text) == ref and len(intake.detail(ref)["messages"]) == 3
+
+
+async def test_a_from_without_an_address_is_not_the_sender_fields(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Nothing checks Sender: a From with no address falls back to the envelope sender (which
+    SPF checks), not to a Sender field naming the customer."""
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    head = (
+        "From: Alice Smith\r\nSender: alice@acme.com\r\nTo: support@example.com\r\n"
+        f"Subject: Re: Our invoices [{ref}]\r\nMessage-ID: <no-from@evil.example>\r\n\r\nhi\r\n"
+    )
+    reply = await intake.send(head.encode(), mail_from="mallory@evil.example")
+    assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
+
+
+@pytest.mark.parametrize("from_header", ["alice@acme.com'", "Mallory <alice@acme.com'>"])
+async def test_an_address_with_a_trailing_quote_is_somebody_else(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, from_header: str
+) -> None:
+    """Its domain is "acme.com'", which has no DMARC policy to fail: it is not Alice's address
+    with a stray quote, and stripping quotes from it let a stranger in."""
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    reply = await intake.send(raw_mail(from_header, f"Re: Our invoices [{ref}]", "quote-1@evil.example"))
+    assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1

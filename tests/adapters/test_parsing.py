@@ -469,9 +469,10 @@ def test_broken_multipart_salvage_does_not_eat_option_lines() -> None:
     assert msg.attachments == ()
 
 
-def test_sender_falls_back_to_sender_header_then_envelope() -> None:
+def test_without_from_the_sender_is_the_envelopes_never_the_sender_field() -> None:
+    # Nothing at the border checks the Sender field; SPF checks the envelope sender.
     msg = data("no_from.eml", envelope_sender="Owner@Lists.Example.org")
-    assert msg.sender == "list-owner@lists.example.org" and msg.sender_name == "Mailing List"
+    assert msg.sender == "owner@lists.example.org" and msg.sender_name == ""
     msg = parse(b"To: support@example.net\nSubject: anonymous\n\nhi\n", envelope_sender="<Bounce@Example.COM>")
     assert msg.sender == "bounce@example.com"
     assert msg.envelope_sender == "<Bounce@Example.COM>"  # kept as given
