@@ -145,8 +145,6 @@ class Dispatcher:
     # Kept by the channels of the loop that sent them: each loop records its own before its
     # next claim (see _record_held).
     _held: dict[tuple[str, ...], list[SendResult]] = field(default_factory=dict)
-    _held_tries: dict[tuple[str, ...], int] = field(default_factory=dict)
-    held_split: int = 3  # failures in a row before held outcomes are tried one by one
 
     def wake(self) -> None:
         """Something was committed: claim what is due now. Without a chat sender the chat
@@ -187,36 +185,30 @@ class Dispatcher:
                     )
 
     async def _record_held(self, key: tuple[str, ...]) -> None:
-        """Record the outcomes a failed commit left (see ``_held``); on failure they stay held.
+        """Record the outcomes a failed commit left (see ``_held``).
 
-        After ``held_split`` failures in a row the outcomes are tried one by one: if some
-        commit, storage works and the others hold something it refuses; those are dropped with
-        an error (their notes go again after the lease) so that they cannot stop the outbox. If
-        none commits, storage itself is unavailable (a full disk): they stay held, however long.
+        While storage is unavailable (a full disk, a database down or slow) they stay held,
+        however long: dropped, their notes would go a second time. Any other failure is a fault
+        in recording them, not in storage, and would come back on every try: they are dropped
+        with an error (their notes go again after the lease) so that the channel goes on.
         """
-        batch = self._held.pop(key, None)
+        batch = self._held.get(key)
         if not batch:
             return
-        self._held[key] = batch  # until recorded or dropped: a cancelled try loses nothing
         try:
             await self._finish(batch)
-        except Exception:
-            tries = self._held_tries.get(key, 0) + 1
-            self._held_tries[key] = tries
-            if tries < self.held_split or len(batch) == 1:
-                raise
-            refused: list[tuple[SendResult, Exception]] = []
-            for result in batch:
-                try:
-                    await self._finish([result])
-                except Exception as alone:
-                    refused.append((result, alone))
-            if len(refused) == len(batch):
-                raise
-            for result, why in refused:
-                log.error("outbox: note %s: its outcome cannot be recorded (%s); dropped, goes again", result.id, why)
+        except StorageUnavailableError:
+            raise
+        except Exception as exc:
+            del self._held[key]
+            log.error(
+                "outbox: the outcomes of %d sent note(s) cannot be recorded (%s: %s); dropped, they go again",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            return
         del self._held[key]
-        self._held_tries.pop(key, None)
         log.info("outbox: recorded the outcomes of %d note(s) held while storage was unavailable", len(batch))
 
     async def _finish(self, results: list[SendResult]) -> None:
