@@ -190,12 +190,22 @@ _UTF8_RUN = re.compile(
 )
 
 
+# Where the mixed reading is tried: what a message says of its text, and a header's size (it
+# walks the header's UTF-8 runs in Python: a few ms for the largest, 2 s for 5 MB).
+_MIXED_HINTS = frozenset({"", "utf-8", "utf8", "us-ascii", "ascii"})
+_MIXED_MAX = 16_384
+# What a pair of cp1252 or Latin-1 letters reads as when it happens to be valid UTF-8 (a lead
+# byte D0-DF or C0-C1 followed by punctuation: Cyrillic capitals and ß, Þ, ×... before “, …):
+# letters of scripts a support mailbox almost never sees in one header with Latin-1 bytes.
+_UNLIKELY = re.compile("[\u0530-\u07ff\u0250-\u036f]")
+
+
 def _mixed_utf8(data: bytes) -> str | None:
     """A raw header in UTF-8 with stray bytes of a single-byte charset ("café" typed in one
     program, a name pasted from another): the UTF-8 sequences as UTF-8, the stray bytes as
     cp1252 (Latin-1 where cp1252 has none). Read whole as cp1252 instead, every UTF-8 "é" came
-    out "Ã©". None unless UTF-8 is the better reading: at least as many UTF-8 characters as
-    stray bytes (a cp1252 text may hold a valid UTF-8 pair by chance, "ß…", but not mostly)."""
+    out "Ã©". None unless UTF-8 is the better reading: no more stray bytes than UTF-8
+    characters, and none of those in the scripts a cp1252 pair reads as by chance."""
     parts: list[str] = []
     utf8_chars = stray = pos = 0
     for run in _UTF8_RUN.finditer(data):
@@ -203,12 +213,14 @@ def _mixed_utf8(data: bytes) -> str | None:
         stray += len(between) - len(between.decode("ascii", "ignore"))
         parts.append(_single_byte_text(between))
         text = run.group().decode("utf-8")
+        if _UNLIKELY.search(text):  # "ß“" in cp1252 reads as NKo "\u07d3": not UTF-8 at all
+            return None
         utf8_chars += len(text)
         parts.append(text)
         pos = run.end()
     tail = data[pos:]
     stray += len(tail) - len(tail.decode("ascii", "ignore"))
-    if utf8_chars == 0 or stray > utf8_chars:
+    if stray > utf8_chars or utf8_chars == 0:
         return None
     parts.append(_single_byte_text(tail))
     return "".join(parts)
@@ -230,9 +242,10 @@ def _fix_surrogates(value: str, hint: str | None = None) -> str:
         data = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # surrogates that are not escapes of bytes
         return value.encode("utf-8", "replace").decode("utf-8")
-    if _try_decode(data, "utf-8") is None and (not hint or _codec(hint) in _WEAK_LABELS):
-        # Not UTF-8 as a whole, and no charset declared but a client's default: UTF-8 with a
-        # stray byte or two is likelier than Latin-1 or cp1252 throughout.
+    if len(data) <= _MIXED_MAX and _codec(hint) in _MIXED_HINTS and _try_decode(data, "utf-8") is None:
+        # Not UTF-8 as a whole, where the message says UTF-8, ASCII or nothing: UTF-8 with a
+        # stray byte or two is likelier than cp1252 throughout. A single-byte charset that
+        # the message declares (windows-1251, even windows-1252) is read as declared.
         mixed = _mixed_utf8(data)
         if mixed is not None:
             return mixed

@@ -284,11 +284,27 @@ def test_non_utf8_bytes_in_headers() -> None:
         # More stray bytes than UTF-8 characters: a cp1252 text with a UTF-8 pair by chance.
         (b"\x93Gr\xfc\xdfe\x94 se\xc3\xb1or", "“Grüße” seÃ±or"),
         (b"caf\xc3\xa9", "café"),
+        ("„Spaß“".encode("cp1252"), "„Spaß“"),  # "ß“" is a valid UTF-8 pair (NKo): no UTF-8 here
+        ("Frage zu „Fuß“ und „Maß“".encode("cp1252"), "Frage zu „Fuß“ und „Maß“"),
     ],
 )
-def test_raw_header_bytes_mixing_utf8_and_a_single_byte_charset(raw_subject: bytes, subject: str) -> None:
-    raw = b"From: a@b.example\r\nSubject: " + raw_subject + b"\r\nMessage-ID: <mixed@b.example>\r\n\r\nhello\r\n"
+@pytest.mark.parametrize("declared", [b"", b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"])
+def test_raw_header_bytes_mixing_utf8_and_a_single_byte_charset(
+    raw_subject: bytes, subject: str, declared: bytes
+) -> None:
+    raw = (
+        b"From: a@b.example\r\nSubject: " + raw_subject + b"\r\nMessage-ID: <mixed@b.example>\r\n"
+        + declared + b"\r\nhello\r\n"
+    )  # fmt: skip
     assert parse(raw).subject == subject
+
+
+def test_a_declared_windows_1252_reads_raw_header_bytes_as_declared() -> None:
+    raw = (
+        b"From: a@b.example\r\nSubject: caf\xc3\xa9 \x93na\xefve\x94\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=windows-1252\r\n\r\nhello\r\n"
+    )
+    assert parse(raw).subject == "cafÃ© “naïve”"
 
 
 def test_a_declared_single_byte_charset_reads_raw_header_bytes_whole() -> None:
