@@ -774,3 +774,26 @@ def test_a_gone_listeners_sessions_hold_no_capacity() -> None:
     other = SharedSessionCounts(2, multiprocessing.get_context("spawn"))
     addresses = [f"2001:db8::{i:x}" for i in range(64)]
     assert [counts._bucket(a) for a in addresses] != [other._bucket(a) for a in addresses]
+
+
+async def test_the_parent_clears_a_dead_listeners_row_as_it_forgets_it(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from adapters.bootstrap import ListenerProcesses
+    from adapters.email.listener import SharedSessionCounts
+    from intake.ports import Recorder
+    from tests.adapters.harness import settings_for
+
+    ctx = multiprocessing.get_context("spawn")
+    counts = SharedSessionCounts(2, ctx)
+    counts.claim(1)
+    for _ in range(20):  # listener 2 held Postfix's 20 sessions when it died
+        counts.moved("127.0.0.1", 1)
+    counts.claim(0)
+    listeners = ListenerProcesses(settings_for(tmp_path, relay_port=25), [], lambda: None, Recorder(), counts)
+    reader, writer = ctx.Pipe(duplex=False)
+    writer.close()
+    listeners._children[0] = (ctx.Process(target=print), reader)  # listener 2, row 1
+    assert counts.elsewhere("127.0.0.1") == 20
+    listeners._forget(0)
+    assert counts.total() == 0 and counts.elsewhere("127.0.0.1") == 0
