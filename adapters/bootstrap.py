@@ -447,6 +447,9 @@ async def serve(app: App, *, ready: Callable[[str], None] = print) -> None:
                 pass
 
 
+_STEADY_SECONDS = 30.0  # a listener that ran this long had started well: restarted at once
+
+
 class ListenerProcesses:
     """The email listeners beyond the first (``email.listener_processes``), in child processes.
 
@@ -561,27 +564,43 @@ class ListenerProcesses:
             asyncio.get_running_loop().remove_reader(child[1].fileno())
         child[1].close()
 
+    watch_every = 1.0  # seconds between looks at the children
+
     async def _watch_children(self) -> None:
-        retry: dict[int, tuple[float, float]] = {}  # a child that could not be restarted: (when, pause)
+        # A child that could not be restarted, or that died soon after it started (a crash at
+        # every start), waits before the next try: (when, pause), 1 s doubling to a minute.
+        retry: dict[int, tuple[float, float]] = {}
+        started = dict.fromkeys(self._children, time.monotonic())
         while not self._stopping:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.watch_every)
             for k in range(self.count):
                 child = self._children.get(k)
                 if self._stopping or (child is not None and child[0].is_alive()):
                     continue
+                now = time.monotonic()
                 if child is not None:
                     log.error("email listener %d exited (%s); restarting it", k + 2, child[0].exitcode)
                     self._read(k)
                     self._forget(k)
-                elif time.monotonic() < retry.get(k, (0.0, 0.0))[0]:
+                    if now - started.get(k, 0.0) >= _STEADY_SECONDS:
+                        retry.pop(k, None)  # it had been serving: again at once
+                    else:
+                        retry[k] = self._later(retry.get(k), now)
+                if now < retry.get(k, (0.0, 0.0))[0]:
                     continue
                 try:
                     await self._spawn(k)
-                    retry.pop(k, None)
+                    started[k] = time.monotonic()
                 except (OSError, EOFError) as exc:
-                    pause = min(retry.get(k, (0.0, 0.5))[1] * 2, 60.0)  # 1 s, doubling to a minute
-                    retry[k] = (time.monotonic() + pause, pause)
-                    log.error("email listener %d could not be restarted: %s; trying again in %.0f s", k + 2, exc, pause)
+                    retry[k] = self._later(retry.get(k), now)
+                    log.error(
+                        "email listener %d could not be restarted: %s; trying again in %.0f s", k + 2, exc, retry[k][1]
+                    )
+
+    @staticmethod
+    def _later(previous: tuple[float, float] | None, now: float) -> tuple[float, float]:
+        pause = min((previous[1] if previous else 0.5) * 2, 60.0)
+        return now + pause, pause
 
     async def stop(self, grace: float) -> None:
         """SIGTERM to every child: each finishes its sessions (up to ``grace`` s) and exits."""

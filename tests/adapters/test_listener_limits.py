@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -797,3 +798,41 @@ async def test_the_parent_clears_a_dead_listeners_row_as_it_forgets_it(tmp_path:
     assert counts.elsewhere("127.0.0.1") == 20
     listeners._forget(0)
     assert counts.total() == 0 and counts.elsewhere("127.0.0.1") == 0
+
+
+async def test_a_listener_that_dies_as_it_starts_is_restarted_ever_more_slowly(tmp_path: Path) -> None:
+    """A listener that crashes at every start (a broken plugin, a port it cannot use) was
+    restarted every second for ever; one that dies soon after starting now waits 1 s, 2 s,
+    4 s... (up to a minute) before the next try."""
+    import multiprocessing
+
+    from adapters.bootstrap import ListenerProcesses
+    from intake.ports import Recorder
+    from tests.adapters.harness import settings_for
+
+    class Dead:
+        exitcode = 1
+
+        def is_alive(self) -> bool:
+            return False
+
+    ctx = multiprocessing.get_context("spawn")
+    listeners = ListenerProcesses(settings_for(tmp_path, relay_port=25), [], lambda: None, Recorder())
+    listeners.watch_every = 0.05
+    spawns: list[float] = []
+
+    async def spawn(k: int) -> None:  # it starts, and is dead at the next look
+        spawns.append(time.monotonic())
+        reader, writer = ctx.Pipe(duplex=False)
+        writer.close()
+        listeners._children[k] = (Dead(), reader)  # type: ignore[assignment]
+
+    listeners._spawn = spawn  # type: ignore[method-assign]
+    await spawn(0)
+    watch = asyncio.create_task(listeners._watch_children())
+    await asyncio.sleep(3.2)
+    listeners._stopping = True
+    await watch
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(spawns)]
+    assert len(spawns) == 3, gaps  # the first start, then after about 1 s and 2 s more: not 60 starts
+    assert 1.0 <= gaps[0] < 1.5 and 2.0 <= gaps[1] < 2.5, gaps
