@@ -194,10 +194,11 @@ _UTF8_RUN = re.compile(
 # walks the header's UTF-8 runs in Python: a few ms for the largest, 2 s for 5 MB).
 _MIXED_HINTS = frozenset({"", "utf-8", "utf8", "us-ascii", "ascii"})
 _MIXED_MAX = 16_384
-# What a pair of cp1252 or Latin-1 letters reads as when it happens to be valid UTF-8 (a lead
-# byte D0-DF or C0-C1 followed by punctuation: Cyrillic capitals and ß, Þ, ×... before “, …):
-# letters of scripts a support mailbox almost never sees in one header with Latin-1 bytes.
-_UNLIKELY = re.compile("[\u0530-\u07ff\u0250-\u036f]")
+# A lone two-byte "UTF-8 character" that is a cp1252 letter followed by one of cp1252's
+# punctuation bytes (80-9F: “ ” … – € ...): "ß“" reads as NKo, "É…" as Latin Extended-B. Lead
+# C3, CC and CD are left out: UTF-8's own Latin-1 capitals (À-ß) are C3 80-9F, macOS writes
+# "é" as "e" and a combining accent (CC 81), and "Ã", "Ì" or "Í" before “ are rare in cp1252.
+_ACCIDENT = re.compile(rb"[\xc0-\xc2\xc4-\xcb\xce-\xdf][\x80-\x9f]")
 
 
 def _mixed_utf8(data: bytes) -> str | None:
@@ -213,8 +214,8 @@ def _mixed_utf8(data: bytes) -> str | None:
         stray += len(between) - len(between.decode("ascii", "ignore"))
         parts.append(_single_byte_text(between))
         text = run.group().decode("utf-8")
-        if _UNLIKELY.search(text):  # "ß“" in cp1252 reads as NKo "\u07d3": not UTF-8 at all
-            return None
+        if len(run.group()) == 2 and _ACCIDENT.fullmatch(run.group()):
+            return None  # one cp1252 letter and a punctuation byte ("ß“", "É…"): no UTF-8 at all
         utf8_chars += len(text)
         parts.append(text)
         pos = run.end()
@@ -351,14 +352,16 @@ def _address_pairs(values: list[str]) -> list[tuple[str, str]]:
 
 
 _HEADERS = HeaderRegistry()
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _mailbox(address: str) -> str:
-    """An address as a border check compares it: only spaces and tabs trimmed, only ASCII
-    letters lowered (``str.lower`` makes the Kelvin sign a "k"; ``str.strip`` drops a no-break
-    space a byte-level parser keeps in the domain)."""
-    return address.strip(" \t").translate(_ASCII_LOWER)
+    """An address as a border check compares it: only spaces and tabs trimmed, letters lowered
+    but never into ASCII from outside it (``str.lower`` makes the Kelvin sign a "k"; ``strip``
+    drops a no-break space that a byte-level parser keeps in the domain)."""
+    address = address.strip(" \t")
+    if address.isascii():
+        return address.lower()
+    return "".join(c if not c.isascii() and c.lower().isascii() else c.lower() for c in address)
 
 
 def _names(written: str, address: str) -> bool:
@@ -393,10 +396,44 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     (address,) = plain
     if len(address) > 320 or not _ADDRESS.fullmatch(address) or not all(_names(w, address) for w in written):
         return None, True
-    if _simple_addresses(values) is None and not _strict_agrees(values, address):
+    if _simple_addresses(values) is None and not (
+        sum(map(len, values)) <= _FROM_MAX and _plain_form(values, address) and _strict_agrees(values, address)
+    ):
         return None, True
     name = next((n for n, a in found if n and _names(_mailbox(a), address)), "")
     return (_clean(_decode_words(name)), address), False
+
+
+# Off the fast path a From is read twice more (below); no author's From is longer than this,
+# and the stdlib's strict parser takes seconds over a few hundred KB of comments.
+_FROM_MAX = 4096
+_QUOTED_OR_COMMENT = re.compile(r'"(?:[^"\\]|\\.)*"|\((?:[^()\\]|\\.)*\)')
+
+
+def _plain_form(values: list[str], address: str) -> bool:
+    """Whether each From value is the plain shape of one mailbox, ``address``: quoted strings
+    and comments aside, either one "@" and no angle brackets, or one <...> holding ``address``
+    with no other "@" around it but the address itself as its name. Both Python parsers skip
+    what they cannot read ("alice@acme.com <@evil.example>": an empty route address), where
+    OpenDMARC reads the first <...> (evil.example) or nothing at all (no check was made)."""
+    for value in values:
+        bare = _QUOTED_OR_COMMENT.sub(" ", value)
+        if '"' in bare or "(" in bare or ")" in bare:
+            return False  # unbalanced (or nested) quotes or comments
+        opens, closes = bare.count("<"), bare.count(">")
+        if opens != closes or opens > 1:
+            return False
+        if not opens:
+            if bare.count("@") != 1:
+                return False
+            continue
+        start, end = bare.index("<"), bare.index(">")
+        if end < start or _mailbox(bare[start + 1 : end]) != address:
+            return False
+        name = (bare[:start] + bare[end + 1 :]).strip(" \t,;")
+        if "@" in name and not _names(_mailbox(name), address):
+            return False
+    return True
 
 
 def _strict_agrees(values: list[str], address: str) -> bool:

@@ -78,6 +78,11 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "alice@acme.com, mallory@[203.0.113.9]",  # a domain literal beside the customer
         "mallory@evil.example x@<alice@acme.com>",  # the strict parser (and DMARC) reads Mallory
         "alice@acme.com\u00a0",  # a no-break space a byte-level parser keeps in the domain
+        "alice@acme.com <@evil.example>",  # OpenDMARC aligns on the first <...>: evil.example
+        "x<@evil.example>alice@acme.com",
+        "alice@acme.com<alice@acme.com@evil.example",
+        "alice@acme.com (",  # OpenDMARC cannot parse it, so no DMARC check was made at all
+        "(" + "a)\r\n (" * 2000 + "a) alice@acme.com",  # folded, 8 KB: not read twice more
     ],
     ids=[
         "unquoted-name",
@@ -88,6 +93,11 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "literal",
         "parser-gadget",
         "nbsp",
+        "empty-route",
+        "empty-route-first",
+        "unclosed-angle",
+        "unclosed-comment",
+        "huge",
     ],
 )
 async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identity(  # type: ignore[no-untyped-def]

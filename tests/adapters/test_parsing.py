@@ -286,6 +286,8 @@ def test_non_utf8_bytes_in_headers() -> None:
         (b"caf\xc3\xa9", "café"),
         ("„Spaß“".encode("cp1252"), "„Spaß“"),  # "ß“" is a valid UTF-8 pair (NKo): no UTF-8 here
         ("Frage zu „Fuß“ und „Maß“".encode("cp1252"), "Frage zu „Fuß“ und „Maß“"),
+        ("Jose\u0301 Pe\u0301rez".encode() + b" \xe9t\xe9", "Jose\u0301 Pe\u0301rez été"),  # as macOS writes é
+        ("مرحبا بكم".encode() + b" \xe9t\xe9", "مرحبا بكم été"),
     ],
 )
 @pytest.mark.parametrize("declared", [b"", b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"])
