@@ -800,12 +800,16 @@ async def test_the_parent_clears_a_dead_listeners_row_as_it_forgets_it(tmp_path:
     assert counts.total() == 0 and counts.elsewhere("127.0.0.1") == 0
 
 
-async def test_a_listener_that_dies_as_it_starts_is_restarted_ever_more_slowly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("steady", [False, True], ids=["dies-as-it-starts", "had-been-serving"])
+async def test_a_listener_that_dies_as_it_starts_is_restarted_ever_more_slowly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steady: bool
+) -> None:
     """A listener that crashes at every start (a broken plugin, a port it cannot use) was
     restarted every second for ever; one that dies soon after starting now waits 1 s, 2 s,
     4 s... (up to a minute) before the next try."""
     import multiprocessing
 
+    from adapters import bootstrap
     from adapters.bootstrap import ListenerProcesses
     from intake.ports import Recorder
     from tests.adapters.harness import settings_for
@@ -819,6 +823,8 @@ async def test_a_listener_that_dies_as_it_starts_is_restarted_ever_more_slowly(t
     ctx = multiprocessing.get_context("spawn")
     listeners = ListenerProcesses(settings_for(tmp_path, relay_port=25), [], lambda: None, Recorder())
     listeners.watch_every = 0.05
+    if steady:  # one that had served longer than this is restarted at the next look, every time
+        monkeypatch.setattr(bootstrap, "_STEADY_SECONDS", 0.0)
     spawns: list[float] = []
 
     async def spawn(k: int) -> None:  # it starts, and is dead at the next look
@@ -834,5 +840,8 @@ async def test_a_listener_that_dies_as_it_starts_is_restarted_ever_more_slowly(t
     listeners._stopping = True
     await watch
     gaps = [round(b - a, 1) for a, b in itertools.pairwise(spawns)]
+    if steady:
+        assert len(spawns) > 20 and max(gaps) < 0.5, gaps
+        return
     assert len(spawns) == 3, gaps  # the first start, then after about 1 s and 2 s more: not 60 starts
     assert 1.0 <= gaps[0] < 1.5 and 2.0 <= gaps[1] < 2.5, gaps
