@@ -80,6 +80,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # makes of such an entry is known (the name's words joined by one space), so it is read here.
 _NAME_WORD = r"[A-Za-z0-9.'_-]+"
 _ADDR_SPEC = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+# One quoted display name and one plain address, as Outlook writes "Doe, Jane" <jd@x.com>:
+# every parser, OpenDMARC's included, reads the address in the brackets.
+_QUOTED_NAME_ADDRESS = re.compile(rf'[ \t]*"([^"\\\r\n]*)"[ \t]*<({_ADDR_SPEC})>[ \t]*')
 _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*(?:((?:{_NAME_WORD}[ \t]+)*{_NAME_WORD}[ \t]*|)<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*"
 )
@@ -384,6 +387,8 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     either: the envelope sender (which SPF checks) stands in, never Sender (which nothing does).
     """
     values = headers.all("from")
+    if len(values) == 1 and (quoted := _QUOTED_NAME_ADDRESS.fullmatch(values[0])) is not None:
+        return (_clean(_decode_words(quoted.group(1))), quoted.group(2).lower()), False
     found = _parsed_addresses(values)
     if found is None:
         return None, True

@@ -770,3 +770,18 @@ def test_plain_text_labelled_base64_is_kept_as_sent() -> None:
     encoded = base64.encodebytes("Grüße, the export fails again.\n".encode()).replace(b"\n", b"\r\n")
     real = parse(head + encoded + b"-- \r\n")
     assert real.body == "Grüße, the export fails again." and real.parse_problem is None
+
+
+@pytest.mark.parametrize(
+    ("from_header", "author"),
+    [
+        ('"Doe, Jane" <Jane@Acme.com>', ("Doe, Jane", "jane@acme.com")),  # Outlook's quoted name
+        ('"alice@acme.com" <mallory@evil.example>', ("alice@acme.com", "mallory@evil.example")),
+        ('"x" <alice@acme.com@evil.example>', None),  # not one plain address in the brackets
+        ('"Doe, Jane" <jane@acme.com>, mallory@evil.example', None),
+    ],
+)
+def test_a_quoted_display_name_and_one_address(from_header: str, author: tuple[str, str] | None) -> None:
+    raw = f"From: {from_header}\r\nSubject: x\r\n\r\nhi\r\n".encode()
+    msg = parse(raw, envelope_sender="bounce@evil.example")
+    assert (msg.sender_name, msg.sender) == (author if author else ("", ""))
