@@ -19,24 +19,32 @@ from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, running_intake, settings_for
 
 
-class CountingStore:
-    """The real store, counting the transactions that record outbox outcomes."""
+class OutcomeStore:
+    """The real store, with ``recording(results)`` called each time a transaction records outbox
+    outcomes (it may raise, as storage would), and ``committed(counts)`` after the transaction:
+    how many outcomes each of its recordings held."""
 
     def __init__(self, store: Any) -> None:
         self._store = store
-        self.outcome_commits: list[int] = []  # outcomes recorded by each such transaction
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def transact(self, fn: Any) -> Any:
-        recorded: list[int] = []
+    def recording(self, results: Any) -> None:
+        pass
 
-        def counting(uow: Any) -> Any:
+    def committed(self, counts: list[int]) -> None:
+        pass
+
+    async def transact(self, fn: Any) -> Any:
+        counts: list[int] = []
+
+        def hooked(uow: Any) -> Any:
             finish = uow.finish_outbox
 
             def finish_outbox(results: Any, **kw: Any) -> Any:
-                recorded.append(len(results))
+                self.recording(results)
+                counts.append(len(results))
                 return finish(results, **kw)
 
             uow.finish_outbox = finish_outbox
@@ -45,9 +53,20 @@ class CountingStore:
             finally:
                 del uow.finish_outbox
 
-        result = await self._store.transact(counting)
-        self.outcome_commits.extend(recorded)
+        result = await self._store.transact(hooked)
+        self.committed(counts)
         return result
+
+
+class CountingStore(OutcomeStore):
+    """The real store, counting the transactions that record outbox outcomes."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.outcome_commits: list[int] = []  # outcomes recorded by each such transaction
+
+    def committed(self, counts: list[int]) -> None:
+        self.outcome_commits.extend(counts)
 
 
 async def test_outcomes_that_arrive_together_share_one_commit(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
@@ -112,33 +131,17 @@ async def test_a_stored_note_that_cannot_be_read_fails_alone(tmp_path: Path, smt
     assert rows[0][1].startswith("stored note unreadable: KeyError"), rows
 
 
-class FullDiskStore:
+class FullDiskStore(OutcomeStore):
     """The real store, whose commits of outbox outcomes fail ``failures`` times, as on a full disk."""
 
     def __init__(self, store: Any, failures: int) -> None:
-        self._store = store
+        super().__init__(store)
         self.failures = failures
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def transact(self, fn: Any) -> Any:
-        def failing(uow: Any) -> Any:
-            finish = uow.finish_outbox
-
-            def finish_outbox(results: Any, **kw: Any) -> Any:
-                if self.failures > 0:
-                    self.failures -= 1
-                    raise StorageUnavailableError("database or disk is full")
-                return finish(results, **kw)
-
-            uow.finish_outbox = finish_outbox
-            try:
-                return fn(uow)
-            finally:
-                del uow.finish_outbox
-
-        return await self._store.transact(failing)
+    def recording(self, results: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageUnavailableError("database or disk is full")
 
 
 async def test_outcomes_not_recorded_are_kept_until_they_are(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
@@ -165,33 +168,17 @@ async def test_outcomes_not_recorded_are_kept_until_they_are(tmp_path: Path, smt
     assert sorted(m.rcpt_tos[0] for m in captured) == senders  # each acknowledgement once
 
 
-class RefusingStore:
+class RefusingStore(OutcomeStore):
     """The real store, whose recording of the outcome of note ``poison`` always fails, and not
     for want of storage (a fault in recording it)."""
 
     def __init__(self, store: Any, poison: int) -> None:
-        self._store = store
+        super().__init__(store)
         self.poison = poison
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def transact(self, fn: Any) -> Any:
-        def refusing(uow: Any) -> Any:
-            finish = uow.finish_outbox
-
-            def finish_outbox(results: Any, **kw: Any) -> Any:
-                if any(r.id == self.poison for r in results):
-                    raise ValueError("an outcome this build cannot write")
-                return finish(results, **kw)
-
-            uow.finish_outbox = finish_outbox
-            try:
-                return fn(uow)
-            finally:
-                del uow.finish_outbox
-
-        return await self._store.transact(refusing)
+    def recording(self, results: Any) -> None:
+        if any(r.id == self.poison for r in results):
+            raise ValueError("an outcome this build cannot write")
 
 
 async def test_an_outcome_storage_refuses_does_not_stop_the_outbox(

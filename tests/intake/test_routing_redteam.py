@@ -2,41 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
-from intake.model import Channel, InboundMessage, Route, Severity
-from intake.policy import Policy
-from intake.ports import TicketFacts
-from intake.reference import References
+from intake.model import Route
 from intake.routing import may_be_told, place
-
-REFS = References()
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-POLICY = Policy(organisations={"acme": ("acme.com",)})
-
-
-def ticket(ref: str, requester: str = "alice@acme.com", org: str | None = "acme") -> TicketFacts:
-    return TicketFacts(
-        id=1,
-        reference=ref,
-        subject="printer",
-        channel=Channel.EMAIL,
-        requester=requester,
-        organisation=org,
-        severity=Severity.S3,
-        security=False,
-        alerted=False,
-        status="open",
-        created_at=NOW,
-        response_due=NOW,
-        participants=frozenset({requester}),
-    )
-
-
-def msg(sender: str, subject: str) -> InboundMessage:
-    return InboundMessage(channel=Channel.EMAIL, sender=sender, subject=subject)
+from tests.intake.test_routing import POLICY, REFS, msg, ticket
 
 
 def _fullwidth(text: str) -> str:
