@@ -154,13 +154,9 @@ def serve(ctx: click.Context) -> None:
 def _require_database(settings: Settings) -> None:
     """Only `intake db upgrade` creates a database: opening a SQLite file that is not there
     would leave an empty one behind, in whatever directory the command ran."""
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.storage.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and "uri" not in url.query:
-        path = Path(url.database)
-        if not path.exists():
-            _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it"))
+    path = _sqlite_file(settings)
+    if path is not None and not path.exists():
+        _fail(IntakeError(f"no database at {path.resolve()}: `intake db upgrade` creates it"))
 
 
 def _sqlite_file(settings: Settings) -> Path | None:

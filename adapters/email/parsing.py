@@ -367,9 +367,14 @@ def _mailbox(address: str) -> str:
     return "".join(c if not c.isascii() and c.lower().isascii() else c.lower() for c in address)
 
 
+def _outlook_quoted(written: str) -> bool:
+    """Outlook's display-name form of an address: ``'alice@acme.com'``."""
+    return len(written) > 2 and written[0] == written[-1] == "'"
+
+
 def _names(written: str, address: str) -> bool:
     """Whether ``written`` is ``address``, or Outlook's ``'address'`` display-name form of it."""
-    return written == address or (len(written) > 2 and written[0] == written[-1] == "'" and written[1:-1] == address)
+    return written == address or (_outlook_quoted(written) and written[1:-1] == address)
 
 
 def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
@@ -388,14 +393,14 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     """
     values = headers.all("from")
     if len(values) == 1 and (quoted := _QUOTED_NAME_ADDRESS.fullmatch(values[0])) is not None:
-        return (_clean(_decode_words(quoted.group(1))), quoted.group(2).lower()), False
+        return (_clean(_decode_words(quoted.group(1))), _mailbox(quoted.group(2))), False
     found = _parsed_addresses(values)
     if found is None:
         return None, True
     written = [_mailbox(address) for _, address in found if "@" in address]
     if not written:
         return (None, True) if any("@" in _decode_words(value) for value in values) else (None, False)
-    plain = {w for w in written if not (len(w) > 2 and w[0] == w[-1] == "'")}
+    plain = {w for w in written if not _outlook_quoted(w)}
     if len(plain) != 1:
         return None, True
     (address,) = plain
@@ -485,7 +490,7 @@ def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
         return []
     pairs: list[tuple[str, str]] = []
     for name, address in found:
-        address = address.strip().lower()
+        address = _mailbox(address)  # as the author's: no letter lowered into ASCII from outside it
         if len(address) > 320 or not _ADDRESS.fullmatch(address):
             continue
         pairs.append((_clean(_decode_words(name)), address))
