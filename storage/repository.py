@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
@@ -171,10 +172,16 @@ _WIRE_COUNT_OUTBOX_TO = "SELECT count(*) FROM outbox WHERE kind = %s AND created
 _WIRE_COUNT_OUTBOX_KIND = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _error_text(error: str | None) -> str:
     """A send's error as stored: its first 500 characters, without NUL (a relay's reply may
-    carry one, and PostgreSQL refuses it in text: the outcome could never be recorded)."""
-    return (error or "").replace("\x00", "")[:500]
+    carry one, and PostgreSQL refuses it in text) and with U+FFFD for any lone surrogate (a
+    byte that was not UTF-8, kept by surrogateescape; no database takes one). Either made the
+    outcome unrecordable, and the note went again at every lease."""
+    text = (error or "").replace("\x00", "")
+    return (text if text.isascii() else _SURROGATE.sub("\ufffd", text))[:500]
 
 
 def _delivery_lock(recipient: str, dedup_key: str) -> int:

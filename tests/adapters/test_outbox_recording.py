@@ -204,3 +204,27 @@ async def test_an_outcome_storage_refuses_does_not_stop_the_outbox(
             await asyncio.sleep(0.1)
     assert stats["outbox"] == {"pending": 1, "sent": 1, "failed": 0, "undeliverable": 0}  # note 1: leased, goes again
     assert any("cannot be recorded (ValueError" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_relay_reply_that_is_not_utf8_is_recorded_with_the_note(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A relay's reply is read as UTF-8 with the bytes that are not kept as lone surrogates
+    (aiosmtplib's and our reply reader's choice), and no database takes a lone surrogate in
+    text: a refusal in Latin-1 must still be recorded, or the note would stay pending and go
+    again at every lease. The sender's excerpt of the reply and the store's error text both
+    replace such bytes."""
+    smtp_relay.reject_recipient("mallory@acme.com", b"550 5.1.1 <mallory@acme.com>: bo\xeete inconnue")  # type: ignore[arg-type]
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port)
+    async with running_intake(settings) as h:
+        for sender in ["mallory@acme.com", "alice@acme.com"]:
+            reply = await h.send(mail(subject=f"Export fails for {sender}", sender=sender), mail_from=sender)
+            assert reply.code == 250
+        stats = await h.outbox_settled()
+        [captured] = await smtp_relay.wait_for(1)
+
+    assert captured.rcpt_tos == ("alice@acme.com",)
+    assert stats["outbox"] == {"pending": 0, "sent": 1, "failed": 1, "undeliverable": 0}
+    with contextlib.closing(sqlite3.connect(tmp_path / "intake.db")) as db:
+        [(error,)] = db.execute("SELECT last_error FROM outbox WHERE recipient = 'mallory@acme.com'").fetchall()
+    assert "bo\ufffdte inconnue" in error, error

@@ -447,3 +447,23 @@ async def test_a_failed_sync_of_the_log_answers_try_again_and_the_store_goes_on(
         assert _messages_on_disk(db) == 2
     finally:
         await store.close()
+
+
+async def test_any_error_text_is_recorded_with_its_outcome(store: SqlStore) -> None:
+    """A send's error is whatever a relay or an exception said: a NUL (PostgreSQL refuses it in
+    text) or a lone surrogate (a byte that was not UTF-8, kept by surrogateescape; no database
+    takes it) made the outcome unrecordable, and the note went again at every lease."""
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    await store.transact(
+        lambda uow: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=email(0), created_at=NOW))
+    )
+    [item] = await store.transact(
+        lambda uow: uow.claim_outbox(
+            now=NOW, owner="a", lease_until=NOW + timedelta(minutes=1), limit=1, channels=["email"]
+        )
+    )
+    failed = SendResult(id=item.id, ok=False, permanent=True, error="550 bo\udceete\x00 inconnue " + "x" * 600)
+    await store.transact(lambda uow: uow.finish_outbox([failed], now=NOW))
+    query = select(outbox.c.status, outbox.c.last_error)
+    status, error = store.run_sync(lambda uow: uow.conn.execute(query).one())
+    assert (status, error) == ("failed", ("550 bo\ufffdte inconnue " + "x" * 600)[:500])
