@@ -203,6 +203,23 @@ def _display_name(event: Mapping[str, Any]) -> str:
     return ""
 
 
+# JSON may carry what no database stores in text: a lone surrogate ("\\ud800": none takes it)
+# or a NUL ("\\u0000": PostgreSQL refuses it). The event then failed at every retry and was lost.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    """``value`` (decoded JSON) with every lone surrogate turned into U+FFFD and every NUL
+    removed, as the email path does with the bytes of a message."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
 def to_inbound(
     envelope: Mapping[str, Any],
     *,
@@ -217,6 +234,12 @@ def to_inbound(
     """
     if envelope.get("type") != "event_callback":
         return Ignored(f"payload type: {envelope.get('type')}")
+    record = {k: v for k, v in envelope.items() if k != "token"}
+    raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    if _UNSTORABLE.search(raw) is not None:  # rare: one search of the JSON spares a walk of every event
+        envelope = _storable(envelope)
+        record = {k: v for k, v in envelope.items() if k != "token"}
+        raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
     event = envelope.get("event")
     if not isinstance(event, dict):
         return Ignored("no event")
@@ -251,7 +274,6 @@ def to_inbound(
         text = ""
     own_raw, quoted_raw = split_quotes(text)
     user_team = event.get("user_team") or event.get("team")
-    record = {k: v for k, v in envelope.items() if k != "token"}
     return InboundMessage(
         channel=Channel.SLACK,
         sender=user,
@@ -263,7 +285,7 @@ def to_inbound(
         quoted=slack_to_text(quoted_raw).strip(),
         attachments=_files(event),
         date=_date(ts),
-        raw=json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        raw=raw.encode("utf-8"),
         chat_channel=channel,
         chat_ts=ts,
         chat_thread_ts=thread_ts,

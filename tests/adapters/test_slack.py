@@ -232,6 +232,22 @@ async def test_stale_or_badly_signed_requests_get_401(slack: Slack) -> None:
     assert slack.h.stats()["tickets"] == 0
 
 
+async def test_text_no_database_stores_is_made_storable_not_refused(slack: Slack) -> None:
+    """JSON may carry a lone surrogate (``\\ud800``) or a NUL (``\\u0000``): no database stores
+    the first, PostgreSQL refuses the second in text. The event was answered 500 at every retry
+    and then lost. A lone surrogate becomes U+FFFD and a NUL goes, as in email."""
+    text = "the export fails \ud800 here\x00 and there"
+    env, answer = await slack.say(text, user_profile={"display_name": "Al\udcffice"})
+    assert answer.status == 200
+    [t] = slack.h.tickets()
+    [m] = slack.h.detail(t["reference"])["messages"]
+    assert m["body"] == "the export fails \ufffd here and there"
+    assert t["requester_name"] == "Al\ufffdice"
+    retry = await slack.post(env, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    assert retry.status == 200
+    assert [t["message_count"] for t in slack.h.tickets()] == [1]
+
+
 async def test_edits_deletions_joins_bots_and_other_channels_are_ignored(slack: Slack) -> None:
     env, _ = await slack.say("Reports are empty")
     ts = env["event"]["ts"]
