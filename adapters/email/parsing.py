@@ -501,6 +501,11 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+# Dropped from a Message-ID: C0 controls, DEL, C1 controls, and lone surrogates (no database
+# stores one). Whitespace is already gone.
+_ID_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _ids(value: str | None) -> list[str]:
     """Message-IDs without brackets: the <...> tokens, or bare id-like words if there are none."""
     if not value:
@@ -511,8 +516,12 @@ def _ids(value: str | None) -> list[str]:
     ids: list[str] = []
     for token in tokens:
         # No angle bracket may survive inside an id ("0<@" from a broken header): ids are
-        # stored and matched without them, and written back between them.
+        # stored and matched without them, and written back between them. Nor may a control
+        # character (no part of RFC 5322's msg-id): a NUL made PostgreSQL refuse the message,
+        # every delivery of it answered 451.
         token = "".join(token.split()).replace("<", "").replace(">", "")
+        if not token.isprintable():
+            token = _ID_UNPRINTABLE.sub("", token)
         if token:
             ids.append(token)
     return ids

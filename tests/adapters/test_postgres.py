@@ -111,6 +111,25 @@ async def test_email_flow_on_postgres(intake: Harness, smtp_relay: RelayStandIn)
     assert len({m.message["Message-ID"] for m in acks}) == 3
 
 
+async def test_a_message_id_with_a_nul_is_stored_on_postgres(intake: Harness) -> None:
+    """PostgreSQL refuses NUL in text. Message-IDs kept every byte but whitespace and brackets,
+    so a NUL in Message-ID, In-Reply-To or References made every delivery of that message
+    fail with 451: the sender retried for days, then bounced it. Control characters are no
+    part of an id (RFC 5322's msg-id is printable ASCII) and are dropped, as from any header;
+    the same id, written the same way again, is still the same id."""
+    raw = (
+        b"From: alice@acme.com\r\nTo: support@example.com\r\nSubject: Export fails\r\n"
+        b"Message-ID: <nul\x00id\x01@acme.com>\r\nIn-Reply-To: <x\x00y@acme.com>\r\n"
+        b"References: <a\x00b@acme.com> <c@acme.com>\r\n\r\nThe export fails.\r\n"
+    )
+    first = await intake.send(raw)
+    assert first.code == 250, first
+    [m] = intake.detail(ref_of(first.text))["messages"]
+    assert m["message_id"] == "nulid@acme.com"
+    again = await intake.send(raw)
+    assert again.code == 250 and "already stored" in again.text and ref_of(again.text) == ref_of(first.text)
+
+
 async def test_one_smtp_transaction_to_two_support_addresses(intake: Harness, smtp_relay: RelayStandIn) -> None:
     m = mail(message_id="<both@acme.com>")
     reply = await intake.send(m, rcpt=("support@example.com", "billing@example.com"))
