@@ -8,6 +8,7 @@ is set (CI sets it): then they fail, so a CI run can never pass with them skippe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -47,9 +48,10 @@ def need_postgres() -> None:
         pytest.skip(problem)
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards (skips, or
+    fails in CI, without a server: see need_postgres)."""
     need_postgres()
     import psycopg
 
@@ -58,9 +60,18 @@ def pg_url() -> Iterator[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture

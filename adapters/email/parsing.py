@@ -73,7 +73,10 @@ _MAX_SALVAGE = 8  # broken multiparts re-read per message
 # next "?": linear, unlike a ".*?" body (the stdlib's ecre allows spaces; so do we).
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*)\?=")
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
-_ADDRESS = re.compile(r"[^\s@<>()\[\],;:\"\\]+@[^\s@<>()\[\],;:\"\\]+")
+# An address: no whitespace, no specials, no control character (C reads a From with a NUL as
+# empty; PostgreSQL refuses NUL in text) and no lone surrogate.
+_ADDRESS_CHAR = r"[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_ADDRESS = re.compile(rf"{_ADDRESS_CHAR}+@{_ADDRESS_CHAR}+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # One entry of a plain address list: "Jane Doe <jd@example.com>" or "jd@example.com", ASCII
 # atoms only (no quotes, comments, routes, groups or encoded words). What the stdlib parser

@@ -83,6 +83,8 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "alice@acme.com<alice@acme.com@evil.example",
         "alice@acme.com (",  # OpenDMARC cannot parse it, so no DMARC check was made at all
         "(" + "a)\r\n (" * 2000 + "a) alice@acme.com",  # folded, 8 KB: not read twice more
+        "\x00alice@acme.com",  # C reads an empty From; PostgreSQL refused the NUL (451 for ever)
+        "alice\x01@acme.com",
     ],
     ids=[
         "unquoted-name",
@@ -98,6 +100,8 @@ async def test_a_stranger_reusing_a_customers_message_id_learns_no_reference(int
         "unclosed-angle",
         "unclosed-comment",
         "huge",
+        "nul",
+        "control",
     ],
 )
 async def test_a_from_field_that_does_not_say_one_address_is_no_customers_identity(  # type: ignore[no-untyped-def]
