@@ -396,7 +396,7 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     """
     values = headers.all("from")
     if len(values) == 1 and (quoted := _QUOTED_NAME_ADDRESS.fullmatch(values[0])) is not None:
-        return (_clean(_decode_words(quoted.group(1))), _mailbox(quoted.group(2))), False
+        return (_display(quoted.group(1)), _mailbox(quoted.group(2))), False
     found = _parsed_addresses(values)
     if found is None:
         return None, True
@@ -414,7 +414,18 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     ):
         return None, True
     name = next((n for n, a in found if n and _names(_mailbox(a), address)), "")
-    return (_clean(_decode_words(name)), address), False
+    return (_display(name), address), False
+
+
+# Stored names are at most this long (the database's column; PostgreSQL refuses a longer one,
+# and every delivery of the message was answered 451). Slack's names are cut the same.
+_NAME_MAX = 200
+
+
+def _display(name: str) -> str:
+    """A display name as stored: decoded, one line, at most _NAME_MAX characters."""
+    text = _clean(_decode_words(name))
+    return text if len(text) <= _NAME_MAX else text[: _NAME_MAX - 1].rstrip() + "…"
 
 
 # Off the fast path a From is read twice more (below); no author's From is longer than this,
@@ -507,6 +518,10 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
 # Dropped from a Message-ID: C0 controls, DEL, C1 controls, and lone surrogates (no database
 # stores one). Whitespace is already gone.
 _ID_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# A longer "id" is none (a header line holds 998 characters; the database's column 1,000,
+# which PostgreSQL enforces: every delivery of the message was answered 451). A message
+# without a Message-ID is the same message by its bytes.
+_ID_MAX = 990
 
 
 def _ids(value: str | None) -> list[str]:
@@ -525,7 +540,7 @@ def _ids(value: str | None) -> list[str]:
         token = "".join(token.split()).replace("<", "").replace(">", "")
         if not token.isprintable():
             token = _ID_UNPRINTABLE.sub("", token)
-        if token:
+        if token and len(token) <= _ID_MAX:
             ids.append(token)
     return ids
 
@@ -855,7 +870,11 @@ def _attachments(files: list[tuple[str, str, int]], delivery: _Delivery) -> tupl
 
 
 def _bare(address: str | None) -> str:
-    return (address or "").strip().strip("<>").strip().lower()
+    """The envelope sender as the author's stand-in: "" for the null reverse-path and for
+    anything that is not one plain address of at most 320 characters (RFC 5321 allows 256;
+    the database's column holds 320 and PostgreSQL enforced it with a 451 for ever)."""
+    bare = (address or "").strip().strip("<>").strip().lower()
+    return bare if len(bare) <= 320 and _ADDRESS.fullmatch(bare) else ""
 
 
 def _build(

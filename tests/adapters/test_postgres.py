@@ -130,6 +130,41 @@ async def test_a_message_id_with_a_nul_is_stored_on_postgres(intake: Harness) ->
     assert again.code == 250 and "already stored" in again.text and ref_of(again.text) == ref_of(first.text)
 
 
+_LONG_ID = "<" + "a" * 600 + "\r\n " + "b" * 600 + "@acme.com>"  # folded: 1,209 characters unfolded
+
+
+@pytest.mark.parametrize(
+    ("head", "mail_from", "expect"),
+    [
+        ("From: " + "N" * 300 + " <alice@acme.com>", "alice@acme.com", ("alice@acme.com", "N" * 199 + "…", "")),
+        ('From: "' + "Na " * 100 + '" <alice@acme.com>', "alice@acme.com", ("alice@acme.com", "Na " * 66 + "N…", "")),
+        ("From: alice@acme.com\r\nMessage-ID: " + _LONG_ID, "alice@acme.com", ("alice@acme.com", "", "")),
+        (
+            "From: alice@acme.com\r\nIn-Reply-To: " + _LONG_ID + "\r\nReferences: " + _LONG_ID,
+            "alice@acme.com",
+            ("alice@acme.com", "", ""),
+        ),
+        ("From: Nobody", "e" * 300 + "@" + "d" * 60 + ".com", ("", "", "")),  # the envelope stands in: too long
+        ("From: Nobody", "Bob@Acme.com", ("bob@acme.com", "", "")),  # the envelope stands in
+    ],
+    ids=["long-name", "long-quoted-name", "long-message-id", "long-references", "long-envelope", "envelope"],
+)
+async def test_what_is_longer_than_its_column_is_cut_or_left_out_on_postgres(
+    intake: Harness, head: str, mail_from: str, expect: tuple[str, str, str]
+) -> None:
+    """PostgreSQL enforces the columns' lengths, SQLite does not: a display name over 200
+    characters, a Message-ID over 1,000 or an envelope sender over 320 made every delivery of
+    the message fail with 451 on PostgreSQL only, and the sender bounced it after days. A name
+    is cut (with "…"), an id that long is no id, an address that long is no one's."""
+    raw = f"{head}\r\nTo: support@example.com\r\nSubject: Export fails\r\n\r\nThe export fails.\r\n".encode()
+    first = await intake.send(raw, mail_from=mail_from)
+    assert first.code == 250, first
+    [m] = intake.detail(ref_of(first.text))["messages"]
+    assert (m["sender"], m["sender_name"], m["message_id"]) == expect
+    again = await intake.send(raw, mail_from=mail_from)  # the same bytes: the same message
+    assert again.code == 250 and "already stored" in again.text
+
+
 async def test_one_smtp_transaction_to_two_support_addresses(intake: Harness, smtp_relay: RelayStandIn) -> None:
     m = mail(message_id="<both@acme.com>")
     reply = await intake.send(m, rcpt=("support@example.com", "billing@example.com"))
