@@ -563,6 +563,10 @@ def _date(value: str | None) -> datetime | None:
         return None
     if parsed.tzinfo is None:  # "-0000": the zone is unknown; read it as UTC
         parsed = parsed.replace(tzinfo=UTC)
+    try:  # stored in UTC: "31 Dec 9999 23:59 -1200" is past datetime's last day there
+        parsed.astimezone(UTC)
+    except OverflowError:
+        return None
     return parsed
 
 

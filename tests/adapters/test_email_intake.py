@@ -518,3 +518,15 @@ async def test_an_attachment_over_the_cap_is_not_kept_and_the_customer_is_told(
         [ack] = await smtp_relay.wait_for(1)
         body = ack.message.get_content()
         assert "huge-logs.zip" in body and "small.txt" not in body
+
+
+@pytest.mark.parametrize("date", ["Fri, 31 Dec 9999 23:59:59 -1200", "Mon, 1 Jan 0001 00:00:00 +1400"])
+async def test_a_date_past_the_calendars_end_in_utc_is_no_date(intake, date: str) -> None:  # type: ignore[no-untyped-def]
+    """A Date is stored in UTC: "31 Dec 9999 23:59:59 -1200" is past datetime's last day there,
+    and the conversion raised, so every delivery of the message got 451 (on SQLite and
+    PostgreSQL alike). Such a Date is no date, as an unreadable one is."""
+    raw = f"From: alice@acme.com\r\nTo: support@example.com\r\nSubject: Export\r\nDate: {date}\r\n\r\nIt fails.\r\n"
+    reply = await intake.send(raw.encode(), mail_from="alice@acme.com")
+    assert reply.code == 250, reply
+    [m] = intake.detail(ref_of(reply.text))["messages"]
+    assert m["sender"] == "alice@acme.com"
