@@ -373,6 +373,57 @@ def _has_url(text: str) -> bool:
     return False
 
 
+# A host name before a path, as people paste an address without its scheme:
+# "app.example.com/settings", "acme.example.co.uk:8443/login". Labels of letters, digits and
+# inner dashes; the last one (the top-level domain) letters only.
+_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24}", re.IGNORECASE)
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+_MAX_SLASHES = 200  # slashes looked at: a text full of dates ("03/12") stays cheap
+
+
+def _has_host_path(text: str) -> bool:
+    """A URL written without its scheme: a host name (and port) right before a "/".
+
+    Tried only at slashes: the host is the run of host characters just before one (or before
+    its ":port"); it must be a whole host name, not part of a longer word nor of a mail
+    address (``jo@example.com/``).
+    """
+    find = text.find
+    at = find("/")
+    looked = 0
+    while at > 0 and looked < _MAX_SLASHES:
+        looked += 1
+        end = at
+        while end > 0 and at - end < 5 and text[end - 1].isdigit():  # a port
+            end -= 1
+        if end == at or end == 0 or text[end - 1] != ":":
+            end = at
+        else:
+            end -= 1
+        start = end
+        floor = max(0, end - 253)
+        while start > floor and text[start - 1] in _HOST_CHARS:
+            start -= 1
+        while start < end and not text[start].isalnum():  # ".example.com" or "-example.com"
+            start += 1
+        before = text[start - 1] if start else " "
+        if before != "@" and not before.isalnum() and _HOST.fullmatch(text, start, end):
+            return True
+        at = find("/", at + 1)
+    return False
+
+
+# A company named with its legal form, as signatures write it: "Globex Corporation",
+# "Iberlogística S.L.", "Sakura Trading Co., Ltd.", "Contoso GmbH". Case matters (a capitalised
+# name before the form; "ltd edition" is no company). The name is a bounded word that starts
+# where a word starts, so that the search stays linear whatever the text.
+_LEGAL_FORM = re.compile(
+    r"(?<![\w&'.-])[A-Z0-9][\w&'.-]{0,40},? (?:Inc|LLC|L\.L\.C|Ltd|Limited|Corp|Corporation|Co|Company|GmbH|AG|KG|"
+    r"S\.A|SA|S\.L|SL|S\.L\.U|SLU|SAS|S\.A\.S|SARL|S\.r\.l|Srl|S\.p\.A|SpA|B\.V|BV|N\.V|NV|AB|ApS|A/S|ASA|"
+    r"Oy|Oyj|K\.K|plc|PLC|LLP|Pty)\b\.?"
+)
+
+
 def _has_time(folded: str) -> bool:
     if _CLOCK_OR_DATE.search(folded):
         return True
@@ -420,7 +471,7 @@ def missing_details(message: InboundMessage, *, organisation: str | None) -> tup
     folded = _fold(text)
     missing: list[str] = []
     if not organisation and (not message.sender_domain or is_public_mail_domain(message.sender_domain)):
-        if "company" not in folded and "empresa" not in folded:
+        if "company" not in folded and "empresa" not in folded and not _LEGAL_FORM.search(text):
             missing.append("company")
     if not message.sender_name.strip() and "\n" not in own.strip()[-200:]:
         missing.append("contact_name")
@@ -430,6 +481,6 @@ def missing_details(message: InboundMessage, *, organisation: str | None) -> tup
         missing.append("when")
     if len(own.split(None, 24)) < 25:  # fewer than 25 words (split no further than that)
         missing.append("description")
-    if not _has_url(text):
+    if not _has_url(text) and not _has_host_path(text):
         missing.append("url")
     return tuple(missing)

@@ -94,3 +94,35 @@ def test_a_mailbox_at_a_providers_country_domain_is_asked_for_its_company() -> N
     assert "company" in missing_details(message("it is broken", sender="jo@hotmail.fr"), organisation=None)
     assert "company" in missing_details(message("it is broken", sender="jo@yahoo.com.br"), organisation=None)
     assert "company" not in missing_details(message("it is broken", sender="jo@acme.fr"), organisation=None)
+
+
+def test_a_url_written_without_its_scheme_is_a_url() -> None:
+    # People paste the address bar's text without "https://": the request must not ask for a
+    # URL the message plainly gives (it did, for "app.example.com/settings/connectors").
+    def lacks(body: str) -> set[str]:
+        return set(missing_details(message(body, sender="a@corp.example", name="A"), organisation=None))
+
+    assert "url" not in lacks("from the settings page app.example.com/settings/connectors. Marketing")
+    assert "url" not in lacks("Please see app.example.com/contacts?view=all")
+    assert "url" not in lacks("The integration page (app.example.co.uk/integrations/slack) still says")
+    assert "url" not in lacks("on acme.example.com:8443/login only")
+    assert "url" not in lacks("URL:app.example.com/reports")
+    # Not an address: a date, a fraction, a mail address, words with a slash.
+    assert "url" in lacks("on 03/12 at 14:05, 1.5/2 of the users, and/or the admins")
+    assert "url" in lacks("write to jo@example.com/ or call")
+    assert "url" in lacks("the example.com domain")
+
+
+def test_a_company_named_with_its_legal_form_is_a_company() -> None:
+    # A signature names the company with its legal form, even from a personal mailbox.
+    def lacks_company(body: str) -> bool:
+        return "company" in missing_details(message(body, name="Priya"), organisation=None)
+
+    assert not lacks_company("Priya Raman\nMarketing Operations Lead, Globex Corporation\n+44 7700 900123")
+    assert not lacks_company("Javier Ortega\nIT Manager | Iberlogística S.L.\n+34 91 123 45 67")
+    assert not lacks_company("Ken Sato\nSakura Trading Co., Ltd. +81 3-1234-5678")
+    assert not lacks_company("Hannah\nContoso GmbH")
+    assert not lacks_company("Pablo\nConstructora Herrera S.A. de C.V.")
+    assert not lacks_company("Tom\nBrightPath Analytics LLC")
+    assert lacks_company("it is broken. Thanks, Tom")
+    assert lacks_company("the ltd edition and the corp. rate")  # lower case: words, not a company
