@@ -62,7 +62,9 @@ TEMPLATES: Mapping[str, Spec] = {
     "escalation-customer": _spec("name reference step contact_line", "reference step"),
     "chat-escalation": _spec("reference step", "reference step"),
     "irt-alert": _spec(
-        "reference customer requester channel subject received_at evidence excerpt", "reference", customer=False
+        "reference customer requester channel subject received_at evidence excerpt customer_note",
+        "reference",
+        customer=False,
     ),
     "irt-chat-alert": _spec("reference customer requester channel subject rules excerpt", "reference", customer=False),
     "triage": _spec(
@@ -407,7 +409,8 @@ def _evidence_lines(hits: Sequence[RuleHit]) -> str:
     lines = []
     for h in hits:
         neg = "  [possibly negated]" if h.negated else ""
-        lines.append(f'  - {h.rule} ({h.field}): "{h.phrase}"{neg}\n      ...{h.excerpt}...')
+        # The excerpt marks its own cuts with "…" (intake.rules): no "..." around it.
+        lines.append(f'  - {h.rule} ({h.field}): "{h.phrase}"{neg}\n      {h.excerpt}')
     return "\n".join(lines) or "  (none)"
 
 
@@ -420,7 +423,15 @@ def render_irt_alert(
     ticket: TicketFacts,
     hits: Sequence[RuleHit],
     received_at: str,
+    not_told: str | None = None,
 ) -> OutgoingEmail:
+    """``not_told``: why the customer got no acknowledgement saying that the IRT lead will reach
+    out (a follow-up raised the ticket, the sender cannot be answered...), or None if they did."""
+    customer_note = (
+        "The customer was told that the IRT lead will reach out directly."
+        if not_told is None
+        else f"The customer has not been told that the IRT lead will reach out ({not_told})."
+    )
     body = templates.render(
         "irt-alert",
         reference=ticket.reference,
@@ -431,6 +442,7 @@ def render_irt_alert(
         received_at=received_at,
         evidence=_evidence_lines(hits),
         excerpt=_excerpt(message),
+        customer_note=customer_note,
     )
     subject = f"[SECURITY] {Severity.S1.label} suspected incident {ticket.reference}: " + clean_header_text(
         message.subject or "(no subject)", max_length=120

@@ -363,7 +363,13 @@ class IntakeService:
             self._announce(uow, message, ticket, a.plan, now)
         if not created and a.escalation:
             escalated_to = self._escalate(uow, message, a, ticket, now)
-        alerted = a.verdict.security and not ticket.alerted and self._alert(uow, message, ticket, a.verdict.hits, now)
+        if a.verdict.security and not ticket.alerted:
+            # The customer reads that the IRT lead will reach out only in a new ticket's
+            # acknowledgement; the alert says so, or why they did not.
+            not_told = None if acknowledged else ack_note
+            alerted = self._alert(uow, message, ticket, a.verdict.hits, now, not_told=not_told)
+        else:
+            alerted = False
         return Receipt(
             route=placement.route,
             ticket_id=ticket.id,
@@ -660,7 +666,14 @@ class IntakeService:
         return replace(ticket, severity=severity, security=security, response_due=due, targets=targets)
 
     def _alert(
-        self, uow: UnitOfWork, message: InboundMessage, ticket: TicketFacts, hits: Sequence[RuleHit], now: datetime
+        self,
+        uow: UnitOfWork,
+        message: InboundMessage,
+        ticket: TicketFacts,
+        hits: Sequence[RuleHit],
+        now: datetime,
+        *,
+        not_told: str | None = None,
     ) -> bool:
         if not self.irt_email:
             uow.update_ticket(ticket.id, TicketChange(add_notes=("security incident: no IRT lead address configured",)))
@@ -699,6 +712,7 @@ class IntakeService:
             ticket=ticket,
             hits=security_hits,
             received_at=now.isoformat(timespec="seconds"),
+            not_told=not_told,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
         if self.irt_chat_user:

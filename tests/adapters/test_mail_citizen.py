@@ -173,3 +173,29 @@ async def test_irt_alert_ceiling_sends_one_summary(tmp_path: Path, smtp_relay: R
         assert len(to_irt) == 3
         assert sum("ceiling reached" in m.message["Subject"] for m in to_irt) == 1
         assert all(t["security"] and t["severity"] == 1 for t in h.tickets())
+
+
+async def test_irt_alert_says_truly_whether_the_customer_was_told(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    # The alert told the IRT lead "The customer was told that the IRT lead will reach out
+    # directly" also when a follow-up raised the ticket: follow-ups get no automatic reply, so
+    # the customer had been told nothing of the kind.
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        await h.send(mail(sender="Bob <bob@acme.com>", subject="Data breach", body=BREACH))
+        ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(3)
+        [new_alert] = [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]
+        new_text = " ".join(new_alert.message.get_content().split())
+        assert "The customer was told that the IRT lead will reach out directly." in new_text
+        await h.send(mail(subject=f"Re: Export is slow [{ref}]", body=BREACH))
+        await h.outbox_settled()
+        raised = (await smtp_relay.wait_for(4))[3]
+        assert raised.rcpt_tos == ("irt-lead@example.com",)
+        text = " ".join(raised.message.get_content().split())
+        assert "customer was told" not in text
+        assert "The customer has not been told that the IRT lead will reach out" in text
+        assert "(follow-up on an existing ticket)" in text
+        # Each piece of evidence marks a cut with one ellipsis, not "...…" nor "…...".
+        for body in (new_text, text):
+            assert "unauthorized access" in body
+            assert "...…" not in body and "…..." not in body
