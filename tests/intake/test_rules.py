@@ -206,6 +206,24 @@ def test_ordinary_support_mail_is_not_an_incident(text: str) -> None:
     assert DEFAULT.classify(subject="Re: your ticket", body=text) == Verdict()
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "API key leaked on GitHub",
+        "Admin password leaked in a paste site",
+        "URGENT: credentials leaked",
+        "Access token leaked in our CI logs",
+        "Clave de API filtrada en GitHub",
+        "Token de acceso filtrado en un repositorio público",
+    ],
+)
+def test_headline_style_reports_of_leaked_secrets_fire(subject: str) -> None:
+    # Subjects drop the verb's "was": "API key leaked on GitHub" went in as Severity 3.
+    verdict = DEFAULT.classify(subject=subject, body="Please check for misuse.")
+    assert "credential-exposure" in rule_names(verdict), verdict
+    assert verdict.severity is Severity.S1 and verdict.security
+
+
 def test_every_default_rule_is_a_paging_security_rule() -> None:
     assert tuple(r.name for r in DEFAULT.rules) == DEFAULT_NAMES
     for r in DEFAULT.rules:
