@@ -389,7 +389,8 @@ def render_escalation_reply(
 def _greeting_name(message: InboundMessage) -> str:
     """ " Alice" or "": templates write "Hello$name," so that no name reads "Hello,"."""
     name = clean_header_text(message.sender_name, max_length=80)
-    return f" {name}" if name else ""
+    # Many clients write the address itself as the display name: no one to greet by name.
+    return f" {name}" if name and "@" not in name else ""
 
 
 def _excerpt(message: InboundMessage, limit: int = 800, prefix: str = "  > ") -> str:

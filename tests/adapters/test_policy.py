@@ -344,3 +344,16 @@ def test_a_template_folder_of_one_s_own_without_the_newer_notes_still_loads(tmp_
         (dst / lang / "reference-note.txt").unlink()
     book = TemplateBook.load(dst)
     assert book.get("es").render("reference-note", typed="SUP-XXXX-XXXX") == ""
+
+
+async def test_a_display_name_that_is_an_address_is_no_name_to_greet(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    # Many clients put the address itself in the display name: the acknowledgement read
+    # "Hello laura.k@northwind-traders.com,".
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        await h.send(mail(sender='"laura.k@acme.com" <laura.k@acme.com>'))
+        await h.send(mail(sender="'bob@acme.com' <bob@acme.com>", subject="Second"))
+        await h.outbox_settled()
+        acks = await smtp_relay.wait_for(2)
+        for ack in acks:
+            first_line = ack.message.get_content().splitlines()[0]
+            assert first_line == "Hello,", first_line
