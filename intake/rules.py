@@ -56,6 +56,12 @@ How a text is matched
    anchor are each checked at its occurrences: keep anchors specific). Once a phrase is found
    in a field it is not looked for again there, so a text full of matches stays fast.
 
+4. A rule's ``unless`` phrases are set phrases that contain one of its phrases and are not the
+   incident: legal footers ("any unauthorized access, use or disclosure is prohibited"),
+   product names ("data leak prevention"). An occurrence of the rule's phrase inside one is no
+   hit; the check runs only where a phrase was found (rarely), never as another pass, and a
+   later occurrence of the same phrase outside it still counts.
+
 Negation ("we had no data breach") never removes a hit nor lowers severity: the hit is only
 marked ``negated`` so that a person reading it knows to look twice.
 """
@@ -114,7 +120,7 @@ _CONTEXT = 40  # characters of context each side of a match in an excerpt
 _MAX_EXCERPT = 300
 _NEGATION_WINDOW = 4  # words before a phrase that may negate it
 
-_RULE_KEYS = ("name", "description", "phrases", "fields", "severity", "tags", "quoted")
+_RULE_KEYS = ("name", "description", "phrases", "fields", "severity", "tags", "quoted", "unless")
 
 # Negation words, folded (lower case, no accents). "n't" folds to "n t": see _negated().
 _NEGATIONS = frozenset(
@@ -562,6 +568,40 @@ def _around(u: bytes, start: int, end: int, words: tuple[bytes, ...], anchor: in
     return start, end
 
 
+# A set phrase around a phrase, as ``unless``: (its folded words in UTF-8, the index of the
+# phrase's first word among them, stem).
+_Veto = tuple[tuple[bytes, ...], int, bool]
+
+
+def _occurrences_in(phrase: _Compiled, within: _Compiled) -> list[int]:
+    """Where ``phrase``'s words stand in ``within``'s words (as an index of its first word)."""
+    n = len(phrase.words)
+    found = []
+    for k in range(len(within.words) - n + 1):
+        last = within.words[k + n - 1]
+        if within.words[k : k + n - 1] == phrase.words[:-1] and (
+            last.startswith(phrase.words[-1]) if phrase.stem else last == phrase.words[-1]
+        ):
+            found.append(k)
+    return found
+
+
+def _vetoed(u: bytes, start: int, vetoes: Sequence[_Veto]) -> bool:
+    """Whether a phrase found at ``u[start:...]`` stands inside one of its ``unless`` phrases."""
+    for words, k, stem in vetoes:
+        first = words[k]
+        if not u.startswith(first, start):
+            continue
+        stop = start + len(first)
+        if stem and k == len(words) - 1:
+            stop = u.find(b" ", stop)
+        elif u[stop] != _SPACE:
+            continue
+        if _around(u, start, stop, words, k, stem)[0] >= 0:
+            return True
+    return False
+
+
 class PhraseMatcher:
     """Finds whole-word, case- and accent-insensitive phrases in linear time.
 
@@ -570,7 +610,7 @@ class PhraseMatcher:
     invalid phrase raises ValueError naming its index.
     """
 
-    __slots__ = ("_automaton", "phrases")
+    __slots__ = ("_automaton", "_vetoes", "phrases")
 
     def __init__(self, phrases: Sequence[str]) -> None:
         compiled: list[_Compiled] = []
@@ -581,12 +621,20 @@ class PhraseMatcher:
                 raise ValueError(f"phrase {index} {_show(phrase)} {exc}") from None
         self.phrases: tuple[str, ...] = tuple(phrases)
         self._automaton = self._build(compiled)
+        self._vetoes: dict[int, tuple[_Veto, ...]] = {}
 
     @classmethod
-    def _from_compiled(cls, phrases: Sequence[str], compiled: Sequence[_Compiled]) -> PhraseMatcher:
+    def _from_compiled(
+        cls,
+        phrases: Sequence[str],
+        compiled: Sequence[_Compiled],
+        vetoes: Mapping[int, Sequence[_Veto]] | None = None,
+    ) -> PhraseMatcher:
+        """``vetoes``: phrase index -> the set phrases around it that make an occurrence no hit."""
         matcher = cls.__new__(cls)
         matcher.phrases = tuple(phrases)
         matcher._automaton = cls._build(compiled)
+        matcher._vetoes = {index: tuple(found) for index, found in (vetoes or {}).items() if found}
         return matcher
 
     @staticmethod
@@ -638,6 +686,7 @@ class PhraseMatcher:
         if automaton is None:
             return
         anchors = automaton.anchors
+        vetoes = self._vetoes
         segment = 0
         next_bound = bounds[0] if bounds else len(u)
         found = None if seen is None else seen[0]
@@ -674,6 +723,8 @@ class PhraseMatcher:
                     first, stop = _around(u, start, end, words, anchor, stem)
                     if first < 0:
                         continue
+                if vetoes and index in vetoes and _vetoed(u, first, vetoes[index]):
+                    continue  # inside a set phrase that is not the incident: a later one may count
                 if found is not None:
                     found.add(index)
                     pending[anchor_.key_id] -= 1
@@ -735,6 +786,7 @@ class Rule:
     severity: Severity
     tags: tuple[str, ...] = ()  # "security" makes a hit a security incident
     quoted: bool = False  # also look at quoted history
+    unless: tuple[str, ...] = ()  # set phrases around a phrase that make that occurrence no hit
 
 
 def _is_kebab(name: str) -> bool:
@@ -767,6 +819,7 @@ class RuleSet:
         phrases: list[str] = []
         compiled: list[_Compiled] = []
         phrase_rule: list[int] = []
+        vetoes: dict[int, list[_Veto]] = {}
         seen_names: dict[str, int] = {}
         for r, rule in enumerate(self.rules):
             where = _where(source, r, rule.name)
@@ -777,12 +830,13 @@ class RuleSet:
                     "rule names must be unique"
                 )
             seen_names[rule.name] = r
-            if len(phrases) + len(rule.phrases) > MAX_PHRASES:
+            if len(phrases) + len(rule.phrases) + len(rule.unless) > MAX_PHRASES:
                 raise RulesError(
                     f"{where}: too many phrases: more than {MAX_PHRASES:,} in total "
-                    f"({len(phrases) + len(rule.phrases):,} so far); the limit is {MAX_PHRASES:,} "
-                    "phrases per rules file"
+                    f"({len(phrases) + len(rule.phrases) + len(rule.unless):,} so far); the limit is "
+                    f"{MAX_PHRASES:,} phrases per rules file"
                 )
+            first_index = len(compiled)
             for p, phrase in enumerate(rule.phrases):
                 try:
                     compiled.append(_compile_phrase(phrase))
@@ -790,7 +844,24 @@ class RuleSet:
                     raise RulesError(f"{where}: phrase #{p + 1} {_show(phrase)} {exc}") from None
                 phrases.append(phrase)
                 phrase_rule.append(r)
-        self._matcher = PhraseMatcher._from_compiled(phrases, compiled)
+            for n, set_phrase in enumerate(rule.unless):
+                try:
+                    around = _compile_phrase(set_phrase)
+                except ValueError as exc:
+                    raise RulesError(f"{where}: unless #{n + 1} {_show(set_phrase)} {exc}") from None
+                words = tuple(word.encode("utf-8", "surrogatepass") for word in around.words)
+                applies = False
+                for index in range(first_index, len(compiled)):
+                    for k in _occurrences_in(compiled[index], around):
+                        vetoes.setdefault(index, []).append((words, k, around.stem))
+                        applies = True
+                if not applies:
+                    raise RulesError(
+                        f"{where}: unless #{n + 1} {_show(set_phrase)} contains none of the rule's phrases, "
+                        "so it could never apply: write the whole set phrase, e.g. 'unauthorized access, "
+                        "use or disclosure' for the phrase 'unauthorized access'"
+                    )
+        self._matcher = PhraseMatcher._from_compiled(phrases, compiled, vetoes)
         self._phrase_rule = tuple(phrase_rule)
         # Per field: phrase indexes whose rule does NOT look at it (skipped while scanning).
         # Equal sets become one object, so that classify can group texts by identity.
@@ -856,7 +927,7 @@ class RuleSet:
         rules: list[Rule] = []
         for index, table in enumerate(tables):
             rule = _rule_from_table(table, _where(source, index, table.get("name")))
-            total += len(rule.phrases)
+            total += len(rule.phrases) + len(rule.unless)
             if total > MAX_PHRASES:
                 raise RulesError(
                     f"{_where(source, index, rule.name)}: too many phrases: more than {MAX_PHRASES:,} "
@@ -1122,6 +1193,12 @@ def _rule_from_table(table: Mapping[str, Any], where: str) -> Rule:
     quoted = table.get("quoted", False)
     if not isinstance(quoted, bool):
         raise RulesError(f"{where}: quoted must be true or false")
+    unless = table.get("unless", [])
+    if not isinstance(unless, list) or len(unless) > MAX_PHRASES:
+        raise RulesError(f"{where}: unless must be a list of at most {MAX_PHRASES:,} strings")
+    for p, phrase in enumerate(unless):
+        if not isinstance(phrase, str):
+            raise RulesError(f"{where}: unless #{p + 1} must be a string, not {type(phrase).__name__}")
     return Rule(
         name=name,
         description=description,
@@ -1130,6 +1207,7 @@ def _rule_from_table(table: Mapping[str, Any], where: str) -> Rule:
         severity=Severity(severity),
         tags=tuple(tags),
         quoted=quoted,
+        unless=tuple(unless),
     )
 
 

@@ -613,6 +613,69 @@ def test_hits_carry_rule_severity_and_tags() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# `unless`: set phrases around a phrase that are not the incident (legal footers, product names)
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_occurrence_inside_an_unless_phrase_is_no_hit_but_another_one_is() -> None:
+    rule_set = make_rules(
+        rule(
+            "access",
+            "unauthorized access",
+            "data leak*",
+            unless=("any unauthorized access, use", "data leak prevention"),
+        )
+    )
+    assert rule_set.classify(body="Any unauthorized access, use or disclosure is prohibited.") == Verdict()
+    assert rule_set.classify(body="We bought the Data-Leak Prevention add-on.") == Verdict()
+    footer_first = "Any unauthorized\naccess, use... is prohibited.\n\nPS: we saw unauthorized access today."
+    hit = only_hit(rule_set.classify(subject="Re: any unauthorized access, use", body=footer_first))
+    assert hit.field == "body" and hit.excerpt.endswith("PS: we saw unauthorized access today.")
+    # Literal: an unless phrase takes no inflection of its own words, the rule's stem still does.
+    assert only_hit(rule_set.classify(body="data leakage prevention")).phrase == "data leak*"
+
+
+def test_unless_words_may_stand_before_the_phrase() -> None:
+    rule_set = make_rules(rule("es", "acceso no autorizado", unless=("queda prohibido el acceso no autorizado",)))
+    assert rule_set.classify(body="Queda PROHIBIDO el acceso no autorizado a este mensaje.") == Verdict()
+    assert only_hit(rule_set.classify(body="Detectamos el acceso no autorizado.")).rule == "es"
+
+
+def test_an_unless_phrase_must_contain_a_phrase_of_its_rule() -> None:
+    with pytest.raises(RulesError, match=r"rule #1 'x': unless #2 'data breach notice' contains none of the rule's"):
+        make_rules(rule("x", "unauthorized access", unless=("unauthorized access is prohibited", "data breach notice")))
+    with pytest.raises(RulesError, match=r"unless must be a list"):
+        RuleSet.from_toml('[[rule]]\nname = "x"\nphrases = ["y"]\nseverity = 1\nunless = "y z"\n')
+    with pytest.raises(RulesError, match=r"unless #1 must be a string"):
+        RuleSet.from_toml('[[rule]]\nname = "x"\nphrases = ["y"]\nseverity = 1\nunless = [1]\n')
+
+
+@pytest.mark.parametrize(
+    "footer",
+    [
+        "CONFIDENTIALITY NOTICE: intended only for the named recipient. Any unauthorized access, use, "
+        "disclosure or distribution is strictly prohibited.",
+        "This email is confidential. Unauthorised access to this e-mail by anyone other than the addressee "
+        "is prohibited.",
+        "Unauthorized access to this message is strictly prohibited.",
+        "AVISO: queda prohibido cualquier acceso no autorizado, uso, copia o distribución de este mensaje.",
+        "Si usted no es el destinatario, el acceso no autorizado a este correo está prohibido.",
+    ],
+)
+def test_default_rules_leave_legal_footers_alone_but_not_a_report_beside_them(footer: str) -> None:
+    assert DEFAULT.classify(subject="Renewal quote", body=f"Please send the quote.\n\n{footer}") == Verdict()
+    report = f"We found unauthorized access to our admin account.\n\n{footer}"
+    assert only_hit(DEFAULT.classify(body=report)).rule == "unauthorized-access"
+    spanish = f"Hubo un acceso no autorizado a la consola.\n\n{footer}"
+    assert only_hit(DEFAULT.classify(body=spanish)).rule == "unauthorized-access"
+
+
+def test_a_report_worded_like_the_start_of_a_footer_still_fires() -> None:
+    hit = only_hit(DEFAULT.classify(body="There was unauthorized access to this email account last night."))
+    assert hit.rule == "unauthorized-access"
+
+
+# --------------------------------------------------------------------------------------------
 # Large inputs: linear time, bounded verdicts
 # --------------------------------------------------------------------------------------------
 
