@@ -715,6 +715,10 @@ class IntakeService:
             not_told=not_told,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
+        # Its words are a security incident's: a copy that comes back (the lead's mailbox
+        # forwarding to support) or a reply to it must join this ticket, already alerted, not
+        # open a new one that pages again, and again (an alert loop).
+        uow.index_message_id(ticket.id, alert.message_id, ours=True)
         if self.irt_chat_user:
             dm = render_irt_chat_alert(
                 templates=staff_templates, user=self.irt_chat_user, message=message, ticket=ticket, hits=security_hits

@@ -199,3 +199,32 @@ async def test_irt_alert_says_truly_whether_the_customer_was_told(tmp_path: Path
         for body in (new_text, text):
             assert "unauthorized access" in body
             assert "...…" not in body and "…..." not in body
+
+
+async def test_our_irt_alert_coming_back_joins_its_ticket_and_pages_no_one(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        ref = ref_of((await h.send(mail(subject="help", body=BREACH))).text)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(2)
+        alert = next(m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",))
+        # The IRT lead's mailbox redirects mail to a shared inbox that is support: our own alert
+        # (its words are a security incident's) comes back, Message-ID and loop marker intact.
+        reply = await h.send(alert.content, mail_from="irt-lead@example.com")
+        assert reply.code == 250 and ref in reply.text
+        # The lead answers the alert: a follow-up on the ticket, no page about their own words.
+        answer = mail(
+            sender="IRT Lead <irt-lead@example.com>",
+            subject="Re: " + alert.message["Subject"],
+            body="On it: is this a data breach of the EU tenant?",
+            in_reply_to=alert.message["Message-ID"],
+        )
+        reply = await h.send(answer, mail_from="irt-lead@example.com")
+        assert reply.code == 250 and ref in reply.text
+        await h.outbox_settled()
+        await asyncio.sleep(0.3)
+        await smtp_relay.wait_for(2)  # no new page: an alert loop would page on every turn
+        [ticket] = h.tickets()
+        assert ticket["reference"] == ref
+        assert [m["route"] for m in h.detail(ref)["messages"]] == ["new", "header", "header"]
