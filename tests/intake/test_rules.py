@@ -670,9 +670,16 @@ def test_default_rules_leave_legal_footers_alone_but_not_a_report_beside_them(fo
     assert only_hit(DEFAULT.classify(body=spanish)).rule == "unauthorized-access"
 
 
-def test_a_report_worded_like_the_start_of_a_footer_still_fires() -> None:
-    hit = only_hit(DEFAULT.classify(body="There was unauthorized access to this email account last night."))
-    assert hit.rule == "unauthorized-access"
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There was unauthorized access to this email account last night.",
+        "We see unauthorized access or use of our API keys from an unknown IP.",
+        "Hubo acceso no autorizado a este correo corporativo desde otro país.",
+    ],
+)
+def test_a_report_worded_like_the_start_of_a_footer_still_fires(text: str) -> None:
+    assert only_hit(DEFAULT.classify(body=text)).rule == "unauthorized-access"
 
 
 # --------------------------------------------------------------------------------------------
