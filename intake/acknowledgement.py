@@ -452,19 +452,27 @@ def render_irt_alert(
     return replace(email, headers=(*email.headers, ("X-Priority", "1")))
 
 
+def _chat_literal(text: str) -> str:
+    """``text`` escaped as Slack asks (&, <, >), so that it shows as written: no links, mentions."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def render_irt_chat_alert(
     *, templates: Templates, user: str, message: InboundMessage, ticket: TicketFacts, hits: Sequence[RuleHit]
 ) -> OutgoingChat:
-    """The IRT lead's direct message (Slack: chat.postMessage to the user id opens the DM)."""
-    excerpt = (message.new_text or message.body).strip()[:300]
+    """The IRT lead's direct message (Slack: chat.postMessage to the user id opens the DM).
+
+    What the customer wrote is shown as text: chat markup in it (a link dressed as "open the
+    ticket", an @channel) must not become ours."""
+    excerpt = _chat_literal((message.new_text or message.body).strip()[:300])
     rules = ", ".join(dict.fromkeys(f"{h.rule}{' (possibly negated)' if h.negated else ''}" for h in hits))
     text = templates.render(
         "irt-chat-alert",
         reference=ticket.reference,
-        customer=_customer(ticket, message),
-        requester=message.sender_name or message.sender,
+        customer=_chat_literal(_customer(ticket, message)),
+        requester=_chat_literal(message.sender_name or message.sender),
         channel=str(message.channel),
-        subject=clean_header_text(message.subject) or "(none)",
+        subject=_chat_literal(clean_header_text(message.subject)) or "(none)",
         rules=rules or "(none)",
         excerpt="> " + excerpt.replace("\n", "\n> ") if excerpt else "",
     )

@@ -315,6 +315,22 @@ async def test_security_message_pages_the_irt_lead_once(slack: Slack, smtp_relay
     assert [(x["severity"], x["security"]) for x in by_email] == [(1, True)]
 
 
+async def test_the_irt_direct_message_shows_a_customers_markup_as_text(slack: Slack) -> None:
+    # An emailed report whose words carry Slack markup: in the lead's direct message it must
+    # stay text, not become a link dressed as our own "open the ticket" nor an @channel.
+    body = "We were hacked.\n<https://evil.example/sso|Open the ticket in intake> <!channel> <@U0IRTLEAD> & more\n"
+    await slack.h.send(mail(subject="urgent <!here>", body=body, sender="dan@acme.com"))
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    text = dm.params["text"]
+    assert "&lt;https://evil.example/sso|Open the ticket in intake&gt;" in text
+    assert "&lt;!channel&gt; &lt;@U0IRTLEAD&gt; &amp; more" in text and "urgent &lt;!here&gt;" in text
+    assert "<https://evil" not in text and "<!" not in text and "<@" not in text
+    # Slack's own escaping of what a customer typed in a channel is kept as sent, not undone.
+    await slack.say("data breach: see &lt;https://evil.example|the audit log&gt;")
+    [_, dm2] = await slack.fake.wait_posts(2, channel=IRT_USER)
+    assert "&lt;https://evil.example|the audit log&gt;" in dm2.params["text"]
+
+
 async def test_storage_failure_answers_5xx_and_the_retry_is_stored_once(
     tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
 ) -> None:
