@@ -43,10 +43,11 @@ def _spec(allowed: str, required: str = "", *, customer: bool = True, optional: 
 TEMPLATES: Mapping[str, Spec] = {
     "acknowledgement": _spec(
         "name reference severity severity_definition response_target security_note entitlement_note cc_note "
-        "attachments_note missing_details support_address limit_note reference_note",
+        "attachments_note missing_details support_address limit_note reference_note severity_note",
         "reference",
     ),
     "reference-note": _spec("typed", optional=True),
+    "severity-note": _spec("", optional=True),
     "security-note": _spec("reference"),
     "cc-note": _spec("support_address"),
     "limit-note": _spec("period"),
@@ -313,6 +314,9 @@ def render_acknowledgement(
         severity_definition=definition,
         response_target=describe_target(policy.level(ticket.severity).initial_response, templates.language),
         security_note=templates.render("security-note", reference=ticket.reference) if ticket.security else "",
+        # Only a security incident's level is the policy's own; any other is the default or a
+        # rule's guess until a specialist assigns it (the policy's words).
+        severity_note="" if ticket.security else templates.render("severity-note"),
         entitlement_note=_entitlement_text(templates, plan, str(message.channel)),
         cc_note=templates.render("cc-note", support_address=support) if support_in_cc_only else "",
         attachments_note=_attachments_text(templates, message),

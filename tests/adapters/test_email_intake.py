@@ -530,3 +530,27 @@ async def test_a_date_past_the_calendars_end_in_utc_is_no_date(intake, date: str
     assert reply.code == 250, reply
     [m] = intake.detail(ref_of(reply.text))["messages"]
     assert m["sender"] == "alice@acme.com"
+
+
+async def test_the_acknowledgement_says_an_automatic_severity_is_a_first_assessment(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn
+) -> None:
+    """The policy: "Once a support specialist analyzes the issue, he or she will assign a
+    severity level." Keyword rules only raise security incidents (Severity 1 by policy, final);
+    every other report gets the default level, so "Production is down for all users" read
+    "Severity 3 ... within 8 hours" with nothing to say that a person would look again."""
+    await intake.send(mail(subject="Production is down", body="Production is down for all our users since 09:10.\n"))
+    await intake.send(
+        mail(
+            subject="No puedo exportar",
+            body="Hola, desde esta mañana no podemos exportar los informes de la plataforma. ¿Pueden ayudarnos?\n",
+            sender="Lucía <lucia@acme.com>",
+        )
+    )
+    await intake.send(mail(subject="Data breach", body="We had a data breach last night.\n", sender="bob@acme.com"))
+    by_recipient = {m.rcpt_tos[0]: m.message.get_content() for m in await smtp_relay.wait_for(4)}
+    english, spanish = by_recipient["alice@acme.com"], by_recipient["lucia@acme.com"]
+    assert "This first assessment is automatic: a support specialist confirms" in english
+    assert "Esta primera clasificación es automática: un especialista de soporte" in spanish
+    security = by_recipient["bob@acme.com"]
+    assert "Severity 1" in security and "first assessment" not in security

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -291,7 +292,8 @@ def test_template_with_missing_placeholder_is_rejected_at_start_up(tmp_path: Pat
     dst = tmp_path / "templates"
     shutil.copytree(src, dst)
     ack = dst / "es" / "acknowledgement.txt"
-    ack.write_text(ack.read_text(encoding="utf-8").replace("$reference", "REF"), encoding="utf-8")
+    without = re.sub(r"\$reference\b", "REF", ack.read_text(encoding="utf-8"))  # not $reference_note
+    ack.write_text(without, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"es/acknowledgement.txt: missing required placeholder\(s\) \$reference"):
         TemplateBook.load(dst)
     ack.write_text("Hola $nombre", encoding="utf-8")
