@@ -484,9 +484,18 @@ def render_irt_chat_alert(
 
 
 def render_triage(
-    *, templates: Templates, policy: Policy, message: InboundMessage, ticket: TicketFacts, plan: Plan
+    *,
+    templates: Templates,
+    policy: Policy,
+    message: InboundMessage,
+    ticket: TicketFacts,
+    plan: Plan,
+    chat: bool = False,
 ) -> tuple[str, str]:
-    """(subject, text) of the new-ticket announcement to the support team."""
+    """(subject, text) of the new-ticket announcement to the support team. ``chat``: for a chat
+    channel, where what the customer wrote must show as text (an emailed <!channel> pinged the
+    whole triage channel; a <url|label> became a link dressed as ours)."""
+    literal = _chat_literal if chat else str
     banner = "*** SUSPECTED SECURITY INCIDENT ***\n" if ticket.security else ""
     text = templates.render(
         "triage",
@@ -494,12 +503,12 @@ def render_triage(
         reference=ticket.reference,
         severity=policy.level(ticket.severity).name,
         channel=str(message.channel),
-        customer=_customer(ticket, message),
+        customer=literal(_customer(ticket, message)),
         plan=plan.name,
-        requester=_requester(message) or "(unknown)",
-        subject=clean_header_text(message.subject) or "(no subject)",
+        requester=literal(_requester(message) or "(unknown)"),
+        subject=literal(clean_header_text(message.subject) or "(no subject)"),
         response_due=ticket.response_due.isoformat(timespec="minutes"),
-        excerpt=_excerpt(message, limit=500),
+        excerpt=literal(_excerpt(message, limit=500)),
     )
     sec = "[SECURITY] " if ticket.security else ""
     subject = f"{sec}New ticket {ticket.reference} ({policy.level(ticket.severity).name}): " + clean_header_text(
@@ -534,7 +543,10 @@ def render_sla_notice(
     requester: str,
     target: str,
     due: datetime,
+    chat: bool = False,
 ) -> tuple[str, str]:
+    """(subject, text) of a response-clock notice; ``chat`` as in :func:`render_triage`."""
+    literal = _chat_literal if chat else str
     text = templates.render(
         "sla-notice",
         what=what,
@@ -542,8 +554,8 @@ def render_sla_notice(
         severity=policy.level(ticket.severity).name,
         target=target.replace("_", " "),
         due=due.isoformat(timespec="minutes"),
-        customer=ticket.organisation or ticket.requester.rpartition("@")[2] or "unknown",
-        requester=requester,
-        subject=clean_header_text(ticket.subject) or "(no subject)",
+        customer=literal(ticket.organisation or ticket.requester.rpartition("@")[2] or "unknown"),
+        requester=literal(requester),
+        subject=literal(clean_header_text(ticket.subject) or "(no subject)"),
     )
     return f"{what}: {ticket.reference} {target.replace('_', ' ')} due {due.isoformat(timespec='minutes')}", text

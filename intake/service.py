@@ -548,15 +548,19 @@ class IntakeService:
         team = self.team
         if not (team.triage_email or team.triage_chat):
             return
-        subject, text = render_triage(
-            templates=self.templates.get(None), policy=self.policy, message=message, ticket=ticket, plan=plan
-        )
+        templates = self.templates.get(None)
         if team.triage_email:
+            subject, text = render_triage(
+                templates=templates, policy=self.policy, message=message, ticket=ticket, plan=plan
+            )
             email = self.outbound.staff_email(
                 to=team.triage_email, subject=subject, body=text, reference=ticket.reference
             )
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=email, created_at=now))
         if team.triage_chat:
+            _, text = render_triage(
+                templates=templates, policy=self.policy, message=message, ticket=ticket, plan=plan, chat=True
+            )
             chat = OutgoingChat(channel=team.triage_chat, text=text)
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=chat, created_at=now))
 

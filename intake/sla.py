@@ -95,11 +95,21 @@ class SlaWatcher:
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="sla", payload=email, created_at=now))
             n += 1
         if self.triage_chat:
+            _, chat_text = render_sla_notice(
+                templates=self.templates.get(None),
+                policy=self.policy,
+                what=what,
+                ticket=ticket,
+                requester=ticket.requester,
+                target=target,
+                due=ticket.response_due,
+                chat=True,
+            )
             uow.enqueue(
                 OutboxEntry(
                     ticket_id=ticket.id,
                     kind="sla",
-                    payload=OutgoingChat(channel=self.triage_chat, text=text),
+                    payload=OutgoingChat(channel=self.triage_chat, text=chat_text),
                     created_at=now,
                 )
             )

@@ -331,6 +331,24 @@ async def test_the_irt_direct_message_shows_a_customers_markup_as_text(slack: Sl
     assert "&lt;https://evil.example|the audit log&gt;" in dm2.params["text"]
 
 
+async def test_the_triage_channel_post_shows_a_customers_markup_as_text(
+    tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
+) -> None:
+    """The new-ticket post to the team's triage channel carries the customer's subject and
+    words: an emailed <!channel> pinged the whole channel, and a <url|label> became a link
+    dressed as ours. The email to the triage address keeps the text as written."""
+    extra = '[triage]\nemail = "triage@example.com"\nslack_channel = "C0TRIAGE"\n'
+    async with slack_intake(tmp_path, smtp_relay, fake, http, extra=extra) as s:
+        body = "Exports fail.\n<https://evil.example/sso|Open the ticket> <!channel> <@U0STAFF> & more\n"
+        await s.h.send(mail(subject="urgent <!here>", body=body, sender="dan@acme.com"))
+        [post] = await fake.wait_posts(1, channel="C0TRIAGE")
+        text = post.params["text"]
+        assert "&lt;https://evil.example/sso|Open the ticket&gt; &lt;!channel&gt; &lt;@U0STAFF&gt; &amp; more" in text
+        assert "urgent &lt;!here&gt;" in text and "<!" not in text and "<@" not in text and "<https" not in text
+        triage = [m for m in await smtp_relay.wait_for(2) if m.rcpt_tos == ("triage@example.com",)]
+        assert "<!channel> <@U0STAFF> & more" in triage[0].message.get_content()
+
+
 async def test_storage_failure_answers_5xx_and_the_retry_is_stored_once(
     tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
 ) -> None:

@@ -126,3 +126,62 @@ def test_a_company_named_with_its_legal_form_is_a_company() -> None:
     assert not lacks_company("Tom\nBrightPath Analytics LLC")
     assert lacks_company("it is broken. Thanks, Tom")
     assert lacks_company("the ltd edition and the corp. rate")  # lower case: words, not a company
+
+
+def test_chat_notices_show_what_a_customer_wrote_as_text() -> None:
+    """A triage or response-clock notice posted to a chat channel carries the customer's subject
+    (and, for triage, their words): an emailed <!channel> would ping the channel and a
+    <url|label> would be a link dressed as ours. The email versions keep the text as written."""
+    from datetime import UTC, datetime, timedelta
+
+    from intake.acknowledgement import TemplateBook, render_sla_notice, render_triage
+    from intake.model import Channel, InboundMessage, Severity
+    from intake.policy import Policy
+    from intake.ports import TicketFacts
+
+    now = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
+    subject = "urgent <!here> & <https://evil.example|open>"
+    ticket = TicketFacts(
+        id=1,
+        reference="SUP-7K3M-9QX4",
+        subject=subject,
+        channel=Channel.EMAIL,
+        requester="dan@acme.com",
+        organisation=None,
+        severity=Severity.S3,
+        security=False,
+        alerted=False,
+        status="open",
+        created_at=now,
+        response_due=now + timedelta(hours=8),
+    )
+    message = InboundMessage(
+        channel=Channel.EMAIL,
+        sender="dan@acme.com",
+        recipient="support@example.com",
+        subject=subject,
+        body="see <!channel>",
+        new_text="see <!channel>",
+    )
+    templates, policy = TemplateBook.load().get(None), Policy()
+    for chat in (False, True):
+        _, triage = render_triage(
+            templates=templates, policy=policy, message=message, ticket=ticket, plan=policy.plan_of(None), chat=chat
+        )
+        _, clock = render_sla_notice(
+            templates=templates,
+            policy=policy,
+            what="overdue",
+            ticket=ticket,
+            requester="dan@acme.com",
+            target="initial_response",
+            due=now,
+            chat=chat,
+        )
+        for text in (triage, clock):
+            if chat:
+                assert "urgent &lt;!here&gt; &amp; &lt;https://evil.example|open&gt;" in text
+                assert "<!" not in text and "<https" not in text
+            else:
+                assert subject in text
+        assert ("see &lt;!channel&gt;" if chat else "see <!channel>") in triage
