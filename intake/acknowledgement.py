@@ -48,6 +48,7 @@ TEMPLATES: Mapping[str, Spec] = {
     ),
     "reference-note": _spec("typed", optional=True),
     "severity-note": _spec("", optional=True),
+    "security-raised": _spec("name reference security_note", "reference", optional=True),
     "security-note": _spec("reference"),
     "cc-note": _spec("support_address"),
     "limit-note": _spec("period"),
@@ -368,6 +369,26 @@ def render_chat_acknowledgement(
     assert message.chat_channel is not None
     # A reply in a thread that is not a ticket yet is answered at the thread's root.
     return OutgoingChat(channel=message.chat_channel, text=text, thread_ts=message.chat_thread_ts or message.chat_ts)
+
+
+def render_security_raised(
+    *, templates: Templates, outbound: Outbound, message: InboundMessage, reference: str
+) -> OutgoingEmail | OutgoingChat | None:
+    """Tells the customer whose follow-up raised ``reference`` to a security incident that it is
+    now Severity 1 and that the IRT lead will reach out (the policy's promise). None when this
+    language's templates have no such text (a template folder of one's own, older than it)."""
+    note = templates.render("security-note", reference=reference)
+    if message.chat_channel:
+        return OutgoingChat(
+            channel=message.chat_channel,
+            text=" ".join(note.split()),
+            thread_ts=message.chat_thread_ts or message.chat_ts,
+        )
+    body = templates.render("security-raised", name=_greeting_name(message), reference=reference, security_note=note)
+    if not body.strip():
+        return None
+    tag = outbound.subject_tag.format(reference=reference)
+    return outbound.reply(message=message, subject=reply_subject(message.subject, tag), body=body, reference=reference)
 
 
 def render_escalation_reply(

@@ -26,6 +26,7 @@ from intake.acknowledgement import (
     render_escalation_reply,
     render_irt_alert,
     render_irt_chat_alert,
+    render_security_raised,
     render_triage,
 )
 from intake.headers import answerable
@@ -364,9 +365,12 @@ class IntakeService:
         if not created and a.escalation:
             escalated_to = self._escalate(uow, message, a, ticket, now)
         if a.verdict.security and not ticket.alerted:
-            # The customer reads that the IRT lead will reach out only in a new ticket's
-            # acknowledgement; the alert says so, or why they did not.
+            # The customer reads that the IRT lead will reach out in a new ticket's
+            # acknowledgement, or, when a follow-up raised the ticket, in a notice of its own;
+            # the alert says so, or why they did not.
             not_told = None if acknowledged else ack_note
+            if not created and placement.ticket is not None and not placement.ticket.security:
+                not_told = self._tell_security_raised(uow, message, a, ticket)
             alerted = self._alert(uow, message, ticket, a.verdict.hits, now, not_told=not_told)
         else:
             alerted = False
@@ -624,6 +628,29 @@ class IntakeService:
             if not isinstance(reply, OutgoingChat):
                 uow.index_message_id(ticket.id, reply.message_id, ours=True)
         return step.name
+
+    def _tell_security_raised(
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, ticket: TicketFacts
+    ) -> str | None:
+        """Queue the notice that a follow-up raised ``ticket`` to a security incident; None if
+        it went, else why not (for the IRT alert). Once per ticket: it goes with the first
+        alert, and a ticket that is a security incident is never lowered again."""
+        why_not = self._why_not_acknowledge(message, a.automation)
+        if why_not is not None:
+            return why_not
+        notice = None
+        for templates in (self.templates.get(a.language or ticket.language), self.templates.get(None)):
+            notice = render_security_raised(
+                templates=templates, outbound=self.outbound, message=message, reference=ticket.reference
+            )
+            if notice is not None:
+                break
+        if notice is None:
+            return "no security-raised template in the template folder"
+        uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="security-notice", payload=notice, created_at=a.received_at))
+        if not isinstance(notice, OutgoingChat):
+            uow.index_message_id(ticket.id, notice.message_id, ours=True)
+        return None
 
     def _flood_placement(
         self, uow: UnitOfWork, message: InboundMessage, placement: Placement, opened: int

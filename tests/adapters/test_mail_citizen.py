@@ -123,12 +123,12 @@ async def test_security_alert_once_per_ticket_and_raised_by_follow_up(tmp_path: 
         await h.outbox_settled()
         [ack] = await smtp_relay.wait_for(1)
         assert h.detail(ref)["severity"] == 3
-        # A follow-up newly reports a breach: Severity 1, alert once.
+        # A follow-up newly reports a breach: Severity 1, alert once (and the customer told once).
         await h.send(mail(subject=f"Re: Export is slow [{ref}]", body=BREACH))
         await h.outbox_settled()
-        msgs = await smtp_relay.wait_for(2)
-        alert = msgs[1]
-        assert alert.rcpt_tos == ("irt-lead@example.com",)
+        msgs = await smtp_relay.wait_for(3)
+        [alert] = [m for m in msgs[1:] if m.rcpt_tos == ("irt-lead@example.com",)]
+        assert [m.rcpt_tos for m in msgs[1:] if m is not alert] == [("alice@acme.com",)]
         assert ref in alert.message["Subject"] and "SECURITY" in alert.message["Subject"]
         body = alert.message.get_content()
         assert "unauthorized access" in body.lower() and "intake tickets show " + ref in body
@@ -140,7 +140,7 @@ async def test_security_alert_once_per_ticket_and_raised_by_follow_up(tmp_path: 
         await h.send(mail(subject=f"Re: [{ref}]", body=quoted, in_reply_to=ack.message["Message-ID"]))
         await h.outbox_settled()
         await asyncio.sleep(0.3)
-        await smtp_relay.wait_for(2)
+        await smtp_relay.wait_for(3)
         # Severity is never lowered by a quiet follow-up.
         await h.send(mail(subject=f"Re: [{ref}]", body="All good now, thanks."))
         assert h.detail(ref)["severity"] == 1
@@ -175,10 +175,15 @@ async def test_irt_alert_ceiling_sends_one_summary(tmp_path: Path, smtp_relay: R
         assert all(t["security"] and t["severity"] == 1 for t in h.tickets())
 
 
-async def test_irt_alert_says_truly_whether_the_customer_was_told(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
-    # The alert told the IRT lead "The customer was told that the IRT lead will reach out
-    # directly" also when a follow-up raised the ticket: follow-ups get no automatic reply, so
-    # the customer had been told nothing of the kind.
+async def test_a_follow_up_that_raises_its_ticket_to_severity_1_is_answered_once(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """The policy: "If you suspect a security or data incident please highlight this issue
+    directly on the ticket or email. The IRT lead will reach out directly." A follow-up that
+    reports one raises its ticket to Severity 1 and alerts the lead; the customer, who got no
+    acknowledgement for a follow-up, is now told so once, threaded under their message, and the
+    alert says truly whether they were (it said "The customer was told" also when they were
+    not). An automated follow-up raises and alerts, but is not answered."""
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
         await h.send(mail(sender="Bob <bob@acme.com>", subject="Data breach", body=BREACH))
         ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
@@ -187,18 +192,49 @@ async def test_irt_alert_says_truly_whether_the_customer_was_told(tmp_path: Path
         [new_alert] = [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]
         new_text = " ".join(new_alert.message.get_content().split())
         assert "The customer was told that the IRT lead will reach out directly." in new_text
-        await h.send(mail(subject=f"Re: Export is slow [{ref}]", body=BREACH))
+
+        follow_up = mail(subject=f"Re: Export is slow [{ref}]", body=BREACH, message_id="<raise-1@acme.com>")
+        await h.send(follow_up)
         await h.outbox_settled()
-        raised = (await smtp_relay.wait_for(4))[3]
-        assert raised.rcpt_tos == ("irt-lead@example.com",)
+        later = (await smtp_relay.wait_for(5))[3:]
+        [raised] = [m for m in later if m.rcpt_tos == ("irt-lead@example.com",)]
+        [notice] = [m for m in later if m.rcpt_tos == ("alice@acme.com",)]
         text = " ".join(raised.message.get_content().split())
-        assert "customer was told" not in text
-        assert "The customer has not been told that the IRT lead will reach out" in text
-        assert "(follow-up on an existing ticket)" in text
+        assert "The customer was told that the IRT lead will reach out directly." in text
+        told = notice.message
+        assert told["In-Reply-To"] == "<raise-1@acme.com>" and ref in told["Subject"]
+        assert told["Auto-Submitted"] == "auto-replied"
+        body = " ".join(told.get_content().split())
+        assert f"ticket {ref}" in body and "Severity 1" in body and "will reach out to you directly" in body
         # Each piece of evidence marks a cut with one ellipsis, not "...…" nor "…...".
-        for body in (new_text, text):
-            assert "unauthorized access" in body
-            assert "...…" not in body and "…..." not in body
+        for alert_text in (new_text, text):
+            assert "unauthorized access" in alert_text
+            assert "...…" not in alert_text and "…..." not in alert_text
+
+        # Once: a second report on the ticket, already Severity 1, is neither alerted nor answered.
+        await h.send(mail(subject=f"Re: Export is slow [{ref}]", body=BREACH + "\nStill going on.\n"))
+        await h.outbox_settled()
+        await asyncio.sleep(0.3)
+        assert len(smtp_relay.messages) == 5
+
+        # An automated follow-up (an out-of-office reply quoting nothing of ours) raises and
+        # alerts, and is not answered; the alert says why.
+        other = ref_of((await h.send(mail(subject="Report layout", sender="carol@acme.com"))).text)
+        await smtp_relay.wait_for(6)
+        auto = mail(
+            subject=f"Automatic reply: Report layout [{other}]",
+            body=BREACH,
+            sender="carol@acme.com",
+            headers={"Auto-Submitted": "auto-replied"},
+        )
+        await h.send(auto)
+        await h.outbox_settled()
+        [alert3] = (await smtp_relay.wait_for(7))[6:]
+        assert alert3.rcpt_tos == ("irt-lead@example.com",)
+        text3 = " ".join(alert3.message.get_content().split())
+        assert "The customer has not been told that the IRT lead will reach out (automated mail" in text3
+        await asyncio.sleep(0.3)
+        assert len(smtp_relay.messages) == 7
 
 
 async def test_our_irt_alert_coming_back_joins_its_ticket_and_pages_no_one(

@@ -315,6 +315,27 @@ async def test_security_message_pages_the_irt_lead_once(slack: Slack, smtp_relay
     assert [(x["severity"], x["security"]) for x in by_email] == [(1, True)]
 
 
+async def test_a_thread_reply_that_raises_its_ticket_is_answered_in_the_thread_once(slack: Slack) -> None:
+    """As by email: a follow-up that reports a security incident raises the ticket to
+    Severity 1, pages the lead, and tells the customer in their thread that the IRT lead will
+    reach out; a second such reply does neither again."""
+    env, _ = await slack.say("The dashboard export is slow today")
+    ts = env["event"]["ts"]
+    await slack.fake.wait_posts(1, channel=CHANNEL)
+    await slack.say("update: someone got unauthorized access to our account", thread_ts=ts)
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    [_, notice] = await slack.fake.wait_posts(2, channel=CHANNEL)
+    [t] = slack.h.tickets()
+    assert (t["severity"], t["security"]) == (1, True) and t["reference"] in dm.params["text"]
+    assert notice.params["thread_ts"] == ts and "Severity 1" in notice.params["text"]
+    assert "will reach out to you directly" in notice.params["text"]
+    await slack.say("and a data breach too", thread_ts=ts)
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+    await slack.fake.wait_posts(2, channel=CHANNEL)
+
+
 async def test_the_irt_direct_message_shows_a_customers_markup_as_text(slack: Slack) -> None:
     # An emailed report whose words carry Slack markup: in the lead's direct message it must
     # stay text, not become a link dressed as our own "open the ticket" nor an @channel.
