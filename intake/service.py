@@ -615,7 +615,7 @@ class IntakeService:
             )
             note = self.outbound.staff_email(to=contact, subject=subject, body=text, reference=ticket.reference)
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation", payload=note, created_at=now))
-        if a.automation is None and (message.chat_channel or message.sender):
+        if self._why_not_acknowledge(message, a.automation) is None:  # answered where an acknowledgement would be
             reply = render_escalation_reply(
                 templates=templates,
                 outbound=self.outbound,

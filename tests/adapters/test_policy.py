@@ -359,3 +359,25 @@ async def test_a_display_name_that_is_an_address_is_no_name_to_greet(tmp_path: P
         for ack in acks:
             first_line = ack.message.get_content().splitlines()[0]
             assert first_line == "Hello,", first_line
+
+
+async def test_an_escalation_asked_from_an_address_that_cannot_be_answered_gets_no_reply(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """The escalation moves on, but its reply to the customer goes only where an acknowledgement
+    would: not to an address the relay sender refuses (8-bit: a note queued to fail), nor to
+    our own support address."""
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        ref = ref_of((await h.send(mail(subject="Sync fails"))).text)
+        await smtp_relay.wait_for(1)
+        raw = (
+            f"From: Jürgen <jürgen@acme.com>\r\nTo: support@example.com\r\nSubject: Re: Sync fails [{ref}]\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            "Still broken. Please escalate this.\r\n"
+        ).encode()
+        assert (await h.send(raw, mail_from="alice@acme.com")).code == 250
+        stats = await h.outbox_settled()
+        detail = h.detail(ref)
+        assert detail["escalation_step"] == 1 and len(detail["messages"]) == 2
+        assert stats["outbox"]["failed"] == 0, detail["outbox"]
+        assert "escalation-reply" not in [o["kind"] for o in detail["outbox"]]
