@@ -561,6 +561,8 @@ class IntakeService:
                 to=team.triage_email, subject=subject, body=text, reference=ticket.reference
             )
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=email, created_at=now))
+            # A reply to it (a colleague answering the announcement) belongs on this ticket.
+            uow.index_message_id(ticket.id, email.message_id, ours=True)
         if team.triage_chat:
             _, text = render_triage(
                 templates=templates, policy=self.policy, message=message, ticket=ticket, plan=plan, chat=True
@@ -615,6 +617,7 @@ class IntakeService:
             )
             note = self.outbound.staff_email(to=contact, subject=subject, body=text, reference=ticket.reference)
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation", payload=note, created_at=now))
+            uow.index_message_id(ticket.id, note.message_id, ours=True)
         if self._why_not_acknowledge(message, a.automation) is None:  # answered where an acknowledgement would be
             reply = render_escalation_reply(
                 templates=templates,
@@ -746,9 +749,11 @@ class IntakeService:
             not_told=not_told,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
-        # Its words are a security incident's: a copy that comes back (the lead's mailbox
-        # forwarding to support) or a reply to it must join this ticket, already alerted, not
-        # open a new one that pages again, and again (an alert loop).
+        # The IRT lead's answer to the alert threads onto the incident's ticket: the alert's
+        # Message-ID (64 random bits) went to the lead alone. And its words are a security
+        # incident's: a copy that comes back (the lead's mailbox forwarding to support) must
+        # join this ticket, already alerted, not open one that pages again (an alert loop).
+        # (The hourly summary names many tickets, so a reply to it is no one ticket's.)
         uow.index_message_id(ticket.id, alert.message_id, ours=True)
         if self.irt_chat_user:
             dm = render_irt_chat_alert(
