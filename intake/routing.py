@@ -107,6 +107,10 @@ def place(
             )
         refusals.append(Refusal(ticket, f"{who} cited {ticket.reference} but is not entitled to it"))
 
+    def others(joined: TicketFacts) -> tuple[Refusal, ...]:
+        # Refused by its reference, entitled by its headers: not refused after all.
+        return tuple(r for r in refusals if r.ticket.id != joined.id)
+
     for known in known_ids:
         if known.ours:
             ref = known.ticket.reference
@@ -114,20 +118,14 @@ def place(
                 note = f"intake's own message <{known.message_id}> for {ref} came back"
             else:
                 note = f"replies to <{known.message_id}>, sent by intake for {ref}"
-            return Placement(
-                Route.HEADER,
-                known.ticket,
-                note,
-                tuple(refusals),
-                tuple(remarks),
-            )
+            return Placement(Route.HEADER, known.ticket, note, others(known.ticket), tuple(remarks))
         why = entitlement(message, known.ticket, policy)
         if why:
             return Placement(
                 Route.HEADER,
                 known.ticket,
                 f"replies to <{known.message_id}> of {known.ticket.reference}; sender is {why}",
-                tuple(refusals),
+                others(known.ticket),
                 tuple(remarks),
             )
         if all(r.ticket.id != known.ticket.id for r in refusals):

@@ -522,6 +522,56 @@ async def test_the_customers_personal_address_gets_a_ticket_of_its_own(  # type:
     assert ref not in acks[1].content.decode()
 
 
+async def test_the_customers_personal_address_replying_to_the_forwarded_acknowledgement(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn
+) -> None:
+    """The customer forwarded our acknowledgement to her Gmail and answers from there: its
+    References carry our Message-ID, which only the ticket's people have seen."""
+    ref, ack = await opened(intake, smtp_relay)
+    ack_id = str(ack.message["Message-ID"])
+    raw = gmail(
+        subject=f"Re: Fw: Printer on fire [{ref}]",
+        in_reply_to="<fw-1@acme.com>",
+        references=[ack_id, "<fw-1@acme.com>"],
+    )
+    note = await joins(intake, smtp_relay, raw, ref, "header")
+    assert note == f"replies to <{ack_id.strip('<>')}>, sent by intake for {ref}"
+    assert not any("not entitled" in n for n in notes(intake, ref)), notes(intake, ref)
+
+
+async def test_the_customer_forwards_our_acknowledgement_to_her_vendor_who_writes(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn
+) -> None:
+    ref, ack = await opened(intake, smtp_relay)
+    ack_id = str(ack.message["Message-ID"])
+    # The customer's forward (Outlook: no In-Reply-To, Thread-Index only) to the vendor; the
+    # vendor replies to it, adding support, the reference in the subject.
+    raw = outlook(
+        sender="Victor Vendor <victor@printers.example>",
+        subject=f"RE: FW: Printer on fire [{ref}]",
+        in_reply_to="<fw-vendor@acme.com>",
+        references=["<fw-vendor@acme.com>"],
+        message_id="<v2@printers.example>",
+    )
+    reply = await intake.send(raw)
+    other = ref_of(reply.text)
+    assert other != ref  # a reference alone is no entitlement
+    await smtp_relay.wait_for(2)
+    # Gmail as the vendor's client keeps the forwarded acknowledgement's id in References.
+    raw = gmail(
+        sender="Victor Vendor <victor@printers.example>",
+        subject=f"Re: Fwd: Printer on fire [{ref}]",
+        in_reply_to="<fw-vendor-2@acme.com>",
+        references=[ORIGINAL_ID, ack_id, "<fw-vendor-2@acme.com>"],
+        message_id="<CAv3ndor@mail.gmail.com>",
+    )
+    await joins(intake, smtp_relay, raw, ref, "header")
+    # Its first message was refused (noted, with where it went); this one was not.
+    assert notes(intake, ref) == [
+        f"victor@printers.example cited {ref} but is not entitled to it; it went to {other} instead"
+    ]
+
+
 async def test_a_reply_to_the_irt_alert(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
     reply = await intake.send(
         mail(subject="Possible data breach", body="We saw unauthorized access to our admin account.")
@@ -540,6 +590,7 @@ async def test_a_reply_to_the_irt_alert(intake, smtp_relay: RelayStandIn) -> Non
     )
     note = await joins(intake, smtp_relay, raw, ref, "header")
     assert "sent by intake" in note
+    assert not any("irt-lead@example.com cited" in n for n in notes(intake, ref)), notes(intake, ref)
 
 
 async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: RelayStandIn) -> None:

@@ -132,3 +132,33 @@ def test_chat_thread_first() -> None:
     m = InboundMessage(channel=Channel.SLACK, sender="U1", organisation="acme", thread_key="T/C/1")
     p = place(m, policy=POLICY, by_thread=t)
     assert p.route is Route.THREAD and p.ticket == t
+
+
+def test_a_reference_refused_then_joined_by_our_message_id_leaves_no_refusal() -> None:
+    """The IRT lead (or a vendor the customer forwarded our acknowledgement to) cites the
+    reference, which alone does not entitle them, and replies to our Message-ID, which does:
+    the message joins, and the ticket is not told that its sender was refused."""
+    r = REFS.new()
+    t = ticket(r)
+    m = msg("irt-lead@example.com", f"RE: [SECURITY] {r}", in_reply_to=("alert-1@intake",))
+    p = place(
+        m,
+        policy=POLICY,
+        cited=REFS.find(m.subject),
+        by_reference={r: t},
+        known_ids=[KnownId(t, "alert-1@intake", True)],
+    )
+    assert p.route is Route.HEADER and p.ticket == t
+    assert p.refusals == ()
+    # A refusal of another ticket it cited stays.
+    r2 = REFS.new()
+    t2 = ticket(r2, tid=2)
+    m2 = msg("irt-lead@example.com", f"RE: {r2} and {r}", in_reply_to=("alert-1@intake",))
+    p2 = place(
+        m2,
+        policy=POLICY,
+        cited=REFS.find(m2.subject),
+        by_reference={r: t, r2: t2},
+        known_ids=[KnownId(t, "alert-1@intake", True)],
+    )
+    assert p2.ticket == t and [x.ticket for x in p2.refusals] == [t2]
