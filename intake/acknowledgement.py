@@ -20,7 +20,7 @@ from pathlib import Path
 from string import Template
 
 from intake.errors import ConfigError
-from intake.headers import clean_header_text
+from intake.headers import REPLY_PREFIX, clean_header_text
 from intake.model import InboundMessage, OutgoingChat, OutgoingEmail, RuleHit, Severity
 from intake.policy import MISSING_LABELS, Plan, Policy, describe_target
 from intake.ports import TicketFacts
@@ -83,7 +83,7 @@ TEMPLATES: Mapping[str, Spec] = {
 }
 
 AUTO_SUBMITTED = ("Auto-Submitted", "auto-replied")
-_RE_PREFIX = re.compile(r"^\s*(?:(?:re|aw|sv|vs|antw|r|rif|tr|fw|fwd|wg|rv|enc)\s*(?:\[\d+\])?\s*:\s*)+", re.I)
+_RE_PREFIX = re.compile(rf"^\s*(?:{REPLY_PREFIX}\s*)+", re.I)
 
 
 class Templates:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["ELLIPSIS", "clean_header_text", "display_name"]
+__all__ = ["ELLIPSIS", "REPLY_PREFIX", "clean_header_text", "display_name"]
 
 ELLIPSIS = "…"
 
@@ -45,6 +45,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[^?\s]*\?[^\s]*?\?=")
 
 DISPLAY_NAME_MAX = 80
+
+# One reply or forward prefix as mail clients write it in their users' languages (Outlook,
+# Thunderbird, Apple Mail, Gmail, Lotus Notes): "RE:", "AW:", "WG:", "RIF:", "I:", "Odp:",
+# "Réf. :", "回复：", with a counter ("RE[2]:"), a space before the colon (French usage) or a
+# fullwidth colon (CJK input). Not anchored: callers anchor it and repeat it as they need.
+REPLY_PREFIX = (
+    r"(?:re|fwd?|aw|wg|sv|vs|vl|tr|rv|r|rif|i|antw|doorst|res|enc|odp|pd|ynt|[iİ]lt|r[ée]f\.?"
+    r"|απ|σχετ|πρθ|回复|答复|转发|回覆|轉寄|轉發)"
+    r"[ \t]*(?:\[\d+\])?[ \t]*[:：]"
+)
 
 
 def clean_header_text(value: str, *, max_length: int = 200) -> str:

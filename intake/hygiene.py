@@ -29,6 +29,7 @@ from email.message import Message
 from email.policy import compat32
 from enum import StrEnum
 
+from intake.headers import REPLY_PREFIX
 from intake.model import Channel, InboundMessage
 
 LOOP_HEADER = "X-Intake-Loop"  # our own loop marker; the value is an opaque token per installation
@@ -193,7 +194,8 @@ def _has_dsn_part(message: InboundMessage) -> bool:
 
 # Replies and forwards are people talking *about* a bounce or an absence ("Fwd: Undelivered
 # Mail", "Re: Out of office"): they deserve an answer, so subject rules never match them.
-_REPLY_PREFIX = re.compile(r"^\s*(?:re|fwd?|aw|wg|sv|vs|tr|rv|antw|res|enc|odp|ynt)\s*(?:\[\d+\])?\s*:", re.I)
+# Gateways put their tags before it: "[EXTERNAL] FW: ...", "*** SPAM *** WG: ...".
+_REPLY_PREFIX = re.compile(rf"^\s*(?:\[[^\[\]]{{1,40}}\]\s*|\*{{2,3}}[^*]{{1,30}}\*{{2,3}}\s*)*{REPLY_PREFIX}", re.I)
 
 _BOUNCE_SUBJECT = re.compile(
     r"\b(?:undeliver(?:ed|able)"

@@ -632,3 +632,52 @@ async def test_an_auto_forward_from_a_colleagues_mailbox(intake, smtp_relay: Rel
         ),
     )
     await joins(intake, smtp_relay, raw, ref, "reference")
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "FW: ",
+        "WG: ",
+        "TR: ",
+        "RV: ",
+        "I: ",  # Outlook in Italian forwards with "I:", replies with "R:" or "RIF:"
+        "R: ",
+        "RIF: ",
+        "PD: ",  # Polish
+        "VL: ",  # Finnish
+        "Doorst: ",  # Dutch
+        "İlt: ",  # Turkish
+        "ΠΡΘ: ",  # Greek
+        "Réf. : ",  # Lotus Notes in French
+        "转发: ",
+        "轉寄: ",
+        "回复：",  # a fullwidth colon, as Chinese clients write it
+        "[EXTERNAL] FW: ",  # a gateway's tag before the prefix
+        "*** SPAM *** WG: ",
+    ],
+)
+async def test_a_person_forwarding_a_bounce_is_answered(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, prefix: str
+) -> None:
+    """A colleague forwards a delivery failure she got to support, asking why: a person wrote
+    it, in whatever language her Outlook speaks, so it is acknowledged and not taken for a
+    bounce (whose quoted Message-IDs would mark our own mail undeliverable)."""
+    subject = f"{prefix}Undeliverable: Invoice 4471"
+    raw = outlook(
+        sender="Bob Builder <bob@acme.com>",
+        subject=b64_word(subject) if not subject.isascii() else subject,
+        message_id="<bob-fw-ndr@acme.com>",
+        body=(
+            "Why does our mail to you bounce?\r\n\r\n"
+            "Delivery has failed to these recipients or groups:\r\n"
+            "billing@example.com\r\nThe recipient's mailbox is full and can't accept messages now."
+        ),
+    )
+    reply = await intake.send(raw)
+    ref = ref_of(reply.text)
+    assert intake.detail(ref)["messages"][0]["automation"] is None
+    [ack] = await smtp_relay.wait_for(1)
+    assert ack.rcpt_tos == ("bob@acme.com",)
+    if not prefix.startswith(("[", "*")):  # the acknowledgement's subject has one "Re:" of ours
+        assert ack.message["Subject"] == f"Re: Undeliverable: Invoice 4471 [{ref}]"

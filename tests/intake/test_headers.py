@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from intake.acknowledgement import reply_subject
 from intake.headers import ELLIPSIS, clean_header_text, display_name
 
 _FORBIDDEN = {chr(c) for c in range(0x20)} | {chr(c) for c in range(0x7F, 0xA0)}
@@ -106,3 +107,19 @@ def test_result_is_always_one_capped_line_without_controls(raw: str, max_length:
 def test_cleaning_is_idempotent(raw: str) -> None:
     once = clean_header_text(raw)
     assert clean_header_text(once) == once
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "RE: AW: Printer",
+        "回复：Printer",
+        "Réf. : Printer",
+        "RIF: R: Printer",
+        "Odp: Printer",
+        "ΑΠ: Printer",
+        "RE[2]: Printer",
+    ],
+)
+def test_the_acknowledgement_subject_drops_every_clients_reply_prefix(subject: str) -> None:
+    assert reply_subject(subject, "[SUP-1234-5678]") == "Re: Printer [SUP-1234-5678]"
