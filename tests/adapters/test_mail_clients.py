@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from intake.reference import References
 from tests.adapters.conftest import CapturedMessage, RelayStandIn
 from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for
 
@@ -469,6 +470,13 @@ async def test_a_reference_to_no_ticket_or_with_a_wrong_check_character(  # type
         headers=f"In-Reply-To: {ack_id}\r\n",
     )
     await joins(intake, smtp_relay, raw, ref, "header")
+    # A well-formed reference no ticket has (another installation's, or made up).
+    unknown = References().new()
+    reply = await intake.send(plain(sender="alice@acme.com", subject=f"Re: [{unknown}]", message_id="<u1@acme.com>"))
+    third = ref_of(reply.text)
+    assert third not in (ref, other, unknown)
+    assert any(f"cites {unknown}, which is not a known ticket" in n for n in notes(intake, third))
+    await smtp_relay.wait_for(3)
 
 
 async def test_two_references_in_one_subject_join_the_first_entitled(  # type: ignore[no-untyped-def]
@@ -570,6 +578,68 @@ async def test_the_customer_forwards_our_acknowledgement_to_her_vendor_who_write
     assert notes(intake, ref) == [
         f"victor@printers.example cited {ref} but is not entitled to it; it went to {other} instead"
     ]
+
+
+async def test_a_third_party_in_cc_replying_all_is_not_yet_entitled(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn
+) -> None:
+    """The customer Cc'd her printer vendor on her report; the vendor answers all. Entitlement
+    is by sender only (a Cc'd address is no participant, and the customer's Message-ID is no
+    secret): the vendor gets a ticket of their own and the customer's ticket is told where it
+    went. Reported to the lead as a product decision, not changed here."""
+    ref, _ = await opened(intake, smtp_relay, cc="Victor Vendor <victor@printers.example>")
+    raw = outlook(
+        sender="Victor Vendor <victor@printers.example>",
+        subject="RE: Printer on fire",
+        in_reply_to=ORIGINAL_ID,
+        references=[ORIGINAL_ID],
+        to='"Example, Alice" <alice@acme.com>',
+        cc="Support <support@example.com>",
+        message_id="<v1@printers.example>",
+    )
+    reply = await intake.send(raw)
+    other = ref_of(reply.text)
+    assert other != ref and len(messages(intake, ref)) == 1
+    assert notes(intake, ref) == [
+        f"victor@printers.example replied to a message of {ref} but is not entitled; it went to {other} instead"
+    ]
+    acks = await smtp_relay.wait_for(2)
+    assert acks[1].rcpt_tos == ("victor@printers.example",) and ref not in acks[1].content.decode()
+
+
+@pytest.mark.parametrize(
+    ("list_from", "joins_ticket"),
+    [
+        ('"Alice Example via acme-ops" <acme-ops@lists.acme.com>', True),  # Mailman's DMARC munging
+        ("'Alice Example' via acme-ops <acme-ops@googlegroups.com>", False),  # Google Groups
+    ],
+    ids=["mailman-company-list", "google-group"],
+)
+async def test_a_follow_up_through_the_customers_mailing_list(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, list_from: str, joins_ticket: bool
+) -> None:
+    """support@ is a member of the customer's list, whose software rewrote From (DMARC) and the
+    subject ("[acme-ops]"). The list's address is the author as the border reads it: on the
+    customer's own domain it is a colleague; at a public list host it is anyone. List mail is
+    never acknowledged."""
+    ref, _ = await opened(intake, smtp_relay)
+    raw = plain(
+        sender=list_from,
+        subject=f"Re: [acme-ops] Printer on fire [{ref}]",
+        message_id="<list-1@acme.com>",
+        headers=(
+            "Reply-To: Alice Example <alice@acme.com>\r\n"
+            "List-Id: Acme operations <acme-ops.lists.acme.com>\r\n"
+            "List-Post: <mailto:acme-ops@lists.acme.com>\r\n"
+            "Precedence: list\r\n"
+            f"In-Reply-To: {ORIGINAL_ID}\r\nReferences: {ORIGINAL_ID}\r\n"
+        ),
+    )
+    reply = await intake.send(raw)
+    assert (ref_of(reply.text) == ref) is joins_ticket
+    if joins_ticket:
+        assert messages(intake, ref)[-1]["route"] == "reference"
+    await no_more_mail(smtp_relay, 1)
 
 
 async def test_a_reply_to_the_irt_alert(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
