@@ -6,14 +6,16 @@ Order of evidence:
 
 1. the chat thread it was posted in (Slack ``thread_ts``);
 2. a valid reference in its subject (any case, any ``Re:``/``Fwd:`` prefix, anywhere);
-3. In-Reply-To / References pointing at any message of a ticket (our acknowledgement included);
+3. In-Reply-To / References pointing at any message of a ticket (ours included: the
+   acknowledgement, the IRT alert, the triage and escalation notes);
 4. otherwise a new ticket.
 
 A reference or a header joins a ticket only for someone entitled to it: a participant of the
 ticket, someone of the same customer organisation (configured domains, or the requester's own
 domain unless it is a public mail provider), or a reply to a Message-ID intake generated for
 that ticket (unguessable). Everyone else gets a new ticket, and the mismatch is recorded on
-both tickets (Zammad still has open bugs for exactly this).
+both tickets (Zammad still has open bugs for exactly this). A sender whose reference is
+refused but who replies to one of our Message-IDs of that very ticket joins it, unrefused.
 """
 
 from __future__ import annotations
