@@ -684,6 +684,29 @@ async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: Re
         assert "sent by intake" in note
 
 
+async def test_a_reply_to_the_escalation_note(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """Tier II answers the escalation note from a mailbox that is not a configured staff address."""
+    extra = (
+        '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\ncontact = "tier2@example.com"\n'
+    )
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        ref = ref_of((await h.send(mail(subject="Sync fails"))).text)
+        await smtp_relay.wait_for(1)
+        await h.send(mail(subject=f"Re: Sync fails [{ref}]", body="Still broken. Please escalate this."))
+        msgs = await smtp_relay.wait_for(3)
+        note = next(m for m in msgs if m.rcpt_tos == ("tier2@example.com",))
+        note_id = str(note.message["Message-ID"])
+        raw = outlook(
+            sender="Tier Two <tier2@example.com>",
+            subject="RE: escalation",
+            in_reply_to=note_id,
+            references=[note_id],
+            message_id="<t2-1@example.com>",
+            body="Looking at it.",
+        )
+        assert "sent by intake" in await joins(h, smtp_relay, raw, ref, "header")
+
+
 # -- Automatic forwards ----------------------------------------------------------------------
 
 
