@@ -169,13 +169,18 @@ def _codec(charset: str | None) -> str:
     return _CHARSET_ALIASES.get(label, label)
 
 
+# Charsets whose text is all 7-bit bytes (ISO-2022 escape sequences, UTF-7's "+...-" runs,
+# HZ's "~{...~}"): ASCII bytes under these labels are not ASCII text.
+_SEVEN_BIT = ("iso-2022", "iso2022", "csiso2022", "utf-7", "utf7", "unicode-1-1-utf-7", "hz")
+
+
 def _decode_bytes(data: bytes, charset: str | None, *, hint: str | None = None) -> str:
     """Bytes to text: declared charset, UTF-8, ``hint``, cp1252, Latin-1. Never fails."""
     if not data:
         return ""
-    if data.isascii():
-        return data.decode("ascii")
     label = _codec(charset)
+    if data.isascii() and not label.startswith(_SEVEN_BIT):
+        return data.decode("ascii")
     if label and label not in _WEAK_LABELS:
         text = _try_decode(data, label)
         if text is not None:

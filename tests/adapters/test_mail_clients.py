@@ -340,6 +340,36 @@ async def test_gmail_reply_all_and_inline_forward(intake, smtp_relay: RelayStand
     await joins(intake, smtp_relay, fwd, ref, "reference")
 
 
+async def test_a_japanese_client_writing_iso_2022_jp(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Thunderbird, Becky! and Outlook in Japan write ISO-2022-JP (RFC 1468): 7-bit bytes with
+    escape sequences, in the subject's encoded words and in the body."""
+
+    def japanese(subject: str, body: str, message_id: str, headers: str = "") -> bytes:
+        word = base64.b64encode(subject.encode("iso2022_jp")).decode()
+        return (
+            (
+                "From: =?ISO-2022-JP?B?GyRCOzNFRBsoQiAbJEJCQE86GyhC?= <taro.yamada@acme.com>\r\n"
+                f"To: support@example.com\r\nSubject: =?ISO-2022-JP?B?{word}?=\r\nMessage-ID: {message_id}\r\n"
+                f"Date: Tue, 24 Nov 2026 10:00:00 +0900\r\nUser-Agent: Mozilla Thunderbird\r\n{headers}"
+                "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=ISO-2022-JP\r\n"
+                "Content-Transfer-Encoding: 7bit\r\n\r\n"
+            ).encode()
+            + body.encode("iso2022_jp")
+            + b"\r\n"
+        )
+
+    reply = await intake.send(
+        japanese("プリンターが燃えています", "朝からプリンターが燃えています。", "<jp-1@acme.com>")
+    )
+    ref = ref_of(reply.text)
+    [ack] = await smtp_relay.wait_for(1)
+    assert ack.message["Subject"] == f"Re: プリンターが燃えています [{ref}]"
+    assert messages(intake, ref)[0]["body"] == "朝からプリンターが燃えています。"
+    follow = japanese(f"Re: プリンターが燃えています [{ref}]", "まだ燃えています。", "<jp-2@acme.com>")
+    await joins(intake, smtp_relay, follow, ref, "reference")
+    assert messages(intake, ref)[1]["body"] == "まだ燃えています。"
+
+
 # -- Apple Mail, Thunderbird, phones ---------------------------------------------------------
 
 

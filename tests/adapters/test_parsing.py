@@ -348,6 +348,34 @@ def test_shift_jis_body() -> None:
     assert data("subject_shift_jis.eml").body == "サーバーが落ちました。"
 
 
+@pytest.mark.parametrize(
+    ("charset", "text"),
+    [
+        ("ISO-2022-JP", "プリンターが燃えています。"),  # RFC 1468: Japanese mail's own charset
+        ("iso-2022-kr", "프린터에 불이 났습니다."),
+        ("UTF-7", "Drucker brennt – Grüße"),
+    ],
+    ids=["iso-2022-jp", "iso-2022-kr", "utf-7"],
+)
+def test_seven_bit_charsets_are_read_as_declared(charset: str, text: str) -> None:
+    """Their bytes are all ASCII (escape sequences, "+...-" runs): read as ASCII they left
+    ESC characters and letters no one wrote in the subject and the body."""
+    codec = charset.lower().replace("-", "_").replace("utf_7", "utf-7")
+    word = base64.b64encode(f"Re: {text}".encode(codec)).decode()
+    raw = (
+        (
+            f"From: a@acme.com\r\nTo: support@example.com\r\nSubject: =?{charset}?B?{word}?=\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\n"
+            "Content-Transfer-Encoding: 7bit\r\n\r\n"
+        ).encode()
+        + text.encode(codec)
+        + b"\r\n"
+    )
+    msg = parse(raw)
+    assert msg.subject == f"Re: {text}"
+    assert msg.body == text
+
+
 def test_unknown_charsets_do_not_crash() -> None:
     msg = data("unknown_charset.eml")
     assert msg.subject == "café down and résumé"  # "uft-8" and "ansi_x3.110-1983" words
