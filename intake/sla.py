@@ -13,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 from intake.acknowledgement import Outbound, TemplateBook, render_sla_notice
 from intake.errors import StorageUnavailableError
@@ -78,7 +79,8 @@ class SlaWatcher:
     def _notify(self, uow: UnitOfWork, cand: SlaCandidate, what: str, now: datetime) -> int:
         ticket = cand.ticket
         target = next(iter(ticket.targets), "initial_response")
-        subject, text = render_sla_notice(
+        notice = partial(
+            render_sla_notice,
             templates=self.templates.get(None),
             policy=self.policy,
             what=what,
@@ -89,22 +91,14 @@ class SlaWatcher:
         )
         n = 0
         if self.triage_email:
+            subject, text = notice()
             email = self.outbound.staff_email(
                 to=self.triage_email, subject=subject, body=text, reference=ticket.reference
             )
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="sla", payload=email, created_at=now))
             n += 1
         if self.triage_chat:
-            _, chat_text = render_sla_notice(
-                templates=self.templates.get(None),
-                policy=self.policy,
-                what=what,
-                ticket=ticket,
-                requester=ticket.requester,
-                target=target,
-                due=ticket.response_due,
-                chat=True,
-            )
+            _, chat_text = notice(chat=True)
             uow.enqueue(
                 OutboxEntry(
                     ticket_id=ticket.id,

@@ -123,9 +123,8 @@ async def test_explain_waiting_tells_the_held_channel_s_new_notes_only(store: Sq
     assert errors == ["waiting: B", "waiting: A", None, None]
 
 
-async def test_explain_waiting_takes_a_tried_note_once_it_is_due_again(store: SqlStore) -> None:
-    """A note tried as its channel went down keeps its own error until it is due again; then
-    it waits for the channel like the rest, and says so."""
+async def one_claimed_note(store: SqlStore) -> Any:
+    """One email note on a new ticket, queued and claimed (a minute's lease)."""
     tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
     await store.transact(
         lambda uow: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=email(0), created_at=NOW))
@@ -135,6 +134,13 @@ async def test_explain_waiting_takes_a_tried_note_once_it_is_due_again(store: Sq
             now=NOW, owner="a", lease_until=NOW + timedelta(minutes=1), limit=1, channels=["email"]
         )
     )
+    return item
+
+
+async def test_explain_waiting_takes_a_tried_note_once_it_is_due_again(store: SqlStore) -> None:
+    """A note tried as its channel went down keeps its own error until it is due again; then
+    it waits for the channel like the rest, and says so."""
+    item = await one_claimed_note(store)
     retry_at = NOW + timedelta(seconds=5)
     failed = SendResult(id=item.id, ok=False, permanent=False, error="relay unreachable", retry_at=retry_at)
     await store.transact(lambda uow: uow.finish_outbox([failed], now=NOW))
@@ -453,15 +459,7 @@ async def test_any_error_text_is_recorded_with_its_outcome(store: SqlStore) -> N
     """A send's error is whatever a relay or an exception said: a NUL (PostgreSQL refuses it in
     text) or a lone surrogate (a byte that was not UTF-8, kept by surrogateescape; no database
     takes it) made the outcome unrecordable, and the note went again at every lease."""
-    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
-    await store.transact(
-        lambda uow: uow.enqueue(OutboxEntry(ticket_id=tid, kind="notice", payload=email(0), created_at=NOW))
-    )
-    [item] = await store.transact(
-        lambda uow: uow.claim_outbox(
-            now=NOW, owner="a", lease_until=NOW + timedelta(minutes=1), limit=1, channels=["email"]
-        )
-    )
+    item = await one_claimed_note(store)
     failed = SendResult(id=item.id, ok=False, permanent=True, error="550 bo\udceete\x00 inconnue " + "x" * 600)
     await store.transact(lambda uow: uow.finish_outbox([failed], now=NOW))
     query = select(outbox.c.status, outbox.c.last_error)
