@@ -783,3 +783,22 @@ def test_authentication_is_linear_on_hostile_input() -> None:
 def test_authentication_never_raises(text: str) -> None:
     verdict = authed(text)
     assert isinstance(verdict.authenticated, bool) and verdict.reason
+
+
+def test_a_subject_of_gateway_tags_takes_linear_time() -> None:
+    """Gateway tags before a reply prefix ("*** SPAM *** WG:", "[EXTERNAL] FW:") are skipped by
+    a loop whose "*****" runs could be read two ways: each run doubled the backtracking when no
+    prefix followed, and a 300-character subject held a listener for hours (every retry of the
+    sending MTA again). Run apart, so that a regression fails here instead of hanging the run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from intake.hygiene import _REPLY_PREFIX\n"
+        "for n in (24, 200, 5000):\n"
+        "    assert _REPLY_PREFIX.match('** a ' + '***** a ' * n + '**') is None\n"
+        "for s in ('[EXTERNAL] FW: x', '*** SPAM *** WG: x', '[A] [B] *** SPAM *** RE: x', '** SPAM ** AW: x'):\n"
+        "    assert _REPLY_PREFIX.match(s), s\n"
+        "assert _REPLY_PREFIX.match('[EXTERNAL] Undeliverable: RE: x') is None\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=20)
