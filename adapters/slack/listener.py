@@ -236,7 +236,9 @@ def to_inbound(
         return Ignored(f"payload type: {envelope.get('type')}")
     record = {k: v for k, v in envelope.items() if k != "token"}
     raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-    if _UNSTORABLE.search(raw) is not None:  # rare: one search of the JSON spares a walk of every event
+    # Rare: one search of the JSON spares a walk of every event. json writes a NUL escaped, as
+    # the six characters \u0000, whatever ensure_ascii says.
+    if _UNSTORABLE.search(raw) is not None or "\\u0000" in raw:
         envelope = _storable(envelope)
         record = {k: v for k, v in envelope.items() if k != "token"}
         raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))

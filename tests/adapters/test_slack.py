@@ -246,6 +246,12 @@ async def test_text_no_database_stores_is_made_storable_not_refused(slack: Slack
     retry = await slack.post(env, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
     assert retry.status == 200
     assert [t["message_count"] for t in slack.h.tickets()] == [1]
+    # A NUL alone (json writes it escaped, "\\u0000", so a search of the text did not see it).
+    await slack.say("the import stops\x00 at row 7", user_profile={"display_name": "Bo\x00b"})
+    stored = [slack.h.detail(t["reference"]) for t in slack.h.tickets()]
+    bodies = sorted(m["body"] for d in stored for m in d["messages"])
+    assert "the import stops at row 7" in bodies, bodies
+    assert sorted(d["requester_name"] for d in stored) == ["Al\ufffdice", "Bob"]
 
 
 async def test_edits_deletions_joins_bots_and_other_channels_are_ignored(slack: Slack) -> None:
