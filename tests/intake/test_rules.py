@@ -975,3 +975,14 @@ def test_format_verdict_shows_everything_a_person_needs() -> None:
 
 def test_format_verdict_of_a_quiet_message() -> None:
     assert format_verdict(Verdict()) == "Severity: none\nSecurity incident: no\nHits: none"
+
+
+def test_vetoed_occurrences_past_a_cap_count_as_hits() -> None:
+    """Each occurrence inside an ``unless`` phrase is checked again (it was no hit), so a body of
+    footers cost up to 12 times the scan: past _MAX_VETOED in one field they count, and a
+    security rule errs toward alerting on such a text."""
+    from intake.rules import _MAX_VETOED
+
+    footer = "Any unauthorized access, use or disclosure is strictly prohibited.\n"
+    assert not RuleSet.default().classify(body="Quote attached.\n" + footer * 3).security
+    assert RuleSet.default().classify(body=footer * (_MAX_VETOED + 1)).security
