@@ -21,7 +21,7 @@ from string import Template
 
 from intake.errors import ConfigError
 from intake.headers import REPLY_PREFIX, clean_header_text
-from intake.model import InboundMessage, OutgoingChat, OutgoingEmail, RuleHit, Severity
+from intake.model import STAFF_NOTE_ID_PREFIX, InboundMessage, OutgoingChat, OutgoingEmail, RuleHit, Severity
 from intake.policy import MISSING_LABELS, Plan, Policy, describe_target
 from intake.ports import TicketFacts
 
@@ -224,7 +224,7 @@ class Outbound:
             to=(to,),
             subject=clean_header_text(subject, max_length=200),
             body=body,
-            message_id=new_message_id(reference, self.message_id_domain),
+            message_id=STAFF_NOTE_ID_PREFIX + new_message_id(reference, self.message_id_domain),
             from_address=self.from_address,
             from_name=self.from_name + " (intake)",
             envelope_from=self.envelope_from,

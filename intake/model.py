@@ -34,6 +34,12 @@ class Severity(IntEnum):
         return f"Severity {int(self)}"
 
 
+# Our Message-IDs on notes to our own people (IRT alert, triage, escalation contact) start
+# with this: a reply to one joins its ticket, but is no customer's, so no customer text
+# (security notice, escalation reply) answers it.
+STAFF_NOTE_ID_PREFIX = "staff."
+
+
 class Route(StrEnum):
     """Why a stored message went where it went (kept on every message row)."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from intake.model import InboundMessage, Route
+from intake.model import STAFF_NOTE_ID_PREFIX, InboundMessage, Route
 from intake.policy import Policy
 from intake.ports import KnownId, TicketFacts
 from intake.reference import Found
@@ -42,6 +42,7 @@ class Placement:
     note: str  # why it went there, stored with the message
     refusals: tuple[Refusal, ...] = ()  # tickets it cited but may not join
     remarks: tuple[str, ...] = ()  # e.g. a mistyped reference
+    staff_note: bool = False  # joined as a reply to one of our notes to our own people
 
 
 def entitlement(message: InboundMessage, ticket: TicketFacts, policy: Policy) -> str | None:
@@ -120,7 +121,14 @@ def place(
                 note = f"intake's own message <{known.message_id}> for {ref} came back"
             else:
                 note = f"replies to <{known.message_id}>, sent by intake for {ref}"
-            return Placement(Route.HEADER, known.ticket, note, others(known.ticket), tuple(remarks))
+            return Placement(
+                Route.HEADER,
+                known.ticket,
+                note,
+                others(known.ticket),
+                tuple(remarks),
+                staff_note=known.message_id.startswith(STAFF_NOTE_ID_PREFIX),
+            )
         why = entitlement(message, known.ticket, policy)
         if why:
             return Placement(

@@ -363,14 +363,19 @@ class IntakeService:
         if created and a.automation is None:
             self._announce(uow, message, ticket, a.plan, now)
         if not created and a.escalation:
-            escalated_to = self._escalate(uow, message, a, ticket, now)
+            escalated_to = self._escalate(uow, message, a, ticket, now, answer=not placement.staff_note)
         if a.verdict.security and not ticket.alerted:
             # The customer reads that the IRT lead will reach out in a new ticket's
             # acknowledgement, or, when a follow-up raised the ticket, in a notice of its own;
             # the alert says so, or why they did not.
             not_told = None if acknowledged else ack_note
-            if not created and placement.ticket is not None and not placement.ticket.security:
-                not_told = self._tell_security_raised(uow, message, a, ticket)
+            if not created and placement.ticket is not None:
+                if placement.ticket.security:  # it opened as one: its acknowledgement said so
+                    not_told = None
+                elif placement.staff_note:  # no customer's words: they are told nothing
+                    not_told = "raised by a reply to one of our notes to staff"
+                else:
+                    not_told = self._tell_security_raised(uow, message, a, ticket)
             alerted = self._alert(uow, message, ticket, a.verdict.hits, now, not_told=not_told)
         else:
             alerted = False
@@ -571,9 +576,17 @@ class IntakeService:
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="triage", payload=chat, created_at=now))
 
     def _escalate(
-        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, ticket: TicketFacts, now: datetime
+        self,
+        uow: UnitOfWork,
+        message: InboundMessage,
+        a: Assessment,
+        ticket: TicketFacts,
+        now: datetime,
+        *,
+        answer: bool = True,
     ) -> str | None:
-        """One step along the chain per request; repeated requests within the cooldown do not skip."""
+        """One step along the chain per request; repeated requests within the cooldown do not skip.
+        ``answer``: reply to the sender (not to one of our own people answering a staff note)."""
         chain = self.policy.chain
         current = chain[min(ticket.escalation_step, len(chain) - 1)].name
         if ticket.escalated_at is not None and now - ticket.escalated_at < self.policy.escalation_cooldown:
@@ -618,7 +631,7 @@ class IntakeService:
             note = self.outbound.staff_email(to=contact, subject=subject, body=text, reference=ticket.reference)
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation", payload=note, created_at=now))
             uow.index_message_id(ticket.id, note.message_id, ours=True)
-        if self._why_not_acknowledge(message, a.automation) is None:  # answered where an acknowledgement would be
+        if answer and self._why_not_acknowledge(message, a.automation) is None:  # where an acknowledgement would go
             reply = render_escalation_reply(
                 templates=templates,
                 outbound=self.outbound,

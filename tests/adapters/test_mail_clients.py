@@ -714,6 +714,41 @@ async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: Re
         assert "sent by intake" in note
 
 
+async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A colleague (not a configured staff address) answers the triage notice with words that
+    raise the ticket to Severity 1, and asks to escalate: the ticket is raised, the lead
+    alerted, the step taken, but the colleague gets neither the customer's security notice
+    nor an escalation reply, and the alert does not claim that the customer was told."""
+    extra = (
+        '[triage]\nemail = "triage@example.com"\n'
+        '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
+    )
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
+        msgs = await smtp_relay.wait_for(2)
+        notice = next(m for m in msgs if m.rcpt_tos == ("triage@example.com",))
+        assert str(notice.message["Message-ID"]).startswith("<staff.")
+        raw = outlook(
+            sender="Tess Triage <tess@example.com>",
+            subject="RE: new ticket",
+            in_reply_to=str(notice.message["Message-ID"]),
+            references=[str(notice.message["Message-ID"])],
+            message_id="<tess-2@example.com>",
+            body="Careful: I think their admin account was compromised. Please escalate this.",
+        )
+        assert (await h.send(raw, mail_from="tess@example.com")).code == 250
+        await h.outbox_settled()
+        await asyncio.sleep(0.3)
+        later = smtp_relay.messages[2:]
+        assert [m.rcpt_tos for m in later] == [("irt-lead@example.com",)], [m.rcpt_tos for m in later]
+        text = " ".join(later[0].message.get_content().split())
+        assert "The customer has not been told that the IRT lead will reach out (raised by a reply" in text
+        detail = h.detail(ref)
+        assert (detail["severity"], detail["security"], detail["escalation_step"]) == (1, True, 1)
+
+
 async def test_a_reply_to_the_escalation_note(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     """Tier II answers the escalation note from a mailbox that is not a configured staff address."""
     extra = (
