@@ -389,7 +389,7 @@ def _has_host_path(text: str) -> bool:
     address (``jo@example.com/``).
     """
     find = text.find
-    at = find("/")
+    at = find("/", 1)  # a "/" that starts the text has no host before it
     looked = 0
     while at > 0 and looked < _MAX_SLASHES:
         looked += 1
@@ -418,9 +418,9 @@ def _has_host_path(text: str) -> bool:
 # name before the form; "ltd edition" is no company). The name is a bounded word that starts
 # where a word starts, so that the search stays linear whatever the text.
 _LEGAL_FORM = re.compile(
-    r"(?<![\w&'.-])[A-Z0-9][\w&'.-]{0,40},? (?:Inc|LLC|L\.L\.C|Ltd|Limited|Corp|Corporation|Co|Company|GmbH|AG|KG|"
+    r"(?<![\w&'.-])[A-Z][\w&'.-]{1,40},? (?:Inc|LLC|L\.L\.C|Ltd|Limited|Corp|Corporation|Co|Company|GmbH|AG|KG|"
     r"S\.A|SA|S\.L|SL|S\.L\.U|SLU|SAS|S\.A\.S|SARL|S\.r\.l|Srl|S\.p\.A|SpA|B\.V|BV|N\.V|NV|AB|ApS|A/S|ASA|"
-    r"Oy|Oyj|K\.K|plc|PLC|LLP|Pty)\b\.?"
+    r"Oy|Oyj|K\.K|plc|PLC|LLP|Pty)(?![\w-])\.?"
 )
 
 

@@ -107,6 +107,9 @@ def test_a_url_written_without_its_scheme_is_a_url() -> None:
     assert "url" not in lacks("The integration page (app.example.co.uk/integrations/slack) still says")
     assert "url" not in lacks("on acme.example.com:8443/login only")
     assert "url" not in lacks("URL:app.example.com/reports")
+    from intake.policy import _has_host_path
+
+    assert _has_host_path("/ the page app.example.com/settings fails")  # a "/" first: looked past
     # Not an address: a date, a fraction, a mail address, words with a slash.
     assert "url" in lacks("on 03/12 at 14:05, 1.5/2 of the users, and/or the admins")
     assert "url" in lacks("write to jo@example.com/ or call")
@@ -126,6 +129,9 @@ def test_a_company_named_with_its_legal_form_is_a_company() -> None:
     assert not lacks_company("Tom\nBrightPath Analytics LLC")
     assert lacks_company("it is broken. Thanks, Tom")
     assert lacks_company("the ltd edition and the corp. rate")  # lower case: words, not a company
+    # A number, a lone letter or a word joined on is no company name.
+    for words in ("we have 2 AB tests", "I AG ree", "the Team Co-op plan", "on Windows 10 SA edition"):
+        assert lacks_company(words), words
 
 
 def test_chat_notices_show_what_a_customer_wrote_as_text() -> None:
