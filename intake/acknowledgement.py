@@ -57,7 +57,7 @@ TEMPLATES: Mapping[str, Spec] = {
     "missing-details": _spec("items", "items"),
     "chat-acknowledgement": _spec(
         "reference severity severity_definition response_target alert_note security_note entitlement_note "
-        "missing_details",
+        "missing_details severity_note",
         "reference",
     ),
     "chat-alert-note": _spec("support_address"),
@@ -355,8 +355,11 @@ def render_chat_acknowledgement(
     security_note = (
         templates.render("security-note", reference=ticket.reference).strip() + "\n" if ticket.security else ""
     )
+    # As in the email: a level that is not a security incident's is a first assessment.
+    severity_note = "" if ticket.security else " ".join(templates.render("severity-note").split())
     text = templates.render(
         "chat-acknowledgement",
+        severity_note=severity_note + "\n" if severity_note else "",
         reference=ticket.reference,
         severity=name,
         severity_definition=definition,

@@ -152,6 +152,7 @@ async def test_new_message_opens_a_ticket_and_replies_in_its_thread(
     assert reply.params["channel"] == CHANNEL and reply.params["thread_ts"] == ts
     assert t["reference"] in reply.params["text"]
     assert f"Assessed as Severity {t['severity']} (" in reply.params["text"]  # not "Severity: Severity 3"
+    assert "This first assessment is automatic: a support specialist confirms the severity" in reply.params["text"]
     assert reply.headers["authorization"] == f"Bearer {BOT_TOKEN}"
     [m] = slack.h.detail(t["reference"])["messages"]
     assert m["route"] == "new" and m["external_id"] == f"{TEAM}/{CHANNEL}/{ts}"
@@ -307,6 +308,7 @@ async def test_security_message_pages_the_irt_lead_once(slack: Slack, smtp_relay
     assert t["reference"] in dm.params["text"] and not dm.params.get("thread_ts")
     [ack] = await slack.fake.wait_posts(1, channel=CHANNEL)
     assert ack.params["thread_ts"] == env["event"]["ts"]
+    assert "first assessment" not in ack.params["text"]  # Severity 1 is the policy's own call
     [alert] = await smtp_relay.wait_for(1)
     assert alert.rcpt_tos == ("irt-lead@example.com",) and t["reference"] in alert.message["Subject"]
     # A follow-up in the thread does not page again.
