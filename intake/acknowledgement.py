@@ -443,6 +443,11 @@ def _evidence_lines(hits: Sequence[RuleHit]) -> str:
     return "\n".join(lines) or "  (none)"
 
 
+# ``not_told`` of an alert for a ticket that was already a security incident (its alert held
+# back by the hourly ceiling): its acknowledgement may have told the customer, or not.
+TOLD_EARLIER = "told earlier, or not"
+
+
 def render_irt_alert(
     *,
     templates: Templates,
@@ -456,11 +461,15 @@ def render_irt_alert(
 ) -> OutgoingEmail:
     """``not_told``: why the customer got no acknowledgement saying that the IRT lead will reach
     out (a follow-up raised the ticket, the sender cannot be answered...), or None if they did."""
-    customer_note = (
-        "The customer was told that the IRT lead will reach out directly."
-        if not_told is None
-        else f"The customer has not been told that the IRT lead will reach out ({not_told})."
-    )
+    if not_told is None:
+        customer_note = "The customer was told that the IRT lead will reach out directly."
+    elif not_told == TOLD_EARLIER:
+        customer_note = (
+            "The ticket was a security incident before this message (its alert held back then):"
+            " whether the customer was told that the IRT lead will reach out is on the ticket."
+        )
+    else:
+        customer_note = f"The customer has not been told that the IRT lead will reach out ({not_told})."
     body = templates.render(
         "irt-alert",
         reference=ticket.reference,

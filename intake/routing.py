@@ -21,7 +21,7 @@ refused but who replies to one of our Message-IDs of that very ticket joins it, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from intake.model import STAFF_NOTE_ID_PREFIX, InboundMessage, Route
 from intake.policy import Policy
@@ -78,6 +78,29 @@ def place(
     by_reference: Mapping[str, TicketFacts] | None = None,
     known_ids: Sequence[KnownId] = (),
     by_thread: TicketFacts | None = None,
+) -> Placement:
+    placement = _place(
+        message, policy=policy, cited=cited, by_reference=by_reference, known_ids=known_ids, by_thread=by_thread
+    )
+    # In a thread that one of our notes to staff began (its id stays in References, whichever
+    # id or reference the message joined by), the sender is one of our own people answering.
+    joined = placement.ticket
+    if joined is not None and not placement.staff_note:
+        if any(
+            k.ours and k.ticket.id == joined.id and k.message_id.startswith(STAFF_NOTE_ID_PREFIX) for k in known_ids
+        ):
+            return replace(placement, staff_note=True)
+    return placement
+
+
+def _place(
+    message: InboundMessage,
+    *,
+    policy: Policy,
+    cited: Sequence[Found],
+    by_reference: Mapping[str, TicketFacts] | None,
+    known_ids: Sequence[KnownId],
+    by_thread: TicketFacts | None,
 ) -> Placement:
     by_reference = by_reference or {}
     refusals: list[Refusal] = []

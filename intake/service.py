@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from intake.acknowledgement import (
+    TOLD_EARLIER,
     Outbound,
     TemplateBook,
     render_acknowledgement,
@@ -328,7 +329,7 @@ class IntakeService:
             ticket = self._update_ticket(uow, placement.ticket, message, a.verdict, now)
             ack_note = "follow-up on an existing ticket"
             created = False
-        if message.sender:
+        if message.sender and not placement.staff_note:  # our own people answering are no customers
             uow.add_participant(ticket.id, message.sender)
         if message.thread_key:
             uow.index_message_id(ticket.id, thread_id(message.thread_key), ours=False)
@@ -370,8 +371,8 @@ class IntakeService:
             # the alert says so, or why they did not.
             not_told = None if acknowledged else ack_note
             if not created and placement.ticket is not None:
-                if placement.ticket.security:  # it opened as one: its acknowledgement said so
-                    not_told = None
+                if placement.ticket.security:  # already one (told then, or not): no second notice
+                    not_told = TOLD_EARLIER
                 elif placement.staff_note:  # no customer's words: they are told nothing
                     not_told = "raised by a reply to one of our notes to staff"
                 else:

@@ -264,3 +264,32 @@ async def test_our_irt_alert_coming_back_joins_its_ticket_and_pages_no_one(
         [ticket] = h.tickets()
         assert ticket["reference"] == ref
         assert [m["route"] for m in h.detail(ref)["messages"]] == ["new", "header", "header"]
+
+
+async def test_an_alert_held_by_the_ceiling_then_sent_does_not_say_what_it_cannot_know(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A ticket that opened as a security incident while the hourly alert ceiling held its page
+    is alerted by the customer's next security follow-up. Whether the customer was told then
+    depends on its acknowledgement: the alert says to look, and no second notice goes."""
+    from tests.adapters.test_policy import DrivenClock
+
+    clock = DrivenClock()
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra="[limits]\nirt_alerts_per_hour = 1\n")
+    async with running_intake(settings, clock=clock) as h:
+        await h.send(mail(sender="bob@acme.com", subject="Data breach", body=BREACH))
+        ref = ref_of((await h.send(mail(sender="carol@acme.com", subject="Breach too", body=BREACH))).text)
+        await h.outbox_settled()
+        held = await smtp_relay.wait_for(4)  # Bob's ack and alert, Carol's ack, the ceiling's summary
+        assert sum(m.rcpt_tos == ("irt-lead@example.com",) for m in held) == 2
+        clock.advance(hours=2)
+        await h.send(mail(sender="carol@acme.com", subject=f"Re: Breach too [{ref}]", body="Ransomware note found."))
+        await h.outbox_settled()
+        [alert] = (await smtp_relay.wait_for(5))[4:]
+        assert alert.rcpt_tos == ("irt-lead@example.com",) and ref in alert.message["Subject"]
+        text = " ".join(alert.message.get_content().split())
+        assert "The ticket was a security incident before this message" in text
+        assert "The customer was told" not in text and "has not been told" not in text
+        await asyncio.sleep(0.3)
+        assert len(smtp_relay.messages) == 5  # no security notice to Carol: she was a security ticket already
+

@@ -730,11 +730,23 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
         msgs = await smtp_relay.wait_for(2)
         notice = next(m for m in msgs if m.rcpt_tos == ("triage@example.com",))
         assert str(notice.message["Message-ID"]).startswith("<staff.")
-        raw = outlook(
+        note_id = str(notice.message["Message-ID"])
+        first = outlook(
             sender="Tess Triage <tess@example.com>",
             subject="RE: new ticket",
-            in_reply_to=str(notice.message["Message-ID"]),
-            references=[str(notice.message["Message-ID"])],
+            in_reply_to=note_id,
+            references=[note_id],
+            message_id="<tess-1@example.com>",
+            body="I'll take this one.",
+        )
+        assert (await h.send(first, mail_from="tess@example.com")).code == 250
+        # Her next message answers her own (its id is no staff note's; the note's stays in
+        # References): still one of our own people, still no customer text.
+        raw = outlook(
+            sender="Tess Triage <tess@example.com>",
+            subject=f"RE: new ticket [{ref}]",
+            in_reply_to="<tess-1@example.com>",
+            references=[note_id, "<tess-1@example.com>"],
             message_id="<tess-2@example.com>",
             body="Careful: I think their admin account was compromised. Please escalate this.",
         )
@@ -747,6 +759,7 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
         assert "The customer has not been told that the IRT lead will reach out (raised by a reply" in text
         detail = h.detail(ref)
         assert (detail["severity"], detail["security"], detail["escalation_step"]) == (1, True, 1)
+        assert detail["participants"] == ["alice@acme.com"]  # our own people answering are no customers
 
 
 async def test_a_reply_to_the_escalation_note(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
