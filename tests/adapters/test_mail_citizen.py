@@ -292,4 +292,3 @@ async def test_an_alert_held_by_the_ceiling_then_sent_does_not_say_what_it_canno
         assert "The customer was told" not in text and "has not been told" not in text
         await asyncio.sleep(0.3)
         assert len(smtp_relay.messages) == 5  # no security notice to Carol: she was a security ticket already
-
