@@ -797,7 +797,8 @@ def test_a_subject_of_gateway_tags_takes_linear_time() -> None:
         "from intake.hygiene import _REPLY_PREFIX\n"
         "for n in (24, 200, 5000):\n"
         "    assert _REPLY_PREFIX.match('** a ' + '***** a ' * n + '**') is None\n"
-        "for s in ('[EXTERNAL] FW: x', '*** SPAM *** WG: x', '[A] [B] *** SPAM *** RE: x', '** SPAM ** AW: x'):\n"
+        "for s in ('[EXTERNAL] FW: x', '*** SPAM *** WG: x', '[A] [B] *** SPAM *** RE: x', '** SPAM ** AW: x',\n"
+        "          '**SPAM****EXTERNAL** RE: x'):\n"
         "    assert _REPLY_PREFIX.match(s), s\n"
         "assert _REPLY_PREFIX.match('[EXTERNAL] Undeliverable: RE: x') is None\n"
     )
