@@ -465,7 +465,7 @@ def render_irt_alert(
         customer_note = "The customer was told that the IRT lead will reach out directly."
     elif not_told == TOLD_EARLIER:
         customer_note = (
-            "The ticket was a security incident before this message (its alert held back then):"
+            "The ticket was a security incident before this message, and no alert went then:"
             " whether the customer was told that the IRT lead will reach out is on the ticket."
         )
     else:

@@ -53,7 +53,7 @@ DISPLAY_NAME_MAX = 80
 REPLY_PREFIX = (
     r"(?:re|fwd?|aw|wg|sv|vs|vl|tr|rv|r|rif|i|antw|doorst|res|enc|odp|pd|ynt|[iİ]lt|r[ée]f\.?"
     r"|απ|σχετ|πρθ|回复|答复|转发|回覆|轉寄|轉發)"
-    r"[ \t]*(?:\[\d+\])?[ \t]*[:：]"
+    r"[ \t]*+(?:\[\d+\][ \t]*+)?[:：]"  # possessive: "RE" and 100,000 spaces took 34 s
 )
 
 

@@ -83,9 +83,11 @@ def place(
         message, policy=policy, cited=cited, by_reference=by_reference, known_ids=known_ids, by_thread=by_thread
     )
     # In a thread that one of our notes to staff began (its id stays in References, whichever
-    # id or reference the message joined by), the sender is one of our own people answering.
+    # id or reference the message joined by), the sender is one of our own people answering;
+    # unless the ticket's customer may write there (a participant, a colleague at the
+    # customer): the note's id reaches customers too, when staff answer them with support in Cc.
     joined = placement.ticket
-    if joined is not None and not placement.staff_note:
+    if joined is not None and not placement.staff_note and entitlement(message, joined, policy) is None:
         if any(
             k.ours and k.ticket.id == joined.id and k.message_id.startswith(STAFF_NOTE_ID_PREFIX) for k in known_ids
         ):
@@ -150,7 +152,8 @@ def _place(
                 note,
                 others(known.ticket),
                 tuple(remarks),
-                staff_note=known.message_id.startswith(STAFF_NOTE_ID_PREFIX),
+                staff_note=known.message_id.startswith(STAFF_NOTE_ID_PREFIX)
+                and entitlement(message, known.ticket, policy) is None,
             )
         why = entitlement(message, known.ticket, policy)
         if why:

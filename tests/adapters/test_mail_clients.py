@@ -762,6 +762,48 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
         assert detail["participants"] == ["alice@acme.com"]  # our own people answering are no customers
 
 
+async def test_the_customer_answering_in_a_thread_a_staff_note_began_is_still_the_customer(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A colleague answers the triage notice to the customer, support in Cc; the customer's
+    reply-all carries the note's id in References. She is the ticket's customer all the same:
+    told that the IRT lead will reach out, answered when she asks to escalate."""
+    extra = (
+        '[triage]\nemail = "triage@example.com"\n'
+        '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
+    )
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
+        msgs = await smtp_relay.wait_for(2)
+        note_id = str(next(m for m in msgs if m.rcpt_tos == ("triage@example.com",)).message["Message-ID"])
+        tess = outlook(
+            sender="Tess Triage <tess@example.com>",
+            subject="RE: new ticket",
+            in_reply_to=note_id,
+            references=[note_id],
+            message_id="<tess-3@example.com>",
+            body="Alice, could you send the export log?",
+        )
+        assert (await h.send(tess, mail_from="tess@example.com")).code == 250
+        alice = outlook(
+            sender="Alice Example <alice@acme.com>",
+            subject=f"RE: new ticket [{ref}]",
+            in_reply_to="<tess-3@example.com>",
+            references=[note_id, "<tess-3@example.com>"],
+            message_id="<alice-3@acme.com>",
+            body="We now found ransomware on the export server. Please escalate this.",
+        )
+        assert (await h.send(alice, mail_from="alice@acme.com")).code == 250
+        await h.outbox_settled()
+        later = (await smtp_relay.wait_for(5))[2:]
+        to_alice = sorted(
+            " ".join(m.message.get_content().split())[:60] for m in later if m.rcpt_tos == ("alice@acme.com",)
+        )
+        assert len(to_alice) == 2 and any("escalate" in t for t in to_alice), to_alice
+        [alert] = [m for m in later if m.rcpt_tos == ("irt-lead@example.com",)]
+        assert "The customer was told that the IRT lead will reach out" in " ".join(alert.message.get_content().split())
+
+
 async def test_a_reply_to_the_escalation_note(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     """Tier II answers the escalation note from a mailbox that is not a configured staff address."""
     extra = (
