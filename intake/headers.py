@@ -24,7 +24,16 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["ELLIPSIS", "REPLY_PREFIX", "clean_header_text", "display_name"]
+__all__ = [
+    "ELLIPSIS",
+    "REPLY_PREFIX",
+    "STORED_NAME_MAX",
+    "UNSTORABLE",
+    "clean_header_text",
+    "display_name",
+    "storable_text",
+    "stored_name",
+]
 
 ELLIPSIS = "…"
 
@@ -45,6 +54,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[^?\s]*\?[^\s]*?\?=")
 
 DISPLAY_NAME_MAX = 80
+# A person's name as stored (the database's column: PostgreSQL refuses a longer one, and every
+# delivery of the message was answered 451). Email's display names and Slack's alike.
+STORED_NAME_MAX = 200
+# What no database stores in text: NUL (PostgreSQL refuses it) and a lone surrogate (a byte
+# that was not UTF-8, kept by surrogateescape, or a JSON "\ud800"; none takes one).
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 # One reply or forward prefix as mail clients write it in their users' languages (Outlook,
 # Thunderbird, Apple Mail, Gmail, Lotus Notes): "RE:", "AW:", "WG:", "RIF:", "I:", "Odp:",
@@ -69,6 +84,20 @@ def clean_header_text(value: str, *, max_length: int = 200) -> str:
     if len(text) <= max_length:
         return text
     return _cut(text, max_length - len(ELLIPSIS)) + ELLIPSIS
+
+
+def storable_text(text: str) -> str:
+    """``text`` as every database stores it: NUL removed, each lone surrogate U+FFFD."""
+    if text.isascii():
+        return text.replace("\x00", "")
+    return UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", text)
+
+
+def stored_name(name: str) -> str:
+    """A person's name as stored: at most STORED_NAME_MAX characters, "…" where it was cut."""
+    if len(name) <= STORED_NAME_MAX:
+        return name
+    return _cut(name, STORED_NAME_MAX - len(ELLIPSIS)).rstrip() + ELLIPSIS
 
 
 def display_name(name: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
@@ -42,6 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from intake.headers import storable_text
 from intake.model import Channel, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
     CHANNELS,
@@ -172,16 +172,11 @@ _WIRE_COUNT_OUTBOX_TO = "SELECT count(*) FROM outbox WHERE kind = %s AND created
 _WIRE_COUNT_OUTBOX_KIND = "SELECT count(*) FROM outbox WHERE kind = %s AND created_at >= %s"
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _error_text(error: str | None) -> str:
-    """A send's error as stored: its first 500 characters, without NUL (a relay's reply may
-    carry one, and PostgreSQL refuses it in text) and with U+FFFD for any lone surrogate (a
-    byte that was not UTF-8, kept by surrogateescape; no database takes one). Either made the
-    outcome unrecordable, and the note went again at every lease."""
-    text = (error or "").replace("\x00", "")
-    return (text if text.isascii() else _SURROGATE.sub("\ufffd", text))[:500]
+    """A send's error as stored: its first 500 characters, storable (a relay's reply may carry
+    a NUL or a byte that was not UTF-8; either made the outcome unrecordable, and the note went
+    again at every lease)."""
+    return storable_text(error or "")[:500]
 
 
 def _delivery_lock(recipient: str, dedup_key: str) -> int:

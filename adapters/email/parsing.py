@@ -55,6 +55,7 @@ from email.policy import compat32
 import mailparser
 from mailparser.exceptions import MailParserError, MailParserRecursionError
 
+from intake.headers import stored_name
 from intake.model import Attachment, Channel, InboundMessage
 from intake.text import html_to_text, split_message
 
@@ -422,15 +423,9 @@ def _author(headers: _Headers) -> tuple[tuple[str, str] | None, bool]:
     return (_display(name), address), False
 
 
-# Stored names are at most this long (the database's column; PostgreSQL refuses a longer one,
-# and every delivery of the message was answered 451). Slack's names are cut the same.
-_NAME_MAX = 200
-
-
 def _display(name: str) -> str:
-    """A display name as stored: decoded, one line, at most _NAME_MAX characters."""
-    text = _clean(_decode_words(name))
-    return text if len(text) <= _NAME_MAX else text[: _NAME_MAX - 1].rstrip() + "…"
+    """A display name as stored: decoded, one line, cut as Slack's are (``stored_name``)."""
+    return stored_name(_clean(_decode_words(name)))
 
 
 # Off the fast path a From is read twice more (below); no author's From is longer than this,

@@ -70,6 +70,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.httpsite import start_site
 from adapters.settings import SlackSettings
 from intake.errors import StorageUnavailableError
+from intake.headers import UNSTORABLE, storable_text, stored_name
 from intake.model import Attachment, Channel, InboundMessage, Route
 from intake.service import IntakeService, Receipt
 
@@ -199,20 +200,16 @@ def _display_name(event: Mapping[str, Any]) -> str:
         for key in ("display_name", "real_name", "name"):
             value = profile.get(key)
             if isinstance(value, str) and value.strip():
-                return value.strip()[:200]
+                return stored_name(value.strip())
     return ""
 
 
-# JSON may carry what no database stores in text: a lone surrogate ("\\ud800": none takes it)
-# or a NUL ("\\u0000": PostgreSQL refuses it). The event then failed at every retry and was lost.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
 def _storable(value: Any) -> Any:
-    """``value`` (decoded JSON) with every lone surrogate turned into U+FFFD and every NUL
-    removed, as the email path does with the bytes of a message."""
+    """``value`` (decoded JSON) with every string storable (``intake.headers.storable_text``),
+    as the email path makes the text of a message's bytes: JSON may escape a lone surrogate
+    ("\\ud800") or a NUL ("\\u0000"), and such an event failed at every retry and was lost."""
     if isinstance(value, str):
-        return _UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+        return storable_text(value)
     if isinstance(value, dict):
         return {_storable(k): _storable(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -238,7 +235,7 @@ def to_inbound(
     raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
     # Rare: one search of the JSON spares a walk of every event. json writes a NUL escaped, as
     # the six characters \u0000, whatever ensure_ascii says.
-    if _UNSTORABLE.search(raw) is not None or "\\u0000" in raw:
+    if UNSTORABLE.search(raw) is not None or "\\u0000" in raw:
         envelope = _storable(envelope)
         record = {k: v for k, v in envelope.items() if k != "token"}
         raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"))

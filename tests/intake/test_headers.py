@@ -123,3 +123,12 @@ def test_cleaning_is_idempotent(raw: str) -> None:
 )
 def test_the_acknowledgement_subject_drops_every_clients_reply_prefix(subject: str) -> None:
     assert reply_subject(subject, "[SUP-1234-5678]") == "Re: Printer [SUP-1234-5678]"
+
+
+def test_storable_text_and_stored_names_are_what_every_database_takes() -> None:
+    from intake.headers import STORED_NAME_MAX, storable_text, stored_name
+
+    assert storable_text("a\x00b") == "ab" and storable_text("caf\udce9 \x00é") == "caf\ufffd é"
+    assert stored_name("Alice") == "Alice"
+    long = stored_name("N" * 300)
+    assert len(long) == STORED_NAME_MAX and long.endswith("…")
