@@ -87,11 +87,15 @@ def place(
     # unless the ticket's customer may write there (a participant, a colleague at the
     # customer): the note's id reaches customers too, when staff answer them with support in Cc.
     joined = placement.ticket
-    if joined is not None and not placement.staff_note and entitlement(message, joined, policy) is None:
-        if any(
+    if (
+        joined is not None
+        and not placement.staff_note
+        and any(
             k.ours and k.ticket.id == joined.id and k.message_id.startswith(STAFF_NOTE_ID_PREFIX) for k in known_ids
-        ):
-            return replace(placement, staff_note=True)
+        )
+        and entitlement(message, joined, policy) is None
+    ):
+        return replace(placement, staff_note=True)
     return placement
 
 

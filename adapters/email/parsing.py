@@ -179,9 +179,9 @@ def _decode_bytes(data: bytes, charset: str | None, *, hint: str | None = None) 
     """Bytes to text: declared charset, UTF-8, ``hint``, cp1252, Latin-1. Never fails."""
     if not data:
         return ""
+    if data.isascii() and not (charset and _codec(charset).startswith(_SEVEN_BIT)):
+        return data.decode("ascii")  # the common case: no charset looked up
     label = _codec(charset)
-    if data.isascii() and not label.startswith(_SEVEN_BIT):
-        return data.decode("ascii")
     if label and label not in _WEAK_LABELS:
         text = _try_decode(data, label)
         if text is not None:
