@@ -714,6 +714,31 @@ async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: Re
         assert "sent by intake" in note
 
 
+TRIAGE_AND_CHAIN = (
+    '[triage]\nemail = "triage@example.com"\n'
+    '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
+)
+
+
+async def triage_thread(h: Harness, relay: RelayStandIn, body: str, message_id: str) -> tuple[str, str]:
+    """Alice's ticket, and Tess (support, not a configured staff address) answering its triage
+    notice: (the reference, the notice's Message-ID)."""
+    ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
+    msgs = await relay.wait_for(2)
+    note_id = str(next(m for m in msgs if m.rcpt_tos == ("triage@example.com",)).message["Message-ID"])
+    assert note_id.startswith("<staff.")
+    tess = outlook(
+        sender="Tess Triage <tess@example.com>",
+        subject="RE: new ticket",
+        in_reply_to=note_id,
+        references=[note_id],
+        message_id=message_id,
+        body=body,
+    )
+    assert (await h.send(tess, mail_from="tess@example.com")).code == 250
+    return ref, note_id
+
+
 async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
@@ -721,25 +746,8 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
     raise the ticket to Severity 1, and asks to escalate: the ticket is raised, the lead
     alerted, the step taken, but the colleague gets neither the customer's security notice
     nor an escalation reply, and the alert does not claim that the customer was told."""
-    extra = (
-        '[triage]\nemail = "triage@example.com"\n'
-        '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
-    )
-    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
-        ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
-        msgs = await smtp_relay.wait_for(2)
-        notice = next(m for m in msgs if m.rcpt_tos == ("triage@example.com",))
-        assert str(notice.message["Message-ID"]).startswith("<staff.")
-        note_id = str(notice.message["Message-ID"])
-        first = outlook(
-            sender="Tess Triage <tess@example.com>",
-            subject="RE: new ticket",
-            in_reply_to=note_id,
-            references=[note_id],
-            message_id="<tess-1@example.com>",
-            body="I'll take this one.",
-        )
-        assert (await h.send(first, mail_from="tess@example.com")).code == 250
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=TRIAGE_AND_CHAIN)) as h:
+        ref, note_id = await triage_thread(h, smtp_relay, "I'll take this one.", "<tess-1@example.com>")
         # Her next message answers her own (its id is no staff note's; the note's stays in
         # References): still one of our own people, still no customer text.
         raw = outlook(
@@ -768,23 +776,10 @@ async def test_the_customer_answering_in_a_thread_a_staff_note_began_is_still_th
     """A colleague answers the triage notice to the customer, support in Cc; the customer's
     reply-all carries the note's id in References. She is the ticket's customer all the same:
     told that the IRT lead will reach out, answered when she asks to escalate."""
-    extra = (
-        '[triage]\nemail = "triage@example.com"\n'
-        '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
-    )
-    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
-        ref = ref_of((await h.send(mail(subject="Export is slow"))).text)
-        msgs = await smtp_relay.wait_for(2)
-        note_id = str(next(m for m in msgs if m.rcpt_tos == ("triage@example.com",)).message["Message-ID"])
-        tess = outlook(
-            sender="Tess Triage <tess@example.com>",
-            subject="RE: new ticket",
-            in_reply_to=note_id,
-            references=[note_id],
-            message_id="<tess-3@example.com>",
-            body="Alice, could you send the export log?",
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=TRIAGE_AND_CHAIN)) as h:
+        ref, note_id = await triage_thread(
+            h, smtp_relay, "Alice, could you send the export log?", "<tess-3@example.com>"
         )
-        assert (await h.send(tess, mail_from="tess@example.com")).code == 250
         alice = outlook(
             sender="Alice Example <alice@acme.com>",
             subject=f"RE: new ticket [{ref}]",

@@ -138,29 +138,16 @@ def test_chat_notices_show_what_a_customer_wrote_as_text() -> None:
     """A triage or response-clock notice posted to a chat channel carries the customer's subject
     (and, for triage, their words): an emailed <!channel> would ping the channel and a
     <url|label> would be a link dressed as ours. The email versions keep the text as written."""
-    from datetime import UTC, datetime, timedelta
+    from dataclasses import replace
 
     from intake.acknowledgement import TemplateBook, render_sla_notice, render_triage
-    from intake.model import Channel, InboundMessage, Severity
+    from intake.model import Channel, InboundMessage
     from intake.policy import Policy
-    from intake.ports import TicketFacts
+    from tests.intake.test_routing import NOW
+    from tests.intake.test_routing import ticket as routing_ticket
 
-    now = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
     subject = "urgent <!here> & <https://evil.example|open>"
-    ticket = TicketFacts(
-        id=1,
-        reference="SUP-7K3M-9QX4",
-        subject=subject,
-        channel=Channel.EMAIL,
-        requester="dan@acme.com",
-        organisation=None,
-        severity=Severity.S3,
-        security=False,
-        alerted=False,
-        status="open",
-        created_at=now,
-        response_due=now + timedelta(hours=8),
-    )
+    ticket = replace(routing_ticket("SUP-7K3M-9QX4", requester="dan@acme.com", org=None), subject=subject)
     message = InboundMessage(
         channel=Channel.EMAIL,
         sender="dan@acme.com",
@@ -181,7 +168,7 @@ def test_chat_notices_show_what_a_customer_wrote_as_text() -> None:
             ticket=ticket,
             requester="dan@acme.com",
             target="initial_response",
-            due=now,
+            due=NOW,
             chat=chat,
         )
         for text in (triage, clock):
