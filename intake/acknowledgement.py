@@ -443,11 +443,6 @@ def _evidence_lines(hits: Sequence[RuleHit]) -> str:
     return "\n".join(lines) or "  (none)"
 
 
-# ``not_told`` of an alert for a ticket that was already a security incident (its alert held
-# back by the hourly ceiling): its acknowledgement may have told the customer, or not.
-TOLD_EARLIER = "told earlier, or not"
-
-
 def render_irt_alert(
     *,
     templates: Templates,
@@ -457,19 +452,21 @@ def render_irt_alert(
     ticket: TicketFacts,
     hits: Sequence[RuleHit],
     received_at: str,
-    not_told: str | None = None,
+    told: bool | None = True,
+    why_not: str = "",
 ) -> OutgoingEmail:
-    """``not_told``: why the customer got no acknowledgement saying that the IRT lead will reach
-    out (a follow-up raised the ticket, the sender cannot be answered...), or None if they did."""
-    if not_told is None:
+    """``told``: whether the customer was told that the IRT lead will reach out; ``why_not``
+    says why not (a follow-up by staff, automated mail...). None: unknown here (the ticket was
+    a security incident before this message, and no alert went then)."""
+    if told:
         customer_note = "The customer was told that the IRT lead will reach out directly."
-    elif not_told == TOLD_EARLIER:
+    elif told is None:
         customer_note = (
             "The ticket was a security incident before this message, and no alert went then:"
             " whether the customer was told that the IRT lead will reach out is on the ticket."
         )
     else:
-        customer_note = f"The customer has not been told that the IRT lead will reach out ({not_told})."
+        customer_note = f"The customer has not been told that the IRT lead will reach out ({why_not})."
     body = templates.render(
         "irt-alert",
         reference=ticket.reference,

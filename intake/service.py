@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from intake.acknowledgement import (
-    TOLD_EARLIER,
     Outbound,
     TemplateBook,
     render_acknowledgement,
@@ -366,18 +365,8 @@ class IntakeService:
         if not created and a.escalation:
             escalated_to = self._escalate(uow, message, a, ticket, now, answer=not placement.staff_note)
         if a.verdict.security and not ticket.alerted:
-            # The customer reads that the IRT lead will reach out in a new ticket's
-            # acknowledgement, or, when a follow-up raised the ticket, in a notice of its own;
-            # the alert says so, or why they did not.
-            not_told = None if acknowledged else ack_note
-            if not created and placement.ticket is not None:
-                if placement.ticket.security:  # already one (told then, or not): no second notice
-                    not_told = TOLD_EARLIER
-                elif placement.staff_note:  # no customer's words: they are told nothing
-                    not_told = "raised by a reply to one of our notes to staff"
-                else:
-                    not_told = self._tell_security_raised(uow, message, a, ticket)
-            alerted = self._alert(uow, message, ticket, a.verdict.hits, now, not_told=not_told)
+            customer_told, why_not = self._customer_told(uow, message, a, placement, ticket, ack_note)
+            alerted = self._alert(uow, message, ticket, a.verdict.hits, now, told=customer_told, why_not=why_not)
         else:
             alerted = False
         return Receipt(
@@ -646,6 +635,29 @@ class IntakeService:
                 uow.index_message_id(ticket.id, reply.message_id, ours=True)
         return step.name
 
+    def _customer_told(
+        self,
+        uow: UnitOfWork,
+        message: InboundMessage,
+        a: Assessment,
+        placement: Placement,
+        ticket: TicketFacts,
+        ack_note: str,
+    ) -> tuple[bool | None, str]:
+        """Whether the customer knows that the IRT lead will reach out (None: unknown here), and
+        why not, for the IRT alert. A new ticket's acknowledgement tells them; a follow-up that
+        raised the ticket gets a notice of its own (once: it goes with the ticket's one alert)."""
+        previous = placement.ticket
+        if previous is None:  # a new ticket: its acknowledgement said so, if it went
+            told = ack_note == "queued"
+            return told, "" if told else ack_note
+        if previous.security:  # already one (told then, or not): no second notice
+            return None, ""
+        if placement.staff_note:  # no customer's words: they are told nothing
+            return False, "raised by a reply to one of our notes to staff"
+        why_not = self._tell_security_raised(uow, message, a, ticket)
+        return why_not is None, why_not or ""
+
     def _tell_security_raised(
         self, uow: UnitOfWork, message: InboundMessage, a: Assessment, ticket: TicketFacts
     ) -> str | None:
@@ -721,7 +733,8 @@ class IntakeService:
         hits: Sequence[RuleHit],
         now: datetime,
         *,
-        not_told: str | None = None,
+        told: bool | None = True,
+        why_not: str = "",
     ) -> bool:
         if not self.irt_email:
             uow.update_ticket(ticket.id, TicketChange(add_notes=("security incident: no IRT lead address configured",)))
@@ -760,7 +773,8 @@ class IntakeService:
             ticket=ticket,
             hits=security_hits,
             received_at=now.isoformat(timespec="seconds"),
-            not_told=not_told,
+            told=told,
+            why_not=why_not,
         )
         uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
         # The IRT lead's answer to the alert threads onto the incident's ticket: the alert's
