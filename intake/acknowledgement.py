@@ -75,7 +75,7 @@ TEMPLATES: Mapping[str, Spec] = {
         customer=False,
     ),
     "escalation-contact": _spec(
-        "reference step previous customer requester severity subject excerpt", "reference step", customer=False
+        "reference step previous asked_by customer requester severity subject excerpt", "reference step", customer=False
     ),
     "sla-notice": _spec(
         "what reference severity target due customer requester subject", "reference what", customer=False
@@ -548,10 +548,19 @@ def render_triage(
 
 
 def render_escalation_contact(
-    *, templates: Templates, policy: Policy, message: InboundMessage, ticket: TicketFacts, step: str, previous: str
+    *,
+    templates: Templates,
+    policy: Policy,
+    message: InboundMessage,
+    ticket: TicketFacts,
+    step: str,
+    previous: str,
+    from_customer: bool = True,
 ) -> tuple[str, str]:
+    """``from_customer``: false where one of our own people asked, in a reply to a note to staff."""
     text = templates.render(
         "escalation-contact",
+        asked_by="The customer" if from_customer else "A reply to one of our notes to staff (not the customer)",
         reference=ticket.reference,
         step=step,
         previous=previous,

@@ -363,7 +363,7 @@ class IntakeService:
         if created and a.automation is None:
             self._announce(uow, message, ticket, a.plan, now)
         if not created and a.escalation:
-            escalated_to = self._escalate(uow, message, a, ticket, now, answer=not placement.staff_note)
+            escalated_to = self._escalate(uow, message, a, ticket, now, from_customer=not placement.staff_note)
         if a.verdict.security and not ticket.alerted:
             customer_told, why_not = self._customer_told(uow, message, a, placement, ticket, ack_note)
             alerted = self._alert(uow, message, ticket, a.verdict.hits, now, told=customer_told, why_not=why_not)
@@ -573,10 +573,11 @@ class IntakeService:
         ticket: TicketFacts,
         now: datetime,
         *,
-        answer: bool = True,
+        from_customer: bool = True,
     ) -> str | None:
         """One step along the chain per request; repeated requests within the cooldown do not skip.
-        ``answer``: reply to the sender (not to one of our own people answering a staff note)."""
+        ``from_customer``: false for one of our own people answering a note to staff, who is not
+        answered and whose request is not called the customer's."""
         chain = self.policy.chain
         current = chain[min(ticket.escalation_step, len(chain) - 1)].name
         if ticket.escalated_at is not None and now - ticket.escalated_at < self.policy.escalation_cooldown:
@@ -596,6 +597,7 @@ class IntakeService:
             return None
         step_no = ticket.escalation_step + 1
         step = chain[step_no]
+        asked = "on the customer's request" if from_customer else "on request in a reply to a note to staff"
         contact = step.contact or (
             self.team.escalation_contacts[step_no] if step_no < len(self.team.escalation_contacts) else ""
         )
@@ -604,7 +606,7 @@ class IntakeService:
             TicketChange(
                 escalation_step=step_no,
                 escalated_at=now,
-                add_notes=(f'escalated on the customer\'s request ("{a.escalation}"): {current} -> {step.name}',),
+                add_notes=(f'escalated {asked} ("{a.escalation}"): {current} -> {step.name}',),
                 updated_at=now,
             ),
         )
@@ -617,11 +619,14 @@ class IntakeService:
                 ticket=ticket,
                 step=step.name,
                 previous=current,
+                from_customer=from_customer,
             )
             note = self.outbound.staff_email(to=contact, subject=subject, body=text, reference=ticket.reference)
             uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="escalation", payload=note, created_at=now))
             uow.index_message_id(ticket.id, note.message_id, ours=True)
-        if answer and self._why_not_acknowledge(message, a.automation) is None:  # where an acknowledgement would go
+        if (
+            from_customer and self._why_not_acknowledge(message, a.automation) is None
+        ):  # where an acknowledgement would go
             reply = render_escalation_reply(
                 templates=templates,
                 outbound=self.outbound,

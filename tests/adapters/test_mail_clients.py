@@ -716,7 +716,7 @@ async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: Re
 
 TRIAGE_AND_CHAIN = (
     '[triage]\nemail = "triage@example.com"\n'
-    '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\n'
+    '[[escalation.chain]]\nname = "Tier I"\n[[escalation.chain]]\nname = "Tier II"\ncontact = "tier2@example.com"\n'
 )
 
 
@@ -761,10 +761,16 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
         assert (await h.send(raw, mail_from="tess@example.com")).code == 250
         await h.outbox_settled()
         await asyncio.sleep(0.3)
-        later = smtp_relay.messages[2:]
-        assert [m.rcpt_tos for m in later] == [("irt-lead@example.com",)], [m.rcpt_tos for m in later]
-        text = " ".join(later[0].message.get_content().split())
+        later = {m.rcpt_tos[0]: " ".join(m.message.get_content().split()) for m in smtp_relay.messages[2:]}
+        assert sorted(later) == ["irt-lead@example.com", "tier2@example.com"], sorted(later)
+        text = later["irt-lead@example.com"]
         assert "The customer has not been told that the IRT lead will reach out (raised by a reply" in text
+        # Nor is her request called the customer's, on the ticket or to the next step's contact.
+        assert (
+            "A reply to one of our notes to staff (not the customer) asked for escalation" in later["tier2@example.com"]
+        )
+        assert any("escalated on request in a reply to a note to staff" in n for n in notes(h, ref)), notes(h, ref)
+        assert not any("customer's request" in n for n in notes(h, ref))
         detail = h.detail(ref)
         assert (detail["severity"], detail["security"], detail["escalation_step"]) == (1, True, 1)
         assert detail["participants"] == ["alice@acme.com"]  # our own people answering are no customers
@@ -790,7 +796,10 @@ async def test_the_customer_answering_in_a_thread_a_staff_note_began_is_still_th
         )
         assert (await h.send(alice, mail_from="alice@acme.com")).code == 250
         await h.outbox_settled()
-        later = (await smtp_relay.wait_for(5))[2:]
+        later = (await smtp_relay.wait_for(6))[2:]
+        [contact] = [m for m in later if m.rcpt_tos == ("tier2@example.com",)]
+        assert "The customer asked for escalation" in " ".join(contact.message.get_content().split())
+        assert any("escalated on the customer's request" in n for n in notes(h, ref)), notes(h, ref)
         to_alice = sorted(
             " ".join(m.message.get_content().split())[:60] for m in later if m.rcpt_tos == ("alice@acme.com",)
         )
