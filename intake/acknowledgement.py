@@ -560,7 +560,7 @@ def render_escalation_contact(
     """``from_customer``: false where one of our own people asked, in a reply to a note to staff."""
     text = templates.render(
         "escalation-contact",
-        asked_by="The customer" if from_customer else "A reply to one of our notes to staff (not the customer)",
+        asked_by="The customer" if from_customer else "One of our own people (not the customer), in a note to staff,",
         reference=ticket.reference,
         step=step,
         previous=previous,

@@ -16,6 +16,9 @@ domain unless it is a public mail provider), or a reply to a Message-ID intake g
 that ticket (unguessable). Everyone else gets a new ticket, and the mismatch is recorded on
 both tickets (Zammad still has open bugs for exactly this). A sender whose reference is
 refused but who replies to one of our Message-IDs of that very ticket joins it, unrefused.
+The addresses intake itself writes to about tickets (the IRT lead, triage, escalation
+contacts) may join any ticket by its reference or headers; what they write is a note to
+staff (``Placement.staff_note``), not the customer's.
 """
 
 from __future__ import annotations
@@ -78,9 +81,18 @@ def place(
     by_reference: Mapping[str, TicketFacts] | None = None,
     known_ids: Sequence[KnownId] = (),
     by_thread: TicketFacts | None = None,
+    internal: frozenset[str] = frozenset(),
 ) -> Placement:
+    """``internal``: the addresses intake itself writes to about tickets (the IRT lead, triage,
+    escalation contacts). They may join any ticket, as staff answering a note to staff do."""
     placement = _place(
-        message, policy=policy, cited=cited, by_reference=by_reference, known_ids=known_ids, by_thread=by_thread
+        message,
+        policy=policy,
+        cited=cited,
+        by_reference=by_reference,
+        known_ids=known_ids,
+        by_thread=by_thread,
+        internal=bool(message.sender) and message.sender in internal,
     )
     # In a thread that one of our notes to staff began (its id stays in References, whichever
     # id or reference the message joined by), the sender is one of our own people answering;
@@ -107,11 +119,13 @@ def _place(
     by_reference: Mapping[str, TicketFacts] | None,
     known_ids: Sequence[KnownId],
     by_thread: TicketFacts | None,
+    internal: bool,
 ) -> Placement:
     by_reference = by_reference or {}
     refusals: list[Refusal] = []
     remarks: list[str] = []
     who = message.sender or "an unknown sender"
+    ours = "one of our own (a note to staff answered)"
 
     if by_thread is not None:
         why = entitlement(message, by_thread, policy)
@@ -129,13 +143,14 @@ def _place(
                 remarks.append(f"cites {found.reference}, which is not a known ticket")
             continue
         why = entitlement(message, ticket, policy)
-        if why:
+        if why or internal:
             return Placement(
                 Route.REFERENCE,
                 ticket,
-                f"reference {ticket.reference} in the subject; sender is {why}",
+                f"reference {ticket.reference} in the subject; sender is {why or ours}",
                 tuple(refusals),
                 tuple(remarks),
+                staff_note=not why,
             )
         refusals.append(Refusal(ticket, f"{who} cited {ticket.reference} but is not entitled to it"))
 
@@ -156,17 +171,18 @@ def _place(
                 note,
                 others(known.ticket),
                 tuple(remarks),
-                staff_note=known.message_id.startswith(STAFF_NOTE_ID_PREFIX)
+                staff_note=(known.message_id.startswith(STAFF_NOTE_ID_PREFIX) or internal)
                 and entitlement(message, known.ticket, policy) is None,
             )
         why = entitlement(message, known.ticket, policy)
-        if why:
+        if why or internal:
             return Placement(
                 Route.HEADER,
                 known.ticket,
-                f"replies to <{known.message_id}> of {known.ticket.reference}; sender is {why}",
+                f"replies to <{known.message_id}> of {known.ticket.reference}; sender is {why or ours}",
                 others(known.ticket),
                 tuple(remarks),
+                staff_note=not why,
             )
         if all(r.ticket.id != known.ticket.id for r in refusals):
             refusals.append(

@@ -195,6 +195,17 @@ class IntakeService:
     recorder: Recorder = field(default_factory=Recorder)
     on_commit: Callable[[], None] | None = None  # wakes the outbox dispatcher
     _escalation: PhraseMatcher | None = None
+    _internal_addresses: frozenset[str] | None = None
+
+    @property
+    def _internal(self) -> frozenset[str]:
+        """The addresses intake writes to about tickets (the IRT lead, triage, escalation
+        contacts): our own people, who may add to any ticket (forwarding an alert by hand, say)."""
+        if self._internal_addresses is None:
+            chain = (step.contact for step in self.policy.chain)
+            found = (self.irt_email, self.team.triage_email, *self.team.escalation_contacts, *chain)
+            self._internal_addresses = frozenset(a.lower() for a in found if a)
+        return self._internal_addresses
 
     def classify(self, message: InboundMessage) -> Verdict:
         return self.rules.classify(
@@ -402,7 +413,13 @@ class IntakeService:
             in_thread = uow.tickets_by_message_ids([thread_id(message.thread_key)])
             by_thread = in_thread[0].ticket if in_thread else None
         return place(
-            message, policy=self.policy, cited=a.cited, by_reference=by_reference, known_ids=known, by_thread=by_thread
+            message,
+            policy=self.policy,
+            cited=a.cited,
+            by_reference=by_reference,
+            known_ids=known,
+            by_thread=by_thread,
+            internal=self._internal,
         )
 
     def _why_not_acknowledge(self, message: InboundMessage, automation: Automation | None) -> str | None:
@@ -597,7 +614,9 @@ class IntakeService:
             return None
         step_no = ticket.escalation_step + 1
         step = chain[step_no]
-        asked = "on the customer's request" if from_customer else "on request in a reply to a note to staff"
+        asked = (
+            "on the customer's request" if from_customer else "on request of one of our own people, in a note to staff"
+        )
         contact = step.contact or (
             self.team.escalation_contacts[step_no] if step_no < len(self.team.escalation_contacts) else ""
         )
@@ -659,7 +678,7 @@ class IntakeService:
         if previous.security:  # already one (told then, or not): no second notice
             return None, ""
         if placement.staff_note:  # no customer's words: they are told nothing
-            return False, "raised by a reply to one of our notes to staff"
+            return False, "raised by one of our own people, in a note to staff"
         why_not = self._tell_security_raised(uow, message, a, ticket)
         return why_not is None, why_not or ""
 

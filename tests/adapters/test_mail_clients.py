@@ -688,9 +688,29 @@ async def test_a_reply_to_the_irt_alert(intake, smtp_relay: RelayStandIn) -> Non
         message_id="<irt-1@example.com>",
         body="On it. Rotating credentials now.",
     )
-    note = await joins(intake, smtp_relay, raw, ref, "header")
-    assert "sent by intake" in note
+    note = await joins(intake, smtp_relay, raw, ref, "reference")  # the lead is one of our own
+    assert "one of our own" in note, note
     assert not any("irt-lead@example.com cited" in n for n in notes(intake, ref)), notes(intake, ref)
+
+
+async def test_the_irt_lead_forwarding_the_alert_by_hand(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """The lead forwards the alert to support from their own client: a new Message-ID, no
+    References (Outlook's forward), the reference in the subject. It joins the incident's
+    ticket as a note to staff: no new Severity 1 ticket, no second page, no acknowledgement,
+    and the lead is not made one of the customer's people."""
+    ref = ref_of((await intake.send(mail(subject="Possible data breach", body="We saw unauthorized access."))).text)
+    alert = next(m for m in await smtp_relay.wait_for(2) if m.rcpt_tos == ("irt-lead@example.com",))
+    raw = outlook(
+        sender="IRT Lead <irt-lead@example.com>",
+        subject="FW: " + str(alert.message["Subject"]),
+        message_id="<irt-fw-1@example.com>",
+        body="Adding support. Unauthorized access confirmed; customer data may be exposed.\n\n"
+        + alert.message.get_content(),
+    )
+    note = await joins(intake, smtp_relay, raw, ref, "reference")
+    assert "one of our own" in note, note
+    assert intake.detail(ref)["participants"] == ["alice@acme.com"]
+    assert len(intake.tickets()) == 1
 
 
 async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
@@ -764,12 +784,13 @@ async def test_a_reply_to_a_staff_note_is_answered_with_no_customer_text(
         later = {m.rcpt_tos[0]: " ".join(m.message.get_content().split()) for m in smtp_relay.messages[2:]}
         assert sorted(later) == ["irt-lead@example.com", "tier2@example.com"], sorted(later)
         text = later["irt-lead@example.com"]
-        assert "The customer has not been told that the IRT lead will reach out (raised by a reply" in text
+        assert "The customer has not been told that the IRT lead will reach out (raised by one of our own" in text
         # Nor is her request called the customer's, on the ticket or to the next step's contact.
         assert (
-            "A reply to one of our notes to staff (not the customer) asked for escalation" in later["tier2@example.com"]
+            "One of our own people (not the customer), in a note to staff, asked for escalation"
+            in later["tier2@example.com"]
         )
-        assert any("escalated on request in a reply to a note to staff" in n for n in notes(h, ref)), notes(h, ref)
+        assert any("escalated on request of one of our own people" in n for n in notes(h, ref)), notes(h, ref)
         assert not any("customer's request" in n for n in notes(h, ref))
         detail = h.detail(ref)
         assert (detail["severity"], detail["security"], detail["escalation_step"]) == (1, True, 1)

@@ -162,3 +162,32 @@ def test_a_reference_refused_then_joined_by_our_message_id_leaves_no_refusal() -
         known_ids=[KnownId(t, "alert-1@intake", True)],
     )
     assert p2.ticket == t and [x.ticket for x in p2.refusals] == [t2]
+
+
+def test_our_own_people_join_any_ticket_as_a_note_to_staff() -> None:
+    """The IRT lead forwarding the alert by hand (a new Message-ID, the reference in the
+    subject), or an escalation contact answering from their own mail: our own people, who
+    join the ticket without becoming its customers; anyone else citing it is refused."""
+    r = REFS.new()
+    t = ticket(r)
+    internal = frozenset({"irt-lead@example.com"})
+    m = msg("irt-lead@example.com", f"Fwd: [SECURITY] Severity 1 [{r}]")
+    p = place(m, policy=POLICY, cited=REFS.find(m.subject), by_reference={r: t}, internal=internal)
+    assert (p.route, p.ticket, p.staff_note, p.refusals) == (Route.REFERENCE, t, True, ())
+    # By a customer's Message-ID in its References (a forward that kept them).
+    h = place(
+        msg("irt-lead@example.com", "Fwd: x", references=("c1@acme",)),
+        policy=POLICY,
+        known_ids=[KnownId(t, "c1@acme", ours=False)],
+        internal=internal,
+    )
+    assert (h.route, h.ticket, h.staff_note) == (Route.HEADER, t, True)
+    stranger = msg("mallory@evil.example", f"Fwd: [SECURITY] Severity 1 [{r}]")
+    s = place(stranger, policy=POLICY, cited=REFS.find(stranger.subject), by_reference={r: t}, internal=internal)
+    assert s.route is Route.NEW and s.refusals
+    # An entitled sender who is also one of ours (a colleague at the customer's domain) stays a customer.
+    both = msg("alice@acme.com", f"Re: [{r}]")
+    b = place(
+        both, policy=POLICY, cited=REFS.find(both.subject), by_reference={r: t}, internal=frozenset({"alice@acme.com"})
+    )
+    assert b.ticket == t and not b.staff_note
