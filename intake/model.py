@@ -49,6 +49,7 @@ class Route(StrEnum):
     THREAD = "thread"  # joined by its chat thread (Slack thread_ts)
     FLOOD = "flood"  # joined the sender's latest ticket: too many new tickets from one sender
     DUPLICATE = "duplicate"  # a redelivery; nothing changed
+    EDIT = "edit"  # its author's edit of a message stored on the ticket (the message stays as it was)
     IGNORED = "ignored"  # not for a ticket (a staff message outside any ticket's thread)
 
 
@@ -149,6 +150,34 @@ class InboundMessage:
 
 def _inbound_from_dict(values: dict[str, Any]) -> InboundMessage:
     return InboundMessage(**values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundEdit:
+    """Its author changed the text of a message already posted (Slack's ``message_changed``).
+
+    ``message`` is the message as it reads now, with the ids of the message edited (its
+    ``external_id`` and ``dedup_key`` are that message's); ``previous`` is how it read before
+    the change, when the platform says (only its texts count). ``edit_id`` tells this change
+    from the message's other ones (Slack: the edit's ts), so that a redelivered edit is known
+    again and two edits are two.
+    """
+
+    message: InboundMessage
+    edit_id: str
+    edited_at: datetime | None = None
+    previous: InboundMessage | None = None
+
+    @property
+    def dedup_key(self) -> str:
+        """What makes two deliveries "the same edit" (with the message's ``recipient``)."""
+        return f"edit:{self.message.dedup_key}@{self.edit_id}"
+
+    @property
+    def text_unchanged(self) -> bool:
+        """The platform says the text did not change (a link preview added, a bot's update, a
+        thread's reply count): no edit by anyone, whatever else changed."""
+        return self.previous is not None and self.previous.body == self.message.body
 
 
 @dataclass(frozen=True, slots=True)

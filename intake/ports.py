@@ -121,6 +121,20 @@ class NewMessage:
     received_at: datetime
     hits: tuple[RuleHit, ...] = ()
     automation: str | None = None  # why it counts as automated mail (auto-reply, bounce, list)
+    edit_of: int | None = None  # an edit: the id of the stored message it changes
+    dedup_key: str | None = None  # None: the message's own (an edit has one of its own)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredMessage:
+    """A message stored on a ticket, as an edit of it needs it."""
+
+    id: int
+    ticket_id: int
+    reference: str
+    sender: str
+    direction: Direction
+    text: str  # what it reads now: the body of its latest edit, or its own
 
 
 # The outbox's channels (its entries' ``channel``): each has its own sender, and is held on its
@@ -195,6 +209,10 @@ class UnitOfWork(Protocol):
     same transaction: if the unit raises, none of its writes remain."""
 
     def find_duplicate(self, recipient: str, dedup_key: str) -> Duplicate | None: ...
+    def stored_message(self, recipient: str, dedup_key: str) -> StoredMessage | None:
+        """The message stored for this delivery (not an edit of one), with its latest text."""
+        ...
+
     def ticket_by_reference(self, reference: str) -> TicketFacts | None: ...
     def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[KnownId]: ...
     def is_known_participant(self, address: str) -> bool: ...

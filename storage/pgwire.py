@@ -120,7 +120,7 @@ MESSAGE_COLUMNS = _columns(
     (
         "id", "ticket_id", "direction", "route", "route_note", "channel", "recipient", "dedup_key", "message_id",
         "sender", "sender_name", "subject", "body", "new_text", "html", "attachments", "hits", "automation",
-        "parse_problem", "external_id", "received_at", "sent_date", "raw",
+        "parse_problem", "external_id", "received_at", "sent_date", "raw", "edit_of",
     ),
 )  # fmt: skip
 OUTBOX_COLUMNS = _columns(

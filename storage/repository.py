@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from intake.headers import storable_text
-from intake.model import Channel, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
+from intake.model import Channel, Direction, Outgoing, OutgoingEmail, Severity, outgoing_from_dict
 from intake.ports import (
     CHANNELS,
     WAITING,
@@ -54,6 +54,7 @@ from intake.ports import (
     OutboxItem,
     SendResult,
     SlaCandidate,
+    StoredMessage,
     TicketChange,
     TicketFacts,
     payload_recipient,
@@ -96,6 +97,20 @@ _FIND_DUPLICATE = (
     select(message.c.ticket_id, ticket.c.reference, message.c.sender)
     .join(ticket, ticket.c.id == message.c.ticket_id)
     .where(message.c.recipient == bindparam("recipient"), message.c.dedup_key == bindparam("dedup_key"))
+)
+# The message an edit changes (by its delivery, as find_duplicate finds it) and its latest text:
+# the body of its latest edit (by when the edit was made: a retried older edit can come after a
+# newer one), else its own.
+_STORED_MESSAGE = (
+    select(message.c.id, message.c.ticket_id, ticket.c.reference, message.c.sender, message.c.direction, message.c.body)
+    .join(ticket, ticket.c.id == message.c.ticket_id)
+    .where(message.c.recipient == bindparam("recipient"), message.c.dedup_key == bindparam("dedup_key"))
+)
+_LATEST_EDIT = (
+    select(message.c.body)
+    .where(message.c.edit_of == bindparam("id"))
+    .order_by(message.c.sent_date.desc().nulls_last(), message.c.id.desc())
+    .limit(1)
 )
 _TICKET_BY_ID = select(*_TICKET_COLS).where(ticket.c.id == bindparam("id"))
 _TICKET_BY_REFERENCE = select(*_TICKET_COLS).where(ticket.c.reference == bindparam("reference"))
@@ -340,6 +355,20 @@ class SqlUnitOfWork:
         # still busy; the sender's retry then finds the duplicate.
         raise IntegrityError(
             "find_duplicate", params, DeliveryBusy(f"another transaction is storing {dedup_key} for {recipient}")
+        )
+
+    def stored_message(self, recipient: str, dedup_key: str) -> StoredMessage | None:
+        row = self._first(_STORED_MESSAGE, {"recipient": recipient, "dedup_key": dedup_key})
+        if row is None:
+            return None
+        latest = self._first(_LATEST_EDIT, {"id": row[0]})
+        return StoredMessage(
+            id=row[0],
+            ticket_id=row[1],
+            reference=row[2],
+            sender=row[3],
+            direction=Direction(row[4]),
+            text=latest[0] if latest is not None else row[5],
         )
 
     def ticket_by_reference(self, reference: str) -> TicketFacts | None:
@@ -657,7 +686,12 @@ class SqlUnitOfWork:
     # -- read side (CLI, web) ------------------------------------------------------------------
 
     def list_tickets(self, *, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        counts = select(message.c.ticket_id, func.count().label("n")).group_by(message.c.ticket_id).subquery()
+        counts = (  # messages: their edits are versions of them
+            select(message.c.ticket_id, func.count().label("n"))
+            .where(message.c.edit_of.is_(None))
+            .group_by(message.c.ticket_id)
+            .subquery()
+        )
         ack = outbox.alias("ack")
         last_ack = (
             select(func.max(ack.c.id))
@@ -712,6 +746,13 @@ class SqlUnitOfWork:
             .order_by(message.c.received_at, message.c.id)
         ).mappings()
         detail["messages"] = [dict(m) for m in msgs]
+        # Each message with the ids of its edits (rows of their own, in the thread by arrival).
+        edits: dict[int, list[int]] = {}
+        for m in detail["messages"]:
+            if m["edit_of"] is not None:
+                edits.setdefault(m["edit_of"], []).append(m["id"])
+        for m in detail["messages"]:
+            m["edits"] = edits.get(m["id"], [])
         notes = self.conn.execute(
             select(
                 outbox.c.id,
@@ -742,7 +783,10 @@ class SqlUnitOfWork:
 
     def stats(self) -> dict[str, Any]:
         n_tickets = self.conn.execute(select(func.count()).select_from(ticket)).scalar_one()
-        n_messages = self.conn.execute(select(func.count()).select_from(message)).scalar_one()
+        n_rows = self.conn.execute(select(func.count()).select_from(message)).scalar_one()
+        n_edits = self.conn.execute(
+            select(func.count()).select_from(message).where(message.c.edit_of.is_not(None))
+        ).scalar_one()
         by_status: dict[str, int] = {
             r[0]: r[1] for r in self.conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status))
         }
@@ -754,7 +798,8 @@ class SqlUnitOfWork:
         ).scalar_one_or_none()
         return {
             "tickets": int(n_tickets),
-            "messages": int(n_messages),
+            "messages": int(n_rows) - int(n_edits),
+            "message_edits": int(n_edits),
             "security_tickets": int(
                 self.conn.execute(select(func.count()).select_from(ticket).where(ticket.c.security)).scalar_one()
             ),
@@ -799,7 +844,7 @@ def _message_values(m: NewMessage) -> dict[str, Any]:
         route_note=m.route_note,
         channel=str(msg.channel),
         recipient=msg.recipient,
-        dedup_key=msg.dedup_key,
+        dedup_key=m.dedup_key or msg.dedup_key,
         message_id=msg.message_id,
         sender=msg.sender,
         sender_name=msg.sender_name,
@@ -818,6 +863,7 @@ def _message_values(m: NewMessage) -> dict[str, Any]:
         received_at=m.received_at,
         sent_date=msg.date,
         raw=msg.raw,
+        edit_of=m.edit_of,
     )
 
 

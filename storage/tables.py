@@ -113,8 +113,12 @@ class MessageRow(SQLModel, table=True):
     parse_problem: str | None = Field(default=None, sa_column=Column(Text))
     external_id: str | None = Field(default=None, max_length=200)
     received_at: datetime = _ts(nullable=False)
-    sent_date: datetime | None = _ts(nullable=True)
+    sent_date: datetime | None = _ts(nullable=True)  # an edit: when it was made
     raw: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    # An edit of a message (Slack's message_changed) is a row of its own, the message's row kept
+    # as it was: the id of the message it changes. No foreign key: adding one to a table SQLite
+    # already has means copying the whole table (Alembic's batch mode), and rows are never deleted.
+    edit_of: int | None = Field(default=None, index=True)
 
 
 class MessageIdRow(SQLModel, table=True):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,58 @@ def test_migrations_match_the_tables(db_url: str) -> None:
         assert diff == []
     finally:
         engine.dispose()
+
+
+async def test_a_database_from_before_edits_upgrades_with_its_messages_as_they_were(db_url: str) -> None:
+    """Migration 0003 adds ``message.edit_of`` to a database that has messages: they stay
+    messages (no edits), and an edit stored afterwards is what the message then reads."""
+    from storage import schema
+    from storage.repository import _message_values, _ticket_values
+    from storage.store import make_engine
+    from storage.tables import message, ticket
+
+    engine = make_engine(db_url)
+    try:
+        schema.upgrade(engine, "0002")
+        msg = InboundMessage(channel=Channel.EMAIL, sender="alice@acme.com", recipient="support@example.com",
+                             message_id="old@acme.com", body="Printer on fire")  # fmt: skip
+        with engine.begin() as conn:  # as an intake of revision 0002 stored it: no edit_of column
+            tid = conn.execute(ticket.insert().values(**_ticket_values(new_ticket()))).inserted_primary_key[0]
+            values = _message_values(NewMessage(ticket_id=tid, message=msg, direction=Direction.INBOUND,
+                                                route=Route.NEW, route_note="new", received_at=NOW))  # fmt: skip
+            del values["edit_of"]
+            conn.execute(message.insert().values(**values))
+        assert schema.upgrade(engine) == ("0002", schema.HEAD)
+        schema.check(engine)
+    finally:
+        engine.dispose()
+    store = SqlStore(db_url)
+    try:
+        old = store.run_sync(lambda uow: uow.stored_message("support@example.com", "mid:old@acme.com"))
+        assert old is not None and (old.text, old.direction, old.sender) == ("Printer on fire", Direction.INBOUND,
+                                                                           "alice@acme.com")  # fmt: skip
+        [row] = store.run_sync(lambda uow: uow.list_tickets())
+        assert row["message_count"] == 1 and store.run_sync(lambda uow: uow.stats())["message_edits"] == 0
+
+        def edit(uow: SqlUnitOfWork, text: str, at: datetime) -> None:
+            changed = replace(msg, body=text, date=at)
+            uow.add_message(NewMessage(ticket_id=old.ticket_id, message=changed, direction=Direction.INBOUND,
+                                       route=Route.EDIT, route_note="edit", received_at=NOW, edit_of=old.id,
+                                       dedup_key=f"edit:mid:old@acme.com@{at.timestamp()}"))  # fmt: skip
+
+        # Two edits, the later one stored first: the message reads as the later one.
+        await store.transact(lambda uow: edit(uow, "Printer on fire, floor 2", NOW + timedelta(minutes=2)))
+        await store.transact(lambda uow: edit(uow, "Printer smoking", NOW + timedelta(minutes=1)))
+        now = store.run_sync(lambda uow: uow.stored_message("support@example.com", "mid:old@acme.com"))
+        assert now is not None and now.id == old.id and now.text == "Printer on fire, floor 2"
+        detail = store.run_sync(lambda uow: uow.ticket_detail(row["reference"]))
+        assert [(m["route"], m["edit_of"], len(m["edits"])) for m in detail["messages"]] == [
+            ("new", None, 2), ("edit", old.id, 0), ("edit", old.id, 0)
+        ]  # fmt: skip
+        [row] = store.run_sync(lambda uow: uow.list_tickets())
+        assert row["message_count"] == 1 and store.run_sync(lambda uow: uow.stats())["message_edits"] == 2
+    finally:
+        await store.close()
 
 
 def test_serve_refuses_a_schema_that_is_behind(sqlite_url: str) -> None:
