@@ -38,7 +38,7 @@ from intake.hygiene import (
     bounced_message_ids,
     detect_automation,
 )
-from intake.model import Direction, InboundMessage, OutgoingChat, Route, RuleHit, Severity, Verdict
+from intake.model import Direction, InboundEdit, InboundMessage, OutgoingChat, Route, RuleHit, Severity, Verdict
 from intake.policy import Plan, Policy, missing_details
 from intake.ports import (
     Clock,
@@ -82,6 +82,10 @@ DEFAULT_ESCALATION_PHRASES: tuple[str, ...] = (
     "hablar con un supervisor",
     "hablar con el gerente",
 )
+
+
+# An edit is answered by nothing: the customer was answered when the message came in.
+NO_EDIT_ACK = "an edit gets no acknowledgement"
 
 
 def _period(delta: timedelta) -> str:
@@ -284,6 +288,11 @@ class IntakeService:
             raise
         finally:
             self.recorder.observe("storage", time.perf_counter() - stored)
+        self._committed(message, receipt)
+        return receipt
+
+    def _committed(self, message: InboundMessage, receipt: Receipt) -> None:
+        """Count what became of a message whose unit committed; wake the outbox."""
         self.recorder.inc("messages", str(message.channel), receipt.route.value)
         if receipt.created:
             self.recorder.inc("tickets_created", str(message.channel))
@@ -295,11 +304,53 @@ class IntakeService:
             self.recorder.inc("acknowledgements_suppressed", receipt.ack_note.split(":")[0])
         if self.on_commit is not None:
             self.on_commit()
+
+    async def receive_edit(self, edit: InboundEdit) -> Receipt:
+        """Take in its author's edit of a message (Slack's ``message_changed``).
+
+        An edit that changes no text (a link preview, a bot's update, a thread's reply count)
+        changes nothing, without a transaction. Otherwise, in one unit of work: an edit already
+        stored (a redelivery: the same ``edit_id``) changes nothing either; an edit of a stored
+        message is stored beside it (the message's row kept as it was: nothing said is lost)
+        and, if the message was the customer's, assessed as a follow-up is (severity raised,
+        never lowered; a security incident pages the IRT lead once per ticket and the customer
+        is told in the thread), without an acknowledgement; an edit of a message intake never
+        stored (posted before intake was in the channel, or while its delivery kept failing) is
+        taken in as that message, as it now reads (:meth:`receive`'s path): its words are
+        addressed to support and may report an incident, and dropping them would lose them.
+        """
+        message = edit.message
+        channel = str(message.channel)
+        if edit.text_unchanged:
+            self.recorder.inc("message_edits", channel, "unchanged")
+            return Receipt(route=Route.IGNORED, ack_note=NO_EDIT_ACK, note="an edit that changed no text")
+        if not message.staff and self.is_staff(message):
+            message = replace(message, staff=True)
+            edit = replace(edit, message=message)
+        a = self.assess(message)
+        before = self.classify(edit.previous) if edit.previous is not None else None
+        stored = time.perf_counter()
+        try:
+            outcome, receipt = await self.store.transact(lambda uow: self._edit_unit(uow, edit, a, before))
+        except Exception:
+            self.recorder.inc("message_edits", channel, "failed")
+            raise
+        finally:
+            self.recorder.observe("storage", time.perf_counter() - stored)
+        self.recorder.inc("message_edits", channel, outcome)
+        if outcome == "taken_in":  # as a message: counted as one
+            self._committed(message, receipt)
+            return receipt
+        if receipt.alerted:
+            self.recorder.inc("security_incidents", channel)
+        if self.on_commit is not None:
+            self.on_commit()
         return receipt
 
     # -- the unit of work: runs inside the store's transaction ----------------------------
 
-    def _unit(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Receipt:
+    def _unit(self, uow: UnitOfWork, message: InboundMessage, a: Assessment, *, note: str = "") -> Receipt:
+        """``note``: added to why the message went where it went (an edit taken in as a message)."""
         now = a.received_at
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
@@ -318,6 +369,8 @@ class IntakeService:
                 disclosed=told,
             )
         placement = self._place(uow, message, a)
+        if note:
+            placement = replace(placement, note=placement.note + note)
         # Staff answering a ticket are recorded as staff replies; a staff member writing to
         # support by email about something new is a customer like any other.
         if message.staff and (placement.ticket is not None or message.chat_channel):
@@ -393,6 +446,77 @@ class IntakeService:
             note=placement.note,
             escalated_to=escalated_to,
         )
+
+    def _edit_unit(
+        self, uow: UnitOfWork, edit: InboundEdit, a: Assessment, before: Verdict | None
+    ) -> tuple[str, Receipt]:
+        """The unit of :meth:`receive_edit`; (what became of the edit, the receipt)."""
+        message = edit.message
+        now = a.received_at
+        dup = uow.find_duplicate(message.recipient, edit.dedup_key)
+        if dup is not None:
+            return "duplicate", Receipt(
+                route=Route.DUPLICATE,
+                ticket_id=dup.ticket_id,
+                reference=dup.reference,
+                ack_note="duplicate delivery",
+                note="duplicate of an edit already stored",
+                disclosed=bool(message.sender) and message.sender == dup.sender,
+            )
+        stored = uow.stored_message(message.recipient, message.dedup_key)
+        if stored is None:
+            note = "; intake first saw it as an edit (how it read before is in the raw event)"
+            return "taken_in", self._unit(uow, message, a, note=note)
+        if stored.text == message.body:  # what the message already reads (its retry taken in above)
+            return "unchanged", Receipt(
+                route=Route.IGNORED,
+                ticket_id=stored.ticket_id,
+                reference=stored.reference,
+                ack_note=NO_EDIT_ACK,
+                note="an edit that leaves the text as stored",
+            )
+        ticket = uow.ticket_by_reference(stored.reference)
+        assert ticket is not None, "a stored message's ticket"
+        inbound = stored.direction is Direction.INBOUND
+        note = f"edit of message {stored.id}"
+        if message.sender != stored.sender:
+            note += f" (of {stored.sender or 'no one'}, by {message.sender or 'no one'})"
+        uow.add_message(
+            NewMessage(
+                ticket_id=ticket.id,
+                message=replace(message, date=edit.edited_at or message.date),
+                direction=stored.direction,
+                route=Route.EDIT,
+                route_note=note,
+                received_at=now,
+                hits=a.verdict.hits if inbound else (),
+                edit_of=stored.id,
+                dedup_key=edit.dedup_key,
+            )
+        )
+        receipt = Receipt(
+            route=Route.EDIT,
+            ticket_id=ticket.id,
+            reference=ticket.reference,
+            severity=ticket.severity,
+            security=ticket.security,
+            ack_note=NO_EDIT_ACK,
+            note=note,
+        )
+        if not inbound:  # our own people's words: recorded, never assessed
+            uow.update_ticket(ticket.id, TicketChange(updated_at=now))
+            return "recorded", receipt
+        # As a follow-up: the rules' verdict on the whole text as it now reads raises the ticket;
+        # its evidence gains only the hits the text before did not have already.
+        seen = {(h.rule, h.phrase, h.field, h.negated) for h in before.hits} if before is not None else set()
+        fresh = tuple(h for h in a.verdict.hits if (h.rule, h.phrase, h.field, h.negated) not in seen)
+        raised = self._update_ticket(uow, ticket, message, replace(a.verdict, hits=fresh), now, by="an edit")
+        alerted = False
+        if a.verdict.security and not raised.alerted:
+            placement = Placement(Route.EDIT, ticket, note)
+            told, why_not = self._customer_told(uow, message, a, placement, raised, NO_EDIT_ACK)
+            alerted = self._alert(uow, message, raised, a.verdict.hits, now, told=told, why_not=why_not)
+        return "recorded", replace(receipt, severity=raised.severity, security=raised.security, alerted=alerted)
 
     def _place(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Placement:
         by_reference: dict[str, TicketFacts] = {}
@@ -723,7 +847,14 @@ class IntakeService:
         return Placement(Route.FLOOD, latest, note, placement.refusals, placement.remarks)
 
     def _update_ticket(
-        self, uow: UnitOfWork, ticket: TicketFacts, message: InboundMessage, verdict: Verdict, now: datetime
+        self,
+        uow: UnitOfWork,
+        ticket: TicketFacts,
+        message: InboundMessage,
+        verdict: Verdict,
+        now: datetime,
+        *,
+        by: str = "a follow-up",
     ) -> TicketFacts:
         severity = ticket.severity
         if verdict.severity is not None and verdict.severity < severity:
@@ -743,7 +874,7 @@ class IntakeService:
             response_due=due if due != ticket.response_due else None,
             targets=targets if targets != dict(ticket.targets) else None,
             add_evidence=verdict.hits,
-            add_notes=(f"raised to {severity.label} by a follow-up",) if severity < ticket.severity else (),
+            add_notes=(f"raised to {severity.label} by {by}",) if severity < ticket.severity else (),
             updated_at=now,
         )
         uow.update_ticket(ticket.id, change)
