@@ -324,7 +324,8 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
     store.dispose()
     if detail is None:
         _fail(IntakeError(f"no ticket {ref}"))
-    out = _ticket_json({**detail, "message_count": len(detail["messages"])})
+    count = sum(1 for m in detail["messages"] if m["edit_of"] is None)  # an edit is a version of one
+    out = _ticket_json({**detail, "message_count": count})
     out["participants"] = detail["participants"]
     out["notes"] = detail["notes"]
     out["evidence"] = detail["evidence"]
@@ -348,6 +349,8 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
             "hits": m["hits"],
             "text": m["new_text"] or m["body"],
             "raw_size": m["raw_size"],
+            "edit_of": m["edit_of"],  # an edit (its own row): the message it changes, which stays as it was
+            "edits": m["edits"],
         }
         for m in detail["messages"]
     ]
@@ -371,8 +374,12 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
         click.echo(f'Evidence: {h["rule"]} in {h["field"]}: "{h["phrase"]}"{neg} ... {h["excerpt"]} ...')
     for m in out["messages"]:
         click.echo("")
-        click.echo(f"--- message {m['id']} {m['direction']} from {m['sender'] or '?'} at {m['received_at']}")
+        what = f"edit of message {m['edit_of']}" if m["edit_of"] is not None else f"message {m['id']}"
+        at = f"edited {m['date']}, received {m['received_at']}" if m["edit_of"] is not None else m["received_at"]
+        click.echo(f"--- {what} {m['direction']} from {m['sender'] or '?'} at {at}")
         click.echo(f"    route: {m['route']} ({m['why']})")
+        if m["edits"]:
+            click.echo(f"    edited later: see the edit(s) below ({', '.join(map(str, m['edits']))})")
         if m["automation"]:
             click.echo(f"    automated: {m['automation']}")
         if m["parse_problem"]:

@@ -117,6 +117,7 @@ vertical-align:1px;margin-right:6px;white-space:nowrap}
 .badge.security{background:var(--sec);color:#fff}
 .badge.neg{background:#fef3c7;color:#92400e}
 .badge.auto{background:#e0e7ff;color:#3730a3}
+.badge.edit{background:#fef9c3;color:#854d0e}
 .overdue{color:var(--s1);font-weight:650}
 .due-soon{color:var(--warn);font-weight:600}
 .st{font-weight:600}.st-sent{color:var(--ok)}.st-waiting,.st-queued{color:var(--warn)}
@@ -430,6 +431,11 @@ def _render_message(m: Mapping[str, Any]) -> str:
     ]
     if m.get("automation"):
         head.append(f'<span class="badge auto" title="automated mail">{esc(m["automation"])}</span>')
+    if m.get("edit_of") is not None:  # its author's edit of a message above, which stays as it was
+        made = esc(when(m.get("sent_date")))
+        head.append(f'<span class="badge edit">edit of message {esc(m["edit_of"])}, made {made}</span>')
+    elif m.get("edits"):
+        head.append('<span class="badge edit">edited later: see below</span>')
     why = f"route <b>{esc(m.get('route'))}</b>"
     if m.get("route_note"):
         why += f": {esc(m['route_note'])}"
@@ -530,6 +536,8 @@ class Exposition:
 COUNTERS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("messages", "intake_messages_received_total", ("channel", "outcome"),
      "Messages received, by channel and outcome (new, reference, header, thread, duplicate, ignored, failed)."),
+    ("message_edits", "intake_message_edits_total", ("channel", "outcome"),
+     "Edits of messages (Slack), by outcome (recorded, unchanged, duplicate, taken_in, failed)."),
     ("tickets_created", "intake_tickets_created_total", ("channel",), "Tickets opened."),
     ("security_incidents", "intake_security_incidents_total", ("channel",),
      "Tickets marked as security incidents (the IRT lead was alerted)."),

@@ -3,18 +3,21 @@
 The listener translates and delegates, like the SMTP handler: :func:`to_inbound` turns one
 ``message`` event of a connected customer channel into the channel-neutral
 :class:`~intake.model.InboundMessage` (a pure function), :meth:`IntakeService.receive` decides
-and commits, and only then is Slack answered. slack-bolt's :class:`AsyncApp` does what it is
-good at (signature check, url_verification, ssl_check, dropping our own events) and runs with
-``process_before_response=True``, so the answer *is* the outcome of the commit.
+and commits, and only then is Slack answered. A ``message_changed`` event (an edit) becomes an
+:class:`~intake.model.InboundEdit` for :meth:`IntakeService.receive_edit` the same way.
+slack-bolt's :class:`AsyncApp` does what it is good at (signature check, url_verification,
+ssl_check, dropping our own events) and runs with ``process_before_response=True``, so the
+answer *is* the outcome of the commit.
 
 Answers (HTTP mode; in Socket Mode "200" is the envelope ack and anything else sends none,
 which makes Slack redeliver the same way):
 
 =====================  ======================================================================
 200                    stored (committed), a redelivery or replay the core recognised as a
-                       duplicate, an event we ignore on purpose (other channels, edits,
-                       deletions, joins, bots and ourselves, other event types), and
-                       url_verification (with the challenge)
+                       duplicate, an edit the core found changed no text, an event we ignore
+                       on purpose (other channels, deletions, joins, bots and ourselves and
+                       their edits, other event types), and url_verification (with the
+                       challenge)
 401                    bad or missing signature, or a timestamp more than 5 minutes off
                        (bolt's request verification)
 400                    a body that is not UTF-8 / not parseable
@@ -50,7 +53,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,15 +74,16 @@ from adapters.httpsite import start_site
 from adapters.settings import SlackSettings
 from intake.errors import StorageUnavailableError
 from intake.headers import UNSTORABLE, storable_text, stored_name
-from intake.model import Attachment, Channel, InboundMessage, Route
+from intake.model import Attachment, Channel, InboundEdit, InboundMessage, Route
 from intake.service import IntakeService, Receipt
 
 __all__ = ["Identity", "Ignored", "SlackListener", "slack_to_text", "split_quotes", "to_inbound"]
 
 log = logging.getLogger("intake.slack")
 
-# Message subtypes that are a person writing something new. Everything else (message_changed,
-# message_deleted, channel_join, bot_message, channel_topic, ...) is acknowledged and ignored.
+# Message subtypes that are a person writing something new. message_changed is an edit (of one
+# of these, by its author, or an unfurl or a bot's update); everything else (message_deleted,
+# channel_join, bot_message, channel_topic, ...) is acknowledged and ignored.
 AUTHORED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
 
 
@@ -222,8 +226,9 @@ def to_inbound(
     *,
     settings: SlackSettings,
     bot_user_id: str | None = None,
-) -> InboundMessage | Ignored:
-    """One Events API envelope as the core's InboundMessage, or why it is none of the core's business.
+) -> InboundMessage | InboundEdit | Ignored:
+    """One Events API envelope as the core's InboundMessage (or InboundEdit, for an edit of a
+    message), or why it is none of the core's business.
 
     ``subject`` stays empty: a Slack message has none, and the email heuristics that read a
     subject (auto-reply and bounce subjects, subject tags) must not read a chat line. ``raw`` is
@@ -249,21 +254,42 @@ def to_inbound(
     if not isinstance(channel, str) or channel not in settings.channels:
         return Ignored(f"unconnected channel: {channel}")
     subtype = event.get("subtype")
+    if subtype == "message_changed":
+        return _edit(envelope, event, channel, raw, settings=settings, bot_user_id=bot_user_id)
+    if subtype == "message_deleted":
+        # What was said stays on its ticket: a customer's deletion must not unsay a report (nor
+        # would an intruder's). Logged at INFO, so that staff can see where a message went.
+        return Ignored(f"deleted: message {event.get('deleted_ts')} was deleted in Slack; intake keeps what it stored")
     if subtype not in AUTHORED_SUBTYPES:
         return Ignored(f"subtype: {subtype}")
     if event.get("hidden"):
         return Ignored("hidden: message")
+    unauthored = _no_person(event, bot_user_id)
+    if unauthored is not None:
+        return Ignored(unauthored)
+    return _message(envelope, event, channel, raw, settings=settings)
+
+
+def _no_person(event: Mapping[str, Any], bot_user_id: str | None) -> str | None:
+    """Why this message (an event, or the message inside an edit) is no person's writing."""
     if event.get("bot_id") or event.get("bot_profile"):
-        return Ignored("bot: message from a bot (ours or another)")
+        return "bot: message from a bot (ours or another)"
     user = event.get("user")
     if not isinstance(user, str) or not user:
-        return Ignored("no user: message without an author")
+        return "no user: message without an author"
     if bot_user_id and user == bot_user_id:
-        return Ignored("ours: our own bot user")
+        return "ours: our own bot user"
     ts = event.get("ts")
     if not isinstance(ts, str) or not ts:
-        return Ignored("no ts: message without a timestamp")
+        return "no ts: message without a timestamp"
+    return None
 
+
+def _message(
+    envelope: Mapping[str, Any], event: Mapping[str, Any], channel: str, raw: str, *, settings: SlackSettings
+) -> InboundMessage:
+    """The InboundMessage of a person's message (``_no_person`` found no reason against it)."""
+    user, ts = str(event["user"]), str(event["ts"])
     team = str(envelope.get("team_id") or event.get("team") or "")
     thread_ts = event.get("thread_ts")
     if not isinstance(thread_ts, str) or not thread_ts or thread_ts == ts:
@@ -295,6 +321,57 @@ def to_inbound(
         author_team=str(user_team) if user_team else None,
         shared_channel=bool(envelope.get("is_ext_shared_channel")),
     )
+
+
+def _edit(
+    envelope: Mapping[str, Any],
+    event: Mapping[str, Any],
+    channel: str,
+    raw: str,
+    *,
+    settings: SlackSettings,
+    bot_user_id: str | None,
+) -> InboundEdit | Ignored:
+    """A ``message_changed`` event as the core's InboundEdit.
+
+    Slack sends one (``hidden``) whenever anything of a message changes: its author edited it
+    (``message.edited`` names the editor and the edit's ts), a link in it was unfurled, a bot
+    updated its post, a thread reply changed the root's reply count. ``message`` is the message
+    as it is now, ``previous_message`` as it was (https://docs.slack.dev/reference/events/message/message_changed/).
+    The edits of what would have been ignored when posted (bots, our own posts, joins) are
+    ignored for the same reason; whether the text changed at all is the core's to see.
+    """
+    inner = event.get("message")
+    if not isinstance(inner, dict):
+        return Ignored("edit: message_changed without its message")
+    if inner.get("subtype") not in AUTHORED_SUBTYPES:
+        return Ignored(f"subtype: edit of a {inner.get('subtype')} message")
+    unauthored = _no_person(inner, bot_user_id)
+    if unauthored is not None:
+        return Ignored(f"{unauthored} (edited)")
+    message = _message(envelope, inner, channel, raw, settings=settings)
+    # The edit's own ts tells it from the message's other edits; Slack sends it as the event's
+    # ts too. A redelivery of the event (its retries keep its event_id) carries the same.
+    edited = inner.get("edited")
+    edit_ts = edited.get("ts") if isinstance(edited, dict) else None
+    for candidate in (edit_ts, event.get("ts"), event.get("event_ts"), envelope.get("event_id")):
+        if isinstance(candidate, str) and candidate:
+            edit_id = candidate[:64]
+            break
+    else:
+        return Ignored("no ts: an edit without a timestamp")
+    before = event.get("previous_message")
+    previous = None
+    if isinstance(before, dict) and isinstance(before.get("text"), str):
+        own_raw, quoted_raw = split_quotes(before["text"])
+        previous = replace(
+            message,
+            body=slack_to_text(before["text"]).strip(),
+            new_text=slack_to_text(own_raw).strip(),
+            quoted=slack_to_text(quoted_raw).strip(),
+            raw=b"",
+        )
+    return InboundEdit(message=message, edit_id=edit_id, edited_at=_date(edit_id), previous=previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,28 +446,39 @@ class SlackListener:
         event_id = envelope.get("event_id")
         if isinstance(result, Ignored):
             self.service.recorder.inc("slack_events_ignored", result.key)
-            log.debug("slack event %s ignored: %s", event_id, result.reason)
+            level = logging.INFO if result.key == "deleted" else logging.DEBUG
+            log.log(level, "slack event %s ignored: %s", event_id, result.reason)
             return None
+        msg = result.message if isinstance(result, InboundEdit) else result
         try:
-            receipt = await self.service.receive(result)
+            if isinstance(result, InboundEdit):
+                receipt = await self.service.receive_edit(result)
+            else:
+                receipt = await self.service.receive(result)
         except StorageUnavailableError as exc:
             log.warning("slack event %s (%s): storage unavailable, answering 503 so Slack retries: %s",
-                        event_id, result.external_id, exc)  # fmt: skip
+                        event_id, msg.external_id, exc)  # fmt: skip
             self._log(result, None, started, retry, "503")
             return BoltResponse(status=503, body="")
         except Exception:
             log.exception("slack event %s (%s): unexpected error, answering 500 so Slack retries",
-                          event_id, result.external_id)  # fmt: skip
+                          event_id, msg.external_id)  # fmt: skip
             self._log(result, None, started, retry, "500")
             return BoltResponse(status=500, body="")
         self._log(result, receipt, started, retry, "200")
         return None
 
     def _log(
-        self, msg: InboundMessage, receipt: Receipt | None, started: float, retry: str | None, answer: str
+        self,
+        result: InboundMessage | InboundEdit,
+        receipt: Receipt | None,
+        started: float,
+        retry: str | None,
+        answer: str,
     ) -> None:
+        msg = result.message if isinstance(result, InboundEdit) else result
         log.info(
-            "message received",
+            "message edit received" if isinstance(result, InboundEdit) else "message received",
             extra={
                 "channel": "slack",
                 "reference": receipt.reference if receipt else None,

@@ -10,7 +10,8 @@ an HTTP status and a Slack error (429 with Retry-After by default).
 :func:`signed_post` signs an Events API body exactly as Slack does (``v0`` HMAC-SHA256 of
 ``v0:{timestamp}:{body}`` with the signing secret, headers ``X-Slack-Signature`` and
 ``X-Slack-Request-Timestamp``) and POSTs it with aiohttp's client. :func:`message_event`
-builds a realistic ``event_callback`` envelope for a channel message.
+builds a realistic ``event_callback`` envelope for a channel message, :func:`edit_event` the
+``message_changed`` one of a change to it.
 """
 
 from __future__ import annotations
@@ -261,6 +262,48 @@ def message_event(
         event["subtype"] = subtype
     event.update(event_extra)
     return envelope(event, team=team, ext_shared=ext_shared, event_id=event_id)
+
+
+def edit_event(
+    posted: Mapping[str, Any],
+    *,
+    text: str,
+    previous_text: str | None = None,
+    edited: bool = True,
+    edit_ts: str | None = None,
+    event_id: str | None = None,
+    **message_extra: Any,
+) -> dict[str, Any]:
+    """The ``message_changed`` envelope Slack sends when the message ``posted`` (an envelope
+    from :func:`message_event`) changes, now reading ``text``.
+
+    As Slack builds it (https://docs.slack.dev/reference/events/message/message_changed/): a
+    hidden event whose own ``ts`` is the change's, ``message`` the message as it is now (its
+    ``ts``, ``user``, ``thread_ts`` unchanged; ``edited`` with the editor and the edit's ts when
+    its author edited it: ``edited=False`` for a change Slack or an app made, an unfurl say),
+    ``previous_message`` as it was (``previous_text``, by default the text ``posted`` had).
+    ``message_extra`` goes into ``message`` (``attachments`` of an unfurl, ``bot_id``...).
+    """
+    old = dict(posted["event"])
+    ts = edit_ts or new_ts()
+    keep = {k: v for k, v in old.items() if k not in ("channel", "event_ts", "channel_type")}
+    message: dict[str, Any] = {**keep, "text": text}
+    if edited:
+        message["edited"] = {"user": old.get("user"), "ts": ts}
+    message.update(message_extra)
+    previous = {**keep, "text": old.get("text", "") if previous_text is None else previous_text}
+    event = {
+        "type": "message",
+        "subtype": "message_changed",
+        "hidden": True,
+        "channel": old["channel"],
+        "ts": ts,
+        "event_ts": ts,
+        "channel_type": old.get("channel_type", "channel"),
+        "message": message,
+        "previous_message": previous,
+    }
+    return envelope(event, team=posted["team_id"], ext_shared=posted["is_ext_shared_channel"], event_id=event_id)
 
 
 def envelope(event: Mapping[str, Any], *, team: str = TEAM, ext_shared: bool = False,

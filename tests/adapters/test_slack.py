@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from pydantic import SecretStr
 from adapters.settings import SlackSettings
 from adapters.slack.listener import Ignored, SlackListener, slack_to_text, split_quotes, to_inbound
 from adapters.slack.sender import SlackChatSender
+from adapters.web import render_ticket
 from intake.errors import PermanentSendError, TransientSendError
-from intake.model import Channel, InboundMessage, OutgoingChat
+from intake.model import Channel, InboundEdit, InboundMessage, OutgoingChat
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.fake_slack import (
     APP_TOKEN,
@@ -37,12 +39,14 @@ from tests.adapters.fake_slack import (
     TEAM,
     Answer,
     FakeSlack,
+    edit_event,
     envelope,
     message_event,
     new_ts,
     signed_post,
 )
 from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for, wait_until
+from tests.adapters.test_cli import cli
 
 CHANNEL = "C0123ABCD"
 IRT_USER = "U0IRTLEAD"
@@ -104,9 +108,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @contextlib.asynccontextmanager
 async def slack_intake(
-    tmp_path: Path, relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession, extra: str = ""
+    tmp_path: Path,
+    relay: RelayStandIn,
+    fake: FakeSlack,
+    http: aiohttp.ClientSession,
+    extra: str = "",
+    db_url: str | None = None,
 ) -> AsyncIterator[Slack]:
-    settings = settings_for(tmp_path, relay_port=relay.port, extra=slack_toml(fake, extra))
+    settings = settings_for(tmp_path, relay_port=relay.port, db_url=db_url, extra=slack_toml(fake, extra))
     async with running_intake(settings) as h:
         assert isinstance(h.app.slack_listener, SlackListener)
         yield Slack(h, fake, http)
@@ -115,6 +124,15 @@ async def slack_intake(
 @pytest.fixture
 async def slack(tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession):  # type: ignore[no-untyped-def]
     async with slack_intake(tmp_path, smtp_relay, fake, http) as s:
+        yield s
+
+
+@pytest.fixture
+async def slack_on_db(  # type: ignore[no-untyped-def]
+    tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession, db_url: str
+):
+    """``slack``, once on SQLite and once on PostgreSQL (tests of what storage holds)."""
+    async with slack_intake(tmp_path, smtp_relay, fake, http, db_url=db_url) as s:
         yield s
 
 
@@ -255,13 +273,11 @@ async def test_text_no_database_stores_is_made_storable_not_refused(slack: Slack
     assert sorted(d["requester_name"] for d in stored) == ["Al\ufffdice", "Bob"]
 
 
-async def test_edits_deletions_joins_bots_and_other_channels_are_ignored(slack: Slack) -> None:
+async def test_deletions_joins_bots_and_other_channels_are_ignored(slack: Slack) -> None:
     env, _ = await slack.say("Reports are empty")
     ts = env["event"]["ts"]
     await slack.fake.wait_posts(1)
-    edited = {"type": "message", "text": "Reports are empty (edited)", "user": "U0ALICE", "ts": ts}
     events = [
-        message_event(text="", subtype="message_changed", user=None, message=edited, previous_message={"ts": ts}),
         message_event(text="", subtype="message_deleted", user=None, deleted_ts=ts, previous_message={"ts": ts}),
         message_event(text="<@U0NEW> has joined the channel", user="U0NEW", subtype="channel_join"),
         message_event(text="Build #42 failed: data breach drill", user="U0JENKINS", bot_id="B0JENKINS"),
@@ -281,7 +297,7 @@ async def test_edits_deletions_joins_bots_and_other_channels_are_ignored(slack: 
     assert t["message_count"] == 1 and slack.h.stats()["messages"] == 1
     await slack.settled()
     await asyncio.sleep(0.3)
-    await slack.fake.wait_posts(1)  # an edit never re-acknowledges
+    await slack.fake.wait_posts(1)
 
 
 async def test_rate_limited_reply_is_delivered_once_after_retry_after(slack: Slack) -> None:
@@ -342,6 +358,268 @@ async def test_a_thread_reply_that_raises_its_ticket_is_answered_in_the_thread_o
     await asyncio.sleep(0.3)
     await slack.fake.wait_posts(1, channel=IRT_USER)
     await slack.fake.wait_posts(2, channel=CHANNEL)
+
+
+# -- edits and deletions -----------------------------------------------------------------------
+
+
+def versions(s: Slack, reference: str) -> list[tuple[str, str, int | None]]:
+    """The ticket's message rows as (route, body, id of the message an edit changes)."""
+    return [(m["route"], m["body"], m["edit_of"]) for m in s.h.detail(reference)["messages"]]
+
+
+def edit_outcomes(s: Slack) -> dict[str, int]:
+    return {k[2]: v for k, v in s.h.app.service.recorder.counts.items() if k[:2] == ("message_edits", "slack")}
+
+
+async def test_an_edit_that_reports_an_incident_raises_the_ticket_as_a_follow_up_would(
+    slack_on_db: Slack, smtp_relay: RelayStandIn, tmp_path: Path
+) -> None:
+    """A harmless report, then edited to add that they were hacked: Severity 1, the IRT lead
+    paged (email and Slack), the customer told in the thread that the lead will reach out,
+    as for a follow-up. The edit is stored beside the message, which keeps what it first said;
+    staff see both. No second acknowledgement."""
+    slack = slack_on_db
+    env, _ = await slack.say("login page shows an error")
+    ts = env["event"]["ts"]
+    await slack.fake.wait_posts(1, channel=CHANNEL)
+    [t] = slack.h.tickets()
+    assert not t["security"] and t["severity"] > 1
+    edit = edit_event(env, text="login page shows an error. Update: we were hacked")
+    assert (await slack.post(edit)).status == 200
+    [t] = slack.h.tickets()
+    assert (t["severity"], t["security"], t["message_count"]) == (1, True, 1)
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    assert t["reference"] in dm.params["text"] and "we were hacked" in dm.params["text"]
+    [alert] = await smtp_relay.wait_for(1)
+    assert alert.rcpt_tos == ("irt-lead@example.com",) and t["reference"] in alert.message["Subject"]
+    assert "will reach out" in alert.message.get_content()  # the alert says the customer was told
+    [_, notice] = await slack.fake.wait_posts(2, channel=CHANNEL)
+    assert notice.params["thread_ts"] == ts and "Severity 1" in notice.params["text"]
+    assert "will reach out to you directly" in notice.params["text"]
+    detail = slack.h.detail(t["reference"])
+    first, changed = detail["messages"]
+    assert (first["route"], first["body"], first["edits"]) == ("new", "login page shows an error", [changed["id"]])
+    assert (changed["route"], changed["edit_of"], changed["direction"], changed["sender"]) == (
+        "edit", first["id"], "inbound", "U0ALICE"
+    )  # fmt: skip
+    assert changed["body"] == "login page shows an error. Update: we were hacked"
+    assert changed["sent_date"].timestamp() == pytest.approx(float(edit["event"]["ts"]))  # when it was edited
+    assert [h["rule"] for h in changed["hits"]] == ["account-compromise"]
+    assert [h["rule"] for h in detail["evidence"]] == ["account-compromise"]
+    assert any(n["text"] == "raised to Severity 1 by an edit" for n in detail["notes"])
+    assert edit_outcomes(slack) == {"recorded": 1}
+    # A second edit that keeps the words changes the text, not the ticket: no second page or
+    # notice, and no second copy of the evidence it already has.
+    fix = edit_event(env, text="login page shows an error. Update: we were hacked!", previous_text=changed["body"])
+    assert (await slack.post(fix)).status == 200
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(2, channel=CHANNEL)
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+    await smtp_relay.wait_for(1)
+    detail = slack.h.detail(t["reference"])
+    assert [m["route"] for m in detail["messages"]] == ["new", "edit", "edit"]
+    assert [h["rule"] for h in detail["evidence"]] == ["account-compromise"]
+    # What staff read: the triage page and `tickets show` give each version, marked.
+    page = render_ticket(detail, now=datetime.now(UTC))
+    assert page.count(f"edit of message {first['id']}, made ") == 2 and "edited later: see below" in page
+    assert ">login page shows an error</pre>" in page and "Update: we were hacked!</pre>" in page
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "{slack.h.settings.storage.url}"\n')
+    code, out = cli("--config", str(cfg), "tickets", "show", t["reference"])
+    assert code == 0 and f"--- edit of message {first['id']} inbound from U0ALICE at edited " in out, out
+    code, out = cli("--config", str(cfg), "tickets", "show", t["reference"], "--json")
+    shown = json.loads(out)
+    assert shown["message_count"] == 1
+    assert [(m["edit_of"], m["edits"]) for m in shown["messages"]] == [
+        (None, [m["id"] for m in detail["messages"][1:]]), (first["id"], []), (first["id"], [])
+    ]  # fmt: skip
+
+
+async def test_a_retried_edit_changes_nothing_and_two_edits_both_count(slack_on_db: Slack) -> None:
+    """Slack retries an event with the same event_id and the same edit: stored once. Two edits
+    of one message are two, whatever order they come in; the message reads as the latest."""
+    slack = slack_on_db
+    env, _ = await slack.say("Exports time out")
+    ts = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    second = int(float(ts)) + 1
+    texts = [
+        "Exports time out",
+        "Exports time out after 30 s",
+        "Exports time out after 30 s (CSV)",
+        "Exports of CSV time out",
+    ]
+    a, b, c = (
+        edit_event(env, text=texts[i + 1], previous_text=texts[i], edit_ts=f"{second + i}.000100") for i in range(3)
+    )
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    answers = [
+        await slack.post(a),
+        await slack.post(a, headers=retry),
+        await slack.post(c),  # the third edit before the second (the second's delivery was retried)
+        await slack.post(b, headers=retry),
+        await slack.post(json.dumps(a), timestamp=int(time.time()) - 200),  # a replay, within the window
+        await slack.post(c, headers={"X-Slack-Retry-Num": "2", "X-Slack-Retry-Reason": "http_timeout"}),
+    ]
+    assert [x.status for x in answers] == [200] * 6
+    [t] = slack.h.tickets()
+    first_id = slack.h.detail(t["reference"])["messages"][0]["id"]
+    assert versions(slack, t["reference"]) == [
+        ("new", texts[0], None), ("edit", texts[1], first_id), ("edit", texts[3], first_id),
+        ("edit", texts[2], first_id),
+    ]  # fmt: skip
+    assert t["message_count"] == 1 and slack.h.stats()["message_edits"] == 3
+    assert edit_outcomes(slack) == {"recorded": 3, "duplicate": 3}
+    # What an edit is compared with: the text of the latest edit, by when it was made.
+    now = slack.h.read(lambda uow: uow.stored_message(f"slack:{TEAM}/{CHANNEL}", f"ext:{TEAM}/{CHANNEL}/{ts}"))
+    assert now is not None and now.text == texts[3] and now.id == first_id
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)  # an edit is never acknowledged
+
+
+async def test_a_change_that_keeps_the_text_changes_nothing(slack: Slack) -> None:
+    """Slack sends message_changed when it unfurls a link (attachments added, no ``edited``)
+    or updates a thread's reply count: the text is as it was, so nothing is stored, assessed or
+    answered, whatever the preview says. A real edit in between is recorded."""
+    env, _ = await slack.say("The guide at <https://docs.acme.test/sso> says to restart SSO")
+    text = env["event"]["text"]
+    await slack.fake.wait_posts(1)
+    preview = {"attachments": [{"id": 1, "from_url": "https://docs.acme.test/sso", "service_name": "Acme docs",
+                                "title": "SSO", "text": "What to do after a data breach"}]}  # fmt: skip
+    unfurl = edit_event(env, text=text, edited=False, **preview)
+    no_before = edit_event(env, text=text, edited=False, reply_count=1)  # Slack gave no previous_message
+    del no_before["event"]["previous_message"]
+    edited = text + " but it did not help"
+    edit = edit_event(env, text=edited)
+    # The edited message's link previewed again: it keeps its `edited`, and its text.
+    again = edit_event(env, text=edited, previous_text=edited, edited=False, **preview)
+    again["event"]["message"]["edited"] = edit["event"]["message"]["edited"]
+    answers = [await slack.post(e) for e in (unfurl, no_before, edit, again)]
+    assert [x.status for x in answers] == [200] * 4
+    [t] = slack.h.tickets()
+    ref = t["reference"]
+    assert [(route, body) for route, body, _ in versions(slack, ref)] == [
+        ("new", "The guide at https://docs.acme.test/sso says to restart SSO"),
+        ("edit", "The guide at https://docs.acme.test/sso says to restart SSO but it did not help"),
+    ]
+    assert not t["security"] and slack.h.detail(ref)["evidence"] == []
+    assert edit_outcomes(slack) == {"unchanged": 3, "recorded": 1}
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)
+
+
+async def test_edits_by_bots_and_by_us_change_nothing(slack: Slack) -> None:
+    """A bot's post (in the channel, in a ticket's thread; ours too) is no customer's: neither
+    is its update, whatever it says. A person's edit of their message, in the same thread, is."""
+    env, _ = await slack.say("Nightly sync fails with E1042")
+    root = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    posts = [
+        message_event(text="Deploy started", user=None, subtype="bot_message", bot_id="B0DEPLOY"),
+        message_event(text="Build #42 running", user="U0JENKINS", bot_id="B0JENKINS", thread_ts=root),
+        message_event(text="Thanks, we have opened a ticket", user=BOT_USER, bot_id=BOT_ID, thread_ts=root),
+    ]
+    edits = [
+        edit_event(posts[0], text="Deploy failed: data breach drill", edited=False),
+        edit_event(posts[1], text="Build #42: we were hacked"),
+        edit_event(posts[2], text="we were hacked", edited=False),
+    ]
+    reply, _ = await slack.say("It failed again tonight", thread_ts=root)
+    person = edit_event(reply, text="It failed again tonight, and the night before")
+    answers = [await slack.post(e) for e in (*posts, *edits, person)]
+    assert [x.status for x in answers] == [200] * 7
+    [t] = slack.h.tickets()
+    assert not t["security"] and t["message_count"] == 2
+    assert [route for route, _, _ in versions(slack, t["reference"])] == ["new", "thread", "edit"]
+    assert edit_outcomes(slack) == {"recorded": 1}
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)
+
+
+async def test_an_edit_of_a_message_intake_never_stored_is_taken_in_as_that_message(slack_on_db: Slack) -> None:
+    """A message posted before intake was in the channel (its event never came), then edited:
+    its words are addressed to support, so the edit brings the message in as it now reads, on
+    the path of a new message (a ticket, its acknowledgement in the message's thread, the IRT
+    alert). Its retry, and the original's event coming late after all, change nothing; a later
+    edit is an edit of it. In a ticket's thread it is a follow-up of that ticket."""
+    slack = slack_on_db
+    posted = message_event(text="Invoices show the wrong currency")  # never delivered to intake
+    ts = posted["event"]["ts"]
+    edit = edit_event(posted, text="Invoices show the wrong currency. We were hacked last night")
+    assert (await slack.post(edit)).status == 200
+    [t] = slack.h.tickets()
+    assert (t["severity"], t["security"], t["requester"]) == (1, True, "U0ALICE")
+    [ack] = await slack.fake.wait_posts(1, channel=CHANNEL)
+    assert ack.params["thread_ts"] == ts and t["reference"] in ack.params["text"]
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+    [m] = slack.h.detail(t["reference"])["messages"]
+    assert (m["route"], m["body"], m["external_id"]) == (
+        "new", "Invoices show the wrong currency. We were hacked last night", f"{TEAM}/{CHANNEL}/{ts}"
+    )  # fmt: skip
+    assert "intake first saw it as an edit" in m["route_note"]
+    raw = slack.h.read(lambda uow: uow.raw_message(m["id"]))
+    assert json.loads(raw)["event"]["previous_message"]["text"] == "Invoices show the wrong currency"  # kept
+    late = [
+        await slack.post(edit, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}),
+        await slack.post(posted, headers={"X-Slack-Retry-Num": "3", "X-Slack-Retry-Reason": "http_error"}),
+    ]
+    later = edit_event(posted, text="Invoices show EUR, not USD. We were hacked last night", previous_text=m["body"])
+    late.append(await slack.post(later))
+    # In the thread of a ticket: a follow-up, no acknowledgement.
+    reply = message_event(text="Also the tax column is empty", thread_ts=ts, user="U0BOB")
+    late.append(await slack.post(edit_event(reply, text="Also the tax column is empty since Monday")))
+    assert [x.status for x in late] == [200] * 4
+    [t] = slack.h.tickets()
+    assert [(route, edit_of) for route, _, edit_of in versions(slack, t["reference"])] == [
+        ("new", None), ("edit", m["id"]), ("thread", None)
+    ]  # fmt: skip
+    # The retry of the first edit finds the message reading so already.
+    assert edit_outcomes(slack) == {"taken_in": 2, "unchanged": 1, "recorded": 1}
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1, channel=CHANNEL)
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+
+
+async def test_staff_edits_are_recorded_never_assessed(slack: Slack) -> None:
+    env, _ = await slack.say("SAML login fails for new users")
+    root = env["event"]["ts"]
+    await slack.fake.wait_posts(1)
+    staff, _ = await slack.say("Looking into it", user="U0STAFF", thread_ts=root)
+    answer = await slack.post(edit_event(staff, text="Looking into it: no sign of a data breach or of hacked accounts"))
+    assert answer.status == 200
+    [t] = slack.h.tickets()
+    assert not t["security"] and t["severity"] > 1
+    msgs = slack.h.detail(t["reference"])["messages"]
+    assert [(m["route"], m["direction"], m["hits"]) for m in msgs] == [
+        ("new", "inbound", []), ("thread", "staff", []), ("edit", "staff", [])
+    ]  # fmt: skip
+    await slack.settled()
+    await asyncio.sleep(0.3)
+    await slack.fake.wait_posts(1)
+
+
+async def test_a_deletion_keeps_what_was_said_and_is_logged(slack: Slack, caplog: pytest.LogCaptureFixture) -> None:
+    """What a customer said stays on the ticket when they delete it in Slack (a report of an
+    incident must not be unsaid, by them or by whoever has their account); the log says."""
+    caplog.set_level(logging.INFO, logger="intake.slack")
+    env, _ = await slack.say("we were hacked, please call")
+    ts = env["event"]["ts"]
+    await slack.fake.wait_posts(1, channel=CHANNEL)
+    before = {"type": "message", "user": "U0ALICE", "text": "we were hacked, please call", "ts": ts}
+    deleted = message_event(
+        text="", user=None, subtype="message_deleted", hidden=True, deleted_ts=ts, previous_message=before
+    )
+    assert (await slack.post(deleted)).status == 200
+    [t] = slack.h.tickets()
+    assert t["security"] and versions(slack, t["reference"]) == [("new", "we were hacked, please call", None)]
+    [line] = [r for r in caplog.records if "deleted in Slack" in r.getMessage()]
+    assert line.levelno == logging.INFO and ts in line.getMessage() and deleted["event_id"] in line.getMessage()
 
 
 async def test_the_irt_direct_message_shows_a_customers_markup_as_text(slack: Slack) -> None:
@@ -607,6 +885,42 @@ def test_to_inbound_fields() -> None:
     assert not isinstance(shared, Ignored) and not isinstance(own_ws, Ignored)
     assert (shared.author_team, shared.shared_channel, shared.staff) == ("T0HOME", True, False)
     assert (own_ws.author_team, own_ws.shared_channel) == ("T0HOME", False)
+
+
+def test_to_inbound_of_an_edit() -> None:
+    """message_changed becomes the core's InboundEdit: the message as it now reads, with the ids
+    of the message edited, how it read before, and the edit's own ts."""
+    settings = socket_settings(FakeSlack())
+    posted = message_event(text="hi <@U9>", ts="1700000000.000200", thread_ts="1700000000.000100")
+    env = edit_event(posted, text="hi <@U9|bob>, we were hacked\n&gt; quoted", edit_ts="1700000100.000300")
+    edit = to_inbound(env, settings=settings, bot_user_id=BOT_USER)
+    assert isinstance(edit, InboundEdit)
+    m = edit.message
+    assert (m.sender, m.body, m.new_text, m.quoted) == (
+        "U0ALICE", "hi @bob, we were hacked\n> quoted", "hi @bob, we were hacked", "quoted"
+    )  # fmt: skip
+    assert m.external_id == f"{TEAM}/{CHANNEL}/1700000000.000200" and m.chat_ts == "1700000000.000200"
+    assert m.thread_key == f"{TEAM}/{CHANNEL}/1700000000.000100" and m.organisation == "acme"
+    assert m.event_id == env["event_id"] and json.loads(m.raw)["event"]["subtype"] == "message_changed"
+    assert edit.edit_id == "1700000100.000300" and edit.edited_at is not None
+    assert edit.edited_at.timestamp() == pytest.approx(1700000100.0003)
+    assert edit.previous is not None and edit.previous.body == "hi @U9" and not edit.text_unchanged
+    assert edit.dedup_key == f"edit:ext:{TEAM}/{CHANNEL}/1700000000.000200@1700000100.000300"
+    unfurl = to_inbound(edit_event(posted, text="hi <@U9>", edited=False), settings=settings)
+    assert isinstance(unfurl, InboundEdit) and unfurl.text_unchanged  # the core sees it changed nothing
+    no_message = edit_event(posted, text="y")
+    del no_message["event"]["message"]
+    ignored = {
+        "bot": edit_event(message_event(text="x", user="U0JENKINS", bot_id="B0JENKINS"), text="y"),
+        "subtype": edit_event(message_event(text="x", user=None, subtype="bot_message", bot_id="B1"), text="y"),
+        "ours": edit_event(message_event(text="x", user=BOT_USER), text="y", edited=False),
+        "unconnected channel": edit_event(message_event(text="x", channel="C0NOTOURS"), text="y"),
+        "edit": no_message,
+        "deleted": message_event(text="", user=None, subtype="message_deleted", deleted_ts="1700000000.000200"),
+    }
+    for key, event in ignored.items():
+        result = to_inbound(event, settings=settings, bot_user_id=BOT_USER)
+        assert isinstance(result, Ignored) and result.key == key, (key, result)
 
 
 def test_the_core_decides_who_is_staff() -> None:
