@@ -313,7 +313,7 @@ def render_acknowledgement(
         reference=ticket.reference,
         severity=name,
         severity_definition=definition,
-        response_target=describe_target(policy.level(ticket.severity).initial_response, templates.language),
+        response_target=describe_target(policy.target(ticket.severity, ticket.plan), templates.language),
         security_note=templates.render("security-note", reference=ticket.reference) if ticket.security else "",
         # Only a security incident's level is the policy's own; any other is the default or a
         # rule's guess until a specialist assigns it (the policy's words).
@@ -363,7 +363,7 @@ def render_chat_acknowledgement(
         reference=ticket.reference,
         severity=name,
         severity_definition=definition,
-        response_target=describe_target(policy.level(ticket.severity).initial_response, templates.language),
+        response_target=describe_target(policy.target(ticket.severity, ticket.plan), templates.language),
         alert_note=alert_note,
         security_note=security_note,
         entitlement_note=_entitlement_text(templates, plan, str(message.channel)).strip(),

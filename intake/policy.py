@@ -3,7 +3,9 @@
 Defaults come from the CaliberMind support policy (``shared/policies``): four severity levels
 with initial-response targets of 30 minutes, 1 hour, 8 hours and 24 hours, and the "How to
 Report a Problem" checklist. A team replaces them through configuration; nothing here reads
-configuration itself.
+configuration itself. A target is calendar time or business time (``intake.businesstime``):
+"2 business days" counts on the policy's :class:`BusinessCalendar`, and so does every target
+of a plan whose support runs in business hours only (Mindful's Standard support).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from intake.businesstime import BusinessCalendar, BusinessTime, Target, as_business_time, describe_business_time
+from intake.errors import ConfigError
 from intake.model import InboundMessage, Severity
 
 
@@ -21,11 +25,12 @@ class Level:
     severity: Severity
     name: str
     definition: str
-    # Target name -> time allowed from when the customer wrote ("initial_response" first).
-    targets: Mapping[str, timedelta]
+    # Target name -> time allowed from when the customer wrote ("initial_response" first), in
+    # calendar or business time.
+    targets: Mapping[str, Target]
 
     @property
-    def initial_response(self) -> timedelta:
+    def initial_response(self) -> Target:
         return next(iter(self.targets.values()))
 
 
@@ -153,6 +158,9 @@ class Plan:
 
     name: str
     channels: frozenset[str]
+    # Support in business hours only (Mindful's Standard support): every target of the plan
+    # counts in business time, a calendar one read as business time (1 hour: 1 business hour).
+    business_hours: bool = False
 
 
 DEFAULT_PLANS: Mapping[str, Plan] = {
@@ -192,6 +200,14 @@ class Policy:
     chain: tuple[Step, ...] = tuple(Step(n) for n in DEFAULT_CHAIN)
     escalation_cooldown: timedelta = timedelta(hours=1)
     about_to_miss: timedelta = timedelta(minutes=10)  # lead time of the "about to miss" notice
+    calendar: BusinessCalendar | None = None  # when business time counts; needed by business targets
+
+    def __post_init__(self) -> None:
+        if self.calendar is None and (
+            any(p.business_hours for p in self.plans.values())
+            or any(isinstance(t, BusinessTime) for lvl in self.levels for t in lvl.targets.values())
+        ):
+            raise ConfigError("targets count in business time, but the policy has no business calendar")
 
     def level(self, severity: Severity) -> Level:
         for lvl in self.levels:
@@ -199,12 +215,31 @@ class Policy:
                 return lvl
         raise KeyError(severity)
 
-    def due(self, severity: Severity, since: datetime) -> datetime:
-        return since + self.level(severity).initial_response
+    def targets(self, severity: Severity, plan: str | None = None) -> dict[str, Target]:
+        """The targets of a severity as they count for a plan (by name; None: calendar time as
+        written)."""
+        targets = self.level(severity).targets
+        known = self.plans.get(plan) if plan is not None else None
+        if known is not None and known.business_hours:
+            return {n: t if isinstance(t, BusinessTime) else as_business_time(t) for n, t in targets.items()}
+        return dict(targets)
 
-    def deadlines(self, severity: Severity, since: datetime) -> dict[str, datetime]:
+    def target(self, severity: Severity, plan: str | None = None) -> Target:
+        """The initial-response target (the first one)."""
+        return next(iter(self.targets(severity, plan).values()))
+
+    def due_after(self, since: datetime, target: Target) -> datetime:
+        if isinstance(target, timedelta):
+            return since + target
+        assert self.calendar is not None  # __post_init__: business targets come with a calendar
+        return self.calendar.add(since, target)
+
+    def due(self, severity: Severity, since: datetime, plan: str | None = None) -> datetime:
+        return self.due_after(since, self.target(severity, plan))
+
+    def deadlines(self, severity: Severity, since: datetime, plan: str | None = None) -> dict[str, datetime]:
         """Every target the policy names for this severity, as due times from ``since``."""
-        return {name: since + delta for name, delta in self.level(severity).targets.items()}
+        return {name: self.due_after(since, t) for name, t in self.targets(severity, plan).items()}
 
     def organisation_of(self, address: str) -> str | None:
         """The configured organisation an address belongs to (by domain or parent domain)."""
@@ -232,8 +267,12 @@ _UNITS = {
 }
 
 
-def describe_target(delta: timedelta, language: str = "en") -> str:
-    """'30 minutes', '1 hour', '8 hours', '2 days' (or in Spanish: '30 minutos', '1 hora')."""
+def describe_target(target: Target, language: str = "en") -> str:
+    """'30 minutes', '1 hour', '8 hours', '2 days', '2 business days' (or in Spanish: '30 minutos',
+    '1 hora', '2 días hábiles')."""
+    if isinstance(target, BusinessTime):
+        return describe_business_time(target, language)
+    delta = target
     minutes = int(delta.total_seconds() // 60)
     if minutes % (24 * 60) == 0 and minutes >= 48 * 60:
         n, unit = minutes // (24 * 60), "day"

@@ -624,7 +624,7 @@ class IntakeService:
             notes.append(f"the {a.plan.name} plan does not include {message.channel}; taken in all the same")
         if why_not:
             notes.append(f"no acknowledgement sent: {why_not}")
-        targets = self.policy.deadlines(severity, now)
+        targets = self.policy.deadlines(severity, now, a.plan.name)
         ticket = uow.create_ticket(
             NewTicket(
                 reference=reference,
@@ -636,7 +636,7 @@ class IntakeService:
                 severity=severity,
                 security=a.verdict.security,
                 created_at=now,
-                response_due=self.policy.due(severity, now),
+                response_due=self.policy.due(severity, now, a.plan.name),
                 thread_key=message.thread_key,
                 ack_status="queued" if why_not is None else f"suppressed: {why_not}",
                 notes=tuple(notes),
@@ -865,8 +865,8 @@ class IntakeService:
         due = ticket.response_due
         targets = dict(ticket.targets)
         if severity < ticket.severity:  # never lowered; raised targets can only come sooner
-            due = min(due, self.policy.due(severity, now))
-            for name, when in self.policy.deadlines(severity, now).items():
+            due = min(due, self.policy.due(severity, now, ticket.plan))
+            for name, when in self.policy.deadlines(severity, now, ticket.plan).items():
                 targets[name] = min(targets.get(name, when), when)
         change = TicketChange(
             severity=severity if severity != ticket.severity else None,

@@ -116,12 +116,12 @@ def _unpack_automation(t: tuple[str, str] | None) -> Automation | None:
     return None if t is None else Automation(AutomationKind(t[0]), t[1])
 
 
-def _pack_plan(p: Plan) -> tuple[str, tuple[str, ...]]:
-    return (p.name, tuple(p.channels))
+def _pack_plan(p: Plan) -> tuple[str, tuple[str, ...], bool]:
+    return (p.name, tuple(p.channels), p.business_hours)
 
 
-def _unpack_plan(t: tuple[str, tuple[str, ...]]) -> Plan:
-    return Plan(t[0], frozenset(t[1]))
+def _unpack_plan(t: tuple[str, tuple[str, ...], bool]) -> Plan:
+    return Plan(t[0], frozenset(t[1]), t[2])
 
 
 _CHANNELS = {c.value: c for c in Channel}
