@@ -21,9 +21,10 @@ import signal
 import socket
 import sys
 import time
+import zoneinfo
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any, TypeVar
 
 from adapters import cpus, leases
@@ -37,8 +38,9 @@ from adapters.email.listener import (
 from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
 from adapters.heap import settle_heap
-from adapters.settings import Settings, relay_tls_context
+from adapters.settings import CalendarSettings, Settings, public_holidays, relay_tls_context
 from intake.acknowledgement import Outbound, TemplateBook
+from intake.businesstime import BusinessCalendar, parse_hours, parse_target
 from intake.dispatch import Dispatcher
 from intake.model import Severity
 from intake.policy import DEFAULT_CHAIN, DEFAULT_LEVELS, Level, Plan, Policy, Step
@@ -78,6 +80,25 @@ def run_loop(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
 OUTBOX_CONCURRENCY = 10  # sends the outbox dispatcher runs at once (and relay connections kept)
 
 
+# Public holidays are read for the year before this one to ten years on: due times lie weeks
+# ahead at most, and a process runs for less than ten years.
+HOLIDAY_YEARS = (-1, 10)
+
+
+def make_calendar(cal: CalendarSettings, today: date | None = None) -> BusinessCalendar:
+    holidays = frozenset(cal.holidays)
+    if cal.holiday_country:
+        year = (today or date.today()).year
+        years = range(year + HOLIDAY_YEARS[0], year + HOLIDAY_YEARS[1] + 1)
+        holidays |= public_holidays(cal.holiday_country, cal.holiday_subdivision, years)
+    return BusinessCalendar(
+        zone=zoneinfo.ZoneInfo(cal.timezone),
+        days=cal.weekdays,
+        hours=tuple(parse_hours(h) for h in cal.hours),
+        holidays=holidays,
+    )
+
+
 def make_policy(settings: Settings) -> Policy:
     pol = settings.policy
     levels = (
@@ -86,7 +107,7 @@ def make_policy(settings: Settings) -> Policy:
                 Severity(lvl.severity),
                 lvl.name,
                 lvl.definition,
-                {name: timedelta(minutes=m) for name, m in lvl.targets.items()},
+                {name: parse_target(value) for name, value in lvl.targets.items()},
             )
             for lvl in sorted(pol.levels, key=lambda x: x.severity)
         )
@@ -102,12 +123,16 @@ def make_policy(settings: Settings) -> Policy:
         levels=levels,
         default_severity=Severity(pol.default_severity),
         organisations={name: tuple(d.lower() for d in org.domains) for name, org in settings.organisations.items()},
-        plans={name: Plan(name, frozenset(p.channels)) for name, p in settings.plans.items()},
+        plans={
+            name: Plan(name, frozenset(p.channels), business_hours=p.support_hours == "business")
+            for name, p in settings.plans.items()
+        },
         organisation_plans={name: org.plan for name, org in settings.organisations.items() if org.plan},
         default_plan=pol.default_plan,
         chain=chain,
         escalation_cooldown=timedelta(minutes=pol.escalation_cooldown_minutes),
         about_to_miss=timedelta(minutes=pol.about_to_miss_minutes),
+        calendar=make_calendar(pol.calendar) if pol.calendar else None,
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import ssl
 import tomllib
+import zoneinfo
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,10 +23,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from intake.businesstime import WEEKDAYS, BusinessTime, parse_hours, parse_target
 from intake.errors import ConfigError
 
 ENV_CONFIG = "INTAKE_CONFIG"
@@ -191,16 +195,100 @@ class LevelSettings(_Section):
     severity: int = Field(ge=1, le=4)
     name: str
     definition: str = ""
-    # Target name -> minutes from when the customer wrote; the first is the initial response.
-    targets: dict[str, int] = Field(min_length=1)
+    # Target name -> minutes from when the customer wrote (calendar time), or a text: "1 day",
+    # "2 business days", "4 business hours". The first is the initial response.
+    targets: dict[str, int | str] = Field(min_length=1)
 
     @field_validator("targets")
     @classmethod
-    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
-        for name, minutes in v.items():
-            if minutes <= 0:
-                raise ValueError(f"target {name!r} must be a positive number of minutes")
+    def _targets(cls, v: dict[str, int | str]) -> dict[str, int | str]:
+        for name, value in v.items():
+            try:
+                parse_target(value)
+            except ValueError as exc:
+                raise ValueError(f"target {name!r}: {exc}") from None
         return v
+
+    def in_business_time(self) -> list[str]:
+        """Names of the targets given in business time."""
+        return [name for name, value in self.targets.items() if isinstance(parse_target(value), BusinessTime)]
+
+
+def public_holidays(country: str, subdivision: str | None, years: range) -> frozenset[date]:
+    """A country's (and subdivision's) public holidays in ``years``, observed days included,
+    from the ``holidays`` package (imported only here: only a calendar that names a country pays
+    for it). Raises ValueError when the package does not know the country or subdivision."""
+    import holidays
+
+    try:
+        return frozenset(holidays.country_holidays(country, subdiv=subdivision, years=years))
+    except NotImplementedError as exc:  # its answer to an unknown country or subdivision
+        raise ValueError(str(exc)) from None
+
+
+class CalendarSettings(_Section):
+    """When business time counts: "2 business days" targets and business-hours plans."""
+
+    timezone: str  # an IANA name, such as "Europe/Madrid" (the tz database, through zoneinfo)
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"], min_length=1
+    )
+    # The same every working day; a split day is two ranges: ["09:00-13:00", "14:00-18:00"].
+    hours: list[str] = Field(default_factory=lambda: ["09:00-17:00"], min_length=1)
+    holidays: list[date] = Field(default_factory=list)  # 2026-12-24 or "2026-12-24", in the zone
+    # Public holidays of a country (ISO 3166 code: "ES", "US") and subdivision ("MD", "CA") too,
+    # from the holidays package.
+    holiday_country: str | None = None
+    holiday_subdivision: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                f'{v!r} is not a time zone known here: an IANA name such as "Europe/Madrid" or '
+                '"America/New_York" (the tz database: the system\'s tzdata or the tzdata package)'
+            ) from None
+        return v
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a day is named twice")
+        return v
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, v: list[str]) -> list[str]:
+        ranges = [parse_hours(text) for text in v]  # ValueError names the range
+        for (_, closing), (opening, _), text in zip(ranges, ranges[1:], v[1:], strict=False):
+            if opening < closing:
+                raise ValueError(f"{text!r} starts before the range before it closes (give ranges in order)")
+        return v
+
+    @field_validator("holiday_country")
+    @classmethod
+    def _country(cls, v: str | None) -> str | None:
+        if v is not None:
+            public_holidays(v, None, range(0))  # no year: only whether the package knows it
+        return v
+
+    @field_validator("holiday_subdivision")
+    @classmethod
+    def _subdivision(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            country = info.data.get("holiday_country")
+            if not country:
+                raise ValueError("needs holiday_country")
+            public_holidays(country, v, range(0))
+        return v
+
+    @property
+    def weekdays(self) -> frozenset[int]:
+        return frozenset(WEEKDAYS.index(d) for d in self.days)
 
 
 class PolicySettings(_Section):
@@ -214,6 +302,8 @@ class PolicySettings(_Section):
     escalation_phrases: list[str] = Field(default_factory=list)  # added to the built-in ones
     # Replaces the built-in CaliberMind table when given (all four severities).
     levels: list[LevelSettings] = Field(default_factory=list)
+    # Needed (its timezone, at least) when a target or a plan counts in business time.
+    calendar: CalendarSettings | None = None
 
     @field_validator("levels")
     @classmethod
@@ -225,6 +315,9 @@ class PolicySettings(_Section):
 
 class PlanSettings(_Section):
     channels: list[Literal["email", "slack"]] = Field(default_factory=lambda: ["email"])
+    # "business": support in business hours only, every target counts in business time
+    # (policy.calendar): 60 minutes is 1 business hour, 1440 is 1 business day.
+    support_hours: Literal["24x7", "business"] = "24x7"
 
 
 class OrganisationSettings(_Section):
@@ -362,6 +455,21 @@ def _check_references(settings: Settings) -> list[str]:
             )
     if settings.policy.default_plan not in settings.plans:
         problems.append(f"  policy.default_plan: unknown plan {settings.policy.default_plan!r}")
+    if settings.policy.calendar is None:
+        # Refused rather than a guessed calendar: a zone guessed wrong (UTC for a team in
+        # Madrid or Chicago) would put every due time hours off, silently.
+        business = [
+            f"policy.levels severity {lvl.severity} target {name!r}"
+            for lvl in settings.policy.levels
+            for name in lvl.in_business_time()
+        ] + [f"plans.{name}.support_hours" for name, p in settings.plans.items() if p.support_hours == "business"]
+        if business:
+            problems.append(
+                "  policy.calendar.timezone: not set, but business time is asked for by "
+                + ", ".join(business[:3])
+                + (" and more" if len(business) > 3 else "")
+                + ' (add [policy.calendar] with timezone = "Europe/Madrid", say)'
+            )
     return problems
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from adapters.bootstrap import build
+from adapters.bootstrap import build, make_calendar, make_policy
 from adapters.cli import main
+from adapters.settings import CalendarSettings, load_settings
 from intake.acknowledgement import TemplateBook
+from intake.businesstime import BusinessTime
 from intake.errors import ConfigError
+from intake.model import Severity
 from intake.reference import References
 from tests.adapters.conftest import RelayStandIn
 from tests.adapters.harness import mail, running_intake, settings_for
@@ -381,3 +384,198 @@ async def test_an_escalation_asked_from_an_address_that_cannot_be_answered_gets_
         assert detail["escalation_step"] == 1 and len(detail["messages"]) == 2
         assert stats["outbox"]["failed"] == 0, detail["outbox"]
         assert "escalation-reply" not in [o["kind"] for o in detail["outbox"]]
+
+
+# --- business time ------------------------------------------------------------------------------
+
+# Mindful's table as its words go, Low first assessed (the default severity here).
+MINDFUL_BUSINESS = """
+[policy]
+default_severity = 4
+[policy.calendar]
+timezone = "Europe/Madrid"
+holidays = [2026-12-08]
+[[policy.levels]]
+severity = 1
+name = "Critical"
+targets = { response = "1 hour", restore = "24 hours", resolve = "15 days" }
+[[policy.levels]]
+severity = 2
+name = "High"
+targets = { response = "4 hours", restore = "48 hours", resolve = "30 days" }
+[[policy.levels]]
+severity = 3
+name = "Medium"
+targets = { response = "1 day", restore = "2 business days", resolve = "30 days" }
+[[policy.levels]]
+severity = 4
+name = "Low"
+targets = { response = "2 business days", restore = "4 business days" }
+[triage]
+email = "triage@example.com"
+"""
+
+
+async def test_a_business_time_target_over_a_weekend_and_a_holiday(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """Friday 4 December 2026, 16:00 in Madrid (15:00 UTC); Tuesday the 8th is a holiday. "2
+    business days": Friday's last hour, Monday, then Wednesday until 16:00, told to the customer
+    as the contract says it, in English and in Spanish; no notice to triage over the weekend."""
+    clock = DrivenClock()
+    clock.t = datetime(2026, 12, 4, 15, 0, tzinfo=UTC)
+    due = datetime(2026, 12, 9, 15, 0, tzinfo=UTC)  # Wednesday 16:00 in Madrid
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra=MINDFUL_BUSINESS)
+    async with running_intake(settings, clock=clock) as h:
+        ref = ref_of((await h.send(mail(subject="Question about report filters"))).text)
+        es = ref_of(
+            (
+                await h.send(
+                    mail(
+                        sender="Bea <bea@acme.com>",
+                        subject="No puedo acceder",
+                        body="Hola, desde esta mañana no puedo acceder a los informes. ¿Pueden ayudarme?",
+                    )
+                )
+            ).text
+        )
+        t = h.detail(ref)
+        assert t["severity"] == 4 and t["response_due"] == due
+        # 4 business days: Friday 1 hour, Monday, Wednesday, Thursday, Friday until 16:00.
+        assert t["targets"] == {"response": due.isoformat(), "restore": "2026-12-11T15:00:00+00:00"}
+        await h.outbox_settled()
+        acks = {m.rcpt_tos[0]: m.message.get_content() for m in await smtp_relay.wait_for(4)}  # and 2 to triage
+        assert "Initial response: within 2 business days" in acks["alice@acme.com"]
+        assert "en menos de 2 días hábiles" in acks["bea@acme.com"]
+        # tickets list --json: the same due time, ISO 8601.
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        out = CliRunner().invoke(main, ["--config", str(cfg), "tickets", "list", "--json"])
+        assert out.exit_code == 0, out.output
+        assert {t["reference"]: t["response_due"] for t in json.loads(out.output)} == {
+            ref: "2026-12-09T15:00:00+00:00",
+            es: "2026-12-09T15:00:00+00:00",
+        }
+        # The response clock: quiet all weekend and on the holiday; "about to miss" ten minutes
+        # before Wednesday 16:00, "missed" at it.
+        for t_utc, expected in (
+            (datetime(2026, 12, 6, 15, 0, tzinfo=UTC), 0),  # Sunday: "2 days" in calendar time
+            (datetime(2026, 12, 8, 15, 0, tzinfo=UTC), 0),
+            (due - timedelta(minutes=9), 2),
+            (due, 2),
+        ):
+            clock.t = t_utc
+            assert await h.app.sla.run_once() == expected, t_utc
+
+
+def _settings_file(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "intake.toml"
+    cfg.write_text(text, encoding="utf-8")
+    return cfg
+
+
+LEVELS_WITH = """
+[[policy.levels]]
+severity = 1
+name = "Critical"
+targets = {{ response = 60 }}
+[[policy.levels]]
+severity = 2
+name = "High"
+targets = {{ response = 240 }}
+[[policy.levels]]
+severity = 3
+name = "Medium"
+targets = {{ response = "1 day" }}
+[[policy.levels]]
+severity = 4
+name = "Low"
+targets = {{ response = {low} }}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[policy.calendar]\ntimezone = "Europe/Madird"\n',
+            "policy.calendar.timezone: Value error, 'Europe/Madird' is not a time zone known here",
+        ),
+        ('[policy.calendar]\nhours = ["09:00-17:00"]\n', "policy.calendar.timezone: Field required"),
+        (
+            '[policy.calendar]\ntimezone = "UTC"\nhours = ["9-17"]\n',
+            "policy.calendar.hours: Value error, '9-17' is not a range of hours",
+        ),
+        (
+            '[policy.calendar]\ntimezone = "UTC"\nhours = ["17:00-09:00"]\n',
+            "policy.calendar.hours: Value error, '17:00-09:00' closes before it opens",
+        ),
+        (
+            '[policy.calendar]\ntimezone = "UTC"\nhours = ["14:00-18:00", "09:00-13:00"]\n',
+            "policy.calendar.hours: Value error, '09:00-13:00' starts before the range before it closes",
+        ),
+        ('[policy.calendar]\ntimezone = "UTC"\ndays = ["monday"]\n', "policy.calendar.days.0: Input should be 'mon'"),
+        ('[policy.calendar]\ntimezone = "UTC"\ndays = []\n', "policy.calendar.days: List should have at least 1"),
+        ('[policy.calendar]\ntimezone = "UTC"\ndays = ["mon", "mon"]\n', "policy.calendar.days: Value error, a day is"),
+        (
+            '[policy.calendar]\ntimezone = "UTC"\nholiday_country = "XX"\n',
+            "policy.calendar.holiday_country: Value error, Country XX not available",
+        ),
+        (
+            '[policy.calendar]\ntimezone = "UTC"\nholiday_country = "ES"\nholiday_subdivision = "ZZ"\n',
+            "policy.calendar.holiday_subdivision: Value error, Entity `ES` does not have subdivision ZZ",
+        ),
+        (
+            LEVELS_WITH.format(low='"2 bussiness days"'),
+            "policy.levels.3.targets: Value error, target 'response': '2 bussiness days' is not a time",
+        ),
+        (
+            LEVELS_WITH.format(low='"2 business days"'),
+            "policy.calendar.timezone: not set, but business time is asked for by policy.levels severity 4 "
+            "target 'response'",
+        ),
+        (
+            '[plans.standard]\nsupport_hours = "business"\n',
+            "policy.calendar.timezone: not set, but business time is asked for by plans.standard.support_hours",
+        ),
+    ],
+)
+def test_a_bad_calendar_or_target_stops_start_up_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(_settings_file(tmp_path, text), environ={})
+
+
+def test_the_calendar_and_business_hours_plans_reach_the_policy(tmp_path: Path) -> None:
+    text = (
+        LEVELS_WITH.format(low='"2 business days"')
+        + '[policy.calendar]\ntimezone = "Europe/Madrid"\nhours = ["09:00-13:00", "14:00-18:00"]\n'
+        + 'holidays = [2026-12-24, "2026-12-31"]\n'
+        + '[plans.standard]\nsupport_hours = "business"\n[plans.enterprise]\nchannels = ["email", "slack"]\n'
+    )
+    policy = make_policy(load_settings(_settings_file(tmp_path, text), environ={}))
+    assert policy.calendar is not None
+    assert policy.calendar.hours == ((540, 780), (840, 1080)) and policy.calendar.days == frozenset(range(5))
+    assert policy.calendar.holidays == {date(2026, 12, 24), date(2026, 12, 31)}
+    assert policy.plans["standard"].business_hours and not policy.plans["enterprise"].business_hours
+    friday = datetime(2026, 11, 27, 16, 30, tzinfo=UTC)  # 17:30 in Madrid: half an hour before closing
+    assert policy.due(Severity.S1, friday, "standard") == datetime(2026, 11, 30, 8, 30, tzinfo=UTC)
+    assert policy.due(Severity.S1, friday, "enterprise") == friday + timedelta(hours=1)
+
+
+def test_public_holidays_of_a_country_come_from_the_holidays_package() -> None:
+    cal = make_calendar(
+        CalendarSettings(timezone="Europe/Madrid", holiday_country="ES", holiday_subdivision="MD", holidays=[]),
+        today=date(2026, 12, 1),
+    )
+    assert {date(2026, 12, 8), date(2027, 1, 1), date(2027, 1, 6), date(2036, 12, 25)} <= cal.holidays
+    assert date(2025, 12, 25) in cal.holidays and date(2037, 12, 25) not in cal.holidays  # -1 to +10 years
+    # Thursday 31 December, 15:00 in Madrid: New Year's Day and Epiphany are not working days.
+    since = datetime(2026, 12, 31, 14, 0, tzinfo=UTC)
+    assert cal.add(since, BusinessTime(4, "day")) == datetime(2027, 1, 8, 14, 0, tzinfo=UTC)
+
+
+def test_existing_configurations_in_minutes_load_unchanged(tmp_path: Path) -> None:
+    policy = make_policy(load_settings(_settings_file(tmp_path, MINDFUL), environ={}))
+    assert policy.calendar is None
+    assert policy.level(Severity.S4).targets == {
+        "response": timedelta(minutes=2880),
+        "restore": timedelta(minutes=5760),
+    }
