@@ -93,7 +93,9 @@ class InboundMessage:
     body: str = ""
     new_text: str = ""
     quoted: str = ""  # quoted history (looked at only by rules that ask for it)
-    html: bool = False  # the text came from an HTML-only part
+    # Some of the body is text rendered from HTML: an HTML-only part, or the HTML of an
+    # alternative whose plain part did not stand for it (a placeholder, cut short).
+    html: bool = False
     attachments: tuple[Attachment, ...] = ()
     message_id: str = ""
     in_reply_to: tuple[str, ...] = ()

@@ -18,8 +18,11 @@ occurs is re-read with the boundary it does use, and parts that a reused boundar
 the epilogue are read back. A multipart never closed is flagged ("may be truncated").
 
 The body is the text/plain parts; else the text/html parts as text (``html=True``); else
-named inline text parts; else the body of the first attached message. Attached messages and
-delivery reports are attachments, not the author's text.
+named inline text parts; else the body of the first attached message. In a
+multipart/alternative whose plain part does not stand for its HTML (a placeholder such as
+"This message is in HTML format", or a plain part cut short: ``alternative.choose``), the
+HTML's text is the body (``html=True``). Attached messages and delivery reports are
+attachments, not the author's text.
 
 Text is decoded leniently everywhere: the declared charset, then UTF-8, then cp1252, then
 Latin-1 (which cannot fail). A part labelled ASCII/Latin-1/cp1252 that is valid UTF-8 is read
@@ -38,7 +41,7 @@ import email.utils
 import io
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import (
@@ -55,6 +58,7 @@ from email.policy import compat32
 import mailparser
 from mailparser.exceptions import MailParserError, MailParserRecursionError
 
+from adapters.email.alternative import choose
 from intake.headers import stored_name
 from intake.model import Attachment, Channel, InboundMessage
 from intake.text import html_to_text, split_message
@@ -812,18 +816,24 @@ def _body(parts: _Parts, depth: int = 0) -> tuple[str, bool]:
     """The text of the message and whether any of it came from HTML.
 
     Text parts in document order, except HTML that a plain part stands for: in a
-    multipart/alternative with a text/plain part, and, outside any alternative, an HTML part
-    after a plain one (broken mailers flatten alternatives into multipart/mixed). An HTML body
-    followed by a plain footer (mailing lists) keeps both. Failing any text part: named inline
-    text parts, then the body of the first attached message.
+    multipart/alternative with a text/plain part that stands for its text/html
+    (``alternative.choose``: not a placeholder, not cut short; else the HTML's text instead),
+    and, outside any alternative, an HTML part after a plain one (broken mailers flatten
+    alternatives into multipart/mixed). An HTML body followed by a plain footer (mailing lists)
+    keeps both. Failing any text part: named inline text parts, then the body of the first
+    attached message.
     """
-    with_plain = {group for text, is_html, group in parts.texts if group and not is_html and text.strip()}
+    with_plain, html_instead = _alternatives(parts.texts)
     chosen: list[tuple[str, bool]] = []
     plain_seen = False  # a plain part outside any alternative came before
     for text, is_html, group in parts.texts:
         if not text.strip():
             continue
-        if is_html:
+        if group in html_instead:
+            if not is_html:
+                continue  # the plain part does not stand for the HTML
+            text = next(html_instead[group])
+        elif is_html:
             if (group and group in with_plain) or (not group and plain_seen):
                 continue
             text = html_to_text(text)
@@ -839,6 +849,27 @@ def _body(parts: _Parts, depth: int = 0) -> tuple[str, bool]:
     if parts.inner and depth < _MAX_INNER_DEPTH:
         return _body(_walk(parts.inner[0]), depth + 1)
     return "", False
+
+
+def _alternatives(texts: list[tuple[str, bool, int]]) -> tuple[set[int], dict[int, Iterator[str]]]:
+    """The alternatives with a plain part (not blank), and of those, the ones whose plain part
+    does not stand for their HTML, with the text of each of their HTML parts in turn."""
+    plain: dict[int, list[str]] = {}
+    html: dict[int, list[str]] = {}
+    for text, is_html, group in texts:
+        if group and text.strip():
+            (html if is_html else plain).setdefault(group, []).append(text)
+    instead: dict[int, Iterator[str]] = {}
+    for group, plain_texts in plain.items():
+        if group in html:
+            try:
+                choice = choose("\n\n".join(plain_texts), html[group])
+            except Exception:  # a bug there must not cost the message its body: the plain part, as before
+                log.warning("could not compare the parts of an alternative", exc_info=True)
+                continue
+            if choice.html:
+                instead[group] = iter(choice.html_texts)
+    return set(plain), instead
 
 
 def _trim(text: str) -> str:
