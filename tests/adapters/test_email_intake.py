@@ -307,6 +307,64 @@ async def test_every_corpus_file_is_taken_in_or_refused_clearly(intake, smtp_rel
     assert len(smtp_relay.messages) < len(files) - len(bounces) + 5
 
 
+DATA = Path(__file__).resolve().parent.parent / "data" / "email"
+
+BEHIND_A_PLACEHOLDER = [
+    # (file: the plain part is a placeholder or cut short, the report is in the HTML; its words)
+    ("alt_placeholder_entourage.eml", "I think we were hacked overnight."),
+    ("alt_placeholder_es.eml", "nos hackearon la cuenta de administración"),
+    ("alt_plain_truncated.eml", "We believe we were hacked"),
+]
+
+
+@pytest.mark.parametrize(("name", "report"), BEHIND_A_PLACEHOLDER, ids=[n for n, _ in BEHIND_A_PLACEHOLDER])
+async def test_a_breach_reported_only_in_the_html_pages_the_irt_lead(  # type: ignore[no-untyped-def]
+    intake, smtp_relay: RelayStandIn, name: str, report: str
+) -> None:
+    """The plain part says "This message is in HTML format" (or stops mid-word): the keyword
+    rules read the HTML's text, so the ticket is a security incident and the IRT lead is paged,
+    and what staff read is the report."""
+    reply = await intake.send((DATA / name).read_bytes())
+    assert reply.code == 250, reply
+    ref = ref_of(reply.text)
+    detail = intake.detail(ref)
+    assert (detail["severity"], detail["security"]) == (1, True)
+    [stored] = detail["messages"]
+    assert report in stored["body"] and stored["html"]
+    assert "HTML" not in stored["body"]
+    [alert] = [n for n in detail["outbox"] if n["kind"] == "irt-alert"]
+    assert alert["recipient"] == "irt-lead@example.com"
+    sent = {m.rcpt_tos[0]: m.message for m in await smtp_relay.wait_for(2)}
+    assert ref in str(sent["irt-lead@example.com"]["Subject"])
+
+
+async def test_the_checklist_reads_the_report_in_the_html(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """The report behind Entourage's placeholder gives a phone number, a time and a full
+    description: the acknowledgement asks for none of them."""
+    reply = await intake.send((DATA / "alt_placeholder_entourage.eml").read_bytes())
+    ref = ref_of(reply.text)
+    await intake.outbox_settled()
+    [ack] = [m for m in smtp_relay.messages if m.rcpt_tos == ("dana.whitfield@acme.com",)]
+    text = " ".join(ack.message.get_content().split())
+    assert ref in text
+    for detail in ("phone number", "date and time", "detailed description"):
+        assert detail not in text, detail
+
+
+async def test_an_ordinary_alternative_keeps_its_plain_part(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Outlook's pair whose HTML alone carries a confidentiality notice and a tracking pixel:
+    the stored body is the plain part, as the customer wrote it."""
+    reply = await intake.send((DATA / "alt_html_footer.eml").read_bytes())
+    assert reply.code == 250, reply
+    detail = intake.detail(ref_of(reply.text))
+    [stored] = detail["messages"]
+    assert not stored["html"]
+    assert stored["body"].startswith("Hello,\n\nsince 10:30 today the revenue dashboard")
+    assert stored["body"].endswith("Acme Corp | +1 555 010 2030")
+    assert "CONFIDENTIALITY" not in stored["body"]
+    assert (detail["severity"], detail["security"]) == (3, False)
+
+
 async def test_auto_replies_and_bounces_are_stored_not_acknowledged(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
     r1 = await intake.send(mail(subject="Out of office", headers={"Auto-Submitted": "auto-replied"}))
     r2 = await intake.send(mail(headers={"Precedence": "bulk", "List-Id": "<news.acme.com>"}))
