@@ -345,6 +345,7 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
             "date": _iso(m["sent_date"]),
             "automation": m["automation"],
             "parse_problem": m["parse_problem"],
+            "html": bool(m["html"]),  # the text was rendered from HTML
             "attachments": m["attachments"],
             "hits": m["hits"],
             "text": m["new_text"] or m["body"],
@@ -384,6 +385,8 @@ def tickets_show(ctx: click.Context, reference: str, as_json: bool) -> None:
             click.echo(f"    automated: {m['automation']}")
         if m["parse_problem"]:
             click.echo(f"    parse problem: {m['parse_problem']}")
+        if m["html"]:
+            click.echo("    text rendered from the HTML part")
         for a in m["attachments"]:
             kept = "" if a.get("kept", True) else " (not kept: over the size cap)"
             click.echo(f"    attachment: {a['filename']} {a['content_type']} {a['size']} bytes{kept}")

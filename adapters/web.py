@@ -443,6 +443,8 @@ def _render_message(m: Mapping[str, Any]) -> str:
         why += f" · automation: {esc(m['automation'])}"
     if m.get("parse_problem"):
         why += f" · parse problem: {esc(m['parse_problem'])}"
+    if m.get("html"):
+        why += " · text rendered from the HTML part"
     if m.get("subject"):
         why += f" · subject: {esc(m['subject'])}"
     parts = [

@@ -64,6 +64,27 @@ async def test_tickets_list_and_show_json(tmp_path: Path, smtp_relay: RelayStand
         assert code == 2 and "not a valid reference" in out
 
 
+async def test_tickets_show_says_when_the_text_was_rendered_from_html(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A report whose plain part is only "This message is in HTML format" is read from its
+    HTML; `tickets show` says so, and says nothing of the kind for a plain message."""
+    data = ROOT / "tests" / "data" / "email"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port)) as h:
+        behind = REFS.find((await h.send((data / "alt_placeholder_entourage.eml").read_bytes())).text)[0].reference
+        plain = REFS.find((await h.send(mail())).text)[0].reference
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        code, out = cli("--config", str(cfg), "tickets", "show", str(behind))
+        assert code == 0, out
+        assert "text rendered from the HTML part" in out and "I think we were hacked overnight." in out
+        assert "This message is in HTML format" not in out
+        code, out = cli("--config", str(cfg), "tickets", "show", str(behind), "--json")
+        assert [m["html"] for m in json.loads(out)["messages"]] == [True]
+        code, out = cli("--config", str(cfg), "tickets", "show", str(plain))
+        assert code == 0 and "rendered from the HTML" not in out
+        code, out = cli("--config", str(cfg), "tickets", "show", str(plain), "--json")
+        assert [m["html"] for m in json.loads(out)["messages"]] == [False]
+
+
 def test_rules_check_and_lint(tmp_path: Path) -> None:
     eml = tmp_path / "m.eml"
     eml.write_bytes(

@@ -42,6 +42,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 SECURITY_SUBJECT = "Possible data breach, unauthorized access to our account"
 INJECTION = "<script>alert(1)</script> & <b>bold</b>"
 CHROMIUM = Path("/usr/bin/chromium")
+DATA = Path(__file__).resolve().parent.parent / "data" / "email"
 SCREENSHOTS = os.environ.get("INTAKE_SCREENSHOTS")  # where to keep the screenshots, if anywhere
 
 
@@ -234,6 +235,18 @@ async def test_ticket_page_shows_thread_evidence_and_outbox(web: Web, smtp_relay
     assert status == 308 and headers["Location"] == f"/tickets/{refs['ordinary']}"
     assert (await web.get("/tickets/SUP-0000-0000", BEARER))[0] == 404
     assert (await web.get("/tickets/%3Cscript%3E", BEARER))[0] == 404
+
+
+async def test_ticket_page_says_when_the_text_was_rendered_from_html(web: Web) -> None:
+    """The placeholder plain part ("This message is in HTML format") gave way to the HTML: the
+    page shows the report and says where its text came from."""
+    raw = (DATA / "alt_placeholder_entourage.eml").read_bytes()
+    behind = ref_of((await web.h.send(raw)).text)
+    plain = ref_of((await web.h.send(mail(subject="Dashboard shows no data"))).text)
+    page = await web.page(f"/tickets/{behind}")
+    assert "text rendered from the HTML part" in page and "I think we were hacked overnight." in page
+    assert "This message is in HTML format" not in page
+    assert "rendered from the HTML" not in await web.page(f"/tickets/{plain}")
 
 
 def test_ticket_page_marks_negated_evidence_and_waiting_deliveries() -> None:
