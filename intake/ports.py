@@ -152,6 +152,19 @@ class OutboxEntry:
     kind: str  # "acknowledgement", "irt-alert", "notice", ...
     payload: Outgoing
     created_at: datetime
+    # An IRT alert's or summary's organisation (intake.paging.Organisation.key): whose share of
+    # the alerts it counts against. None on every other note.
+    organisation_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PagingCounts:
+    """What the IRT lead's address was sent in the last hour (intake.paging decides on it)."""
+
+    alerts: int  # IRT alerts, every organisation's
+    alerts_for_organisation: int  # of them, the organisation's at hand
+    summary_sent: bool  # the global ceiling's summary
+    organisation_summary_sent: bool  # the summary naming the organisation at hand
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,6 +237,11 @@ class UnitOfWork(Protocol):
     def enqueue(self, entry: OutboxEntry) -> int: ...
     def mark_undeliverable(self, message_ids: Sequence[str], reason: str) -> list[int]: ...
     def count_outbox_since(self, *, kind: str, recipient: str | None, since: datetime) -> int: ...
+    def paging_counts(self, *, recipient: str, organisation_key: str, since: datetime) -> PagingCounts:
+        """The IRT alerts and summaries (intake.paging.KINDS) sent to ``recipient`` since
+        ``since``, in all and for ``organisation_key``, in one read."""
+        ...
+
     def sender_counts(self, *, sender: str, tickets_since: datetime, acks_since: datetime) -> tuple[int, int]:
         """(tickets ``sender`` opened since ``tickets_since``, acknowledgements sent to them since
         ``acks_since``): the two flood limits of a new email, in one read."""

@@ -127,7 +127,7 @@ OUTBOX_COLUMNS = _columns(
     outbox,
     (
         "id", "ticket_id", "kind", "channel", "recipient", "message_id", "payload", "status", "attempts",
-        "next_attempt_at", "created_at",
+        "next_attempt_at", "created_at", "organisation_key",
     ),
 )  # fmt: skip
 PARTICIPANT_COLUMNS = _columns(participant, ("ticket_id", "address"))

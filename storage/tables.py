@@ -155,6 +155,10 @@ class OutboxRow(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = _ts(nullable=False)
     sent_at: datetime | None = _ts(nullable=True)
+    # An IRT alert's or summary's organisation (intake.paging): the per-organisation share is
+    # counted on it, among the lead's notes of the hour that ix_outbox_recent finds. NULL on
+    # every other note, and on the alerts of a database from before it (counted in all only).
+    organisation_key: str | None = Field(default=None, max_length=400)
 
 
 metadata = SQLModel.metadata

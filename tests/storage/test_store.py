@@ -21,6 +21,7 @@ from intake.reference import References
 from storage.repository import SqlUnitOfWork
 from storage.store import SqlStore
 from storage.tables import outbox
+from storage.tables import ticket as ticket_table
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 REFS = References()
@@ -366,6 +367,58 @@ async def test_a_database_from_before_edits_upgrades_with_its_messages_as_they_w
         ]  # fmt: skip
         [row] = store.run_sync(lambda uow: uow.list_tickets())
         assert row["message_count"] == 1 and store.run_sync(lambda uow: uow.stats())["message_edits"] == 2
+    finally:
+        await store.close()
+
+
+async def test_a_database_from_before_the_alerts_organisations_upgrades_and_counts_its_alerts(db_url: str) -> None:
+    """0004 adds the outbox's organisation_key: an existing database keeps its notes, and the
+    alerts it sent within the hour still count towards the global ceiling (for no organisation)."""
+    from intake.paging import ALERT
+    from intake.ports import PagingCounts
+    from storage import schema
+    from storage.store import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        assert schema.upgrade(engine, "0002") == (None, "0002")
+        with engine.begin() as conn:
+            conn.execute(
+                ticket_table.insert().values(
+                    id=1, reference="SUP-OLD0-0001", subject="s", channel="email", requester="a@acme.com",
+                    requester_name="", severity=1, security=True, status="open", alerted=True, ack_status="queued",
+                    created_at=NOW, updated_at=NOW, response_due=NOW, notes=[], evidence=[], plan="standard",
+                    language="en", targets={}, escalation_step=0,
+                )
+            )  # fmt: skip
+            conn.exec_driver_sql(
+                "INSERT INTO outbox (ticket_id, kind, channel, recipient, message_id, payload, status, attempts, "
+                "next_attempt_at, created_at) VALUES (1, 'irt-alert', 'email', 'irt-lead@example.com', 'old@x', "
+                "'{}', 'sent', 1, '2026-11-21 11:50:00', '2026-11-21 11:50:00')"
+            )
+        assert schema.upgrade(engine) == ("0002", schema.HEAD)
+    finally:
+        engine.dispose()
+    store = SqlStore(db_url)
+    try:
+        schema.check(store.engine)
+
+        lead = OutgoingEmail(
+            to=("irt-lead@example.com",), subject="a", body="b", message_id="new@x", from_address="support@example.com"
+        )
+
+        def counted(uow: SqlUnitOfWork) -> PagingCounts:
+            uow.enqueue(
+                OutboxEntry(ticket_id=1, kind=ALERT, payload=lead, created_at=NOW, organisation_key="domain:acme.com")
+            )
+            return uow.paging_counts(
+                recipient="irt-lead@example.com", organisation_key="domain:acme.com", since=NOW - timedelta(hours=1)
+            )
+
+        # The old alert counts in all, for no organisation; the new one for its own too.
+        assert await store.transact(counted) == PagingCounts(
+            alerts=2, alerts_for_organisation=1, summary_sent=False, organisation_summary_sent=False
+        )
     finally:
         await store.close()
 
