@@ -345,6 +345,12 @@ class StaffSettings(_Section):
     addresses: list[Address] = Field(default_factory=list)  # their email replies are staff replies
 
 
+# One organisation's hourly share of the IRT alerts when not configured: a real incident at one
+# customer is reported by a few people in its first hour (each report pages); past five, the
+# lead is on it, and a flood takes at most a quarter of the default ceiling of 20.
+DEFAULT_IRT_SHARE = 5
+
+
 class LimitSettings(_Section):
     """What one sender (the From address) can make intake do; counted in the database."""
 
@@ -353,6 +359,25 @@ class LimitSettings(_Section):
     tickets_per_sender: int = Field(10, ge=1)
     ticket_period_minutes: int = Field(60, ge=1)
     irt_alerts_per_hour: int = Field(20, ge=1)
+    # One organisation's share of those (intake.paging says who is one organisation). Unset: 5,
+    # or irt_alerts_per_hour where that is less. As many as irt_alerts_per_hour: no share.
+    irt_alerts_per_organisation_per_hour: int | None = Field(None, ge=1)
+
+    @field_validator("irt_alerts_per_organisation_per_hour")
+    @classmethod
+    def _share(cls, v: int | None, info: ValidationInfo) -> int | None:
+        ceiling = info.data.get("irt_alerts_per_hour")
+        if v is not None and ceiling is not None and v > ceiling:
+            raise ValueError(
+                f"{v} is more than irt_alerts_per_hour ({ceiling}): an organisation's share is part of "
+                "that hourly ceiling (set both, or this one at most as high)"
+            )
+        return v
+
+    @property
+    def irt_alerts_per_organisation(self) -> int:
+        share = self.irt_alerts_per_organisation_per_hour
+        return share if share is not None else min(DEFAULT_IRT_SHARE, self.irt_alerts_per_hour)
 
 
 class LogSettings(_Section):

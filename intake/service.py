@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+from intake import paging
 from intake.acknowledgement import (
     Outbound,
     TemplateBook,
@@ -38,7 +39,7 @@ from intake.hygiene import (
     bounced_message_ids,
     detect_automation,
 )
-from intake.model import Direction, InboundEdit, InboundMessage, OutgoingChat, Route, RuleHit, Severity, Verdict
+from intake.model import Direction, InboundEdit, InboundMessage, OutgoingChat, Route, Severity, Verdict
 from intake.policy import Plan, Policy, missing_details
 from intake.ports import (
     Clock,
@@ -57,6 +58,8 @@ from intake.routing import Placement, may_be_told, place
 from intake.rules import PhraseMatcher, RuleSet
 
 log = logging.getLogger("intake.service")
+
+_HOUR = timedelta(hours=1)  # the IRT alert limits' window
 
 # Both policies let a customer ask for escalation at any time; configuration adds phrases.
 DEFAULT_ESCALATION_PHRASES: tuple[str, ...] = (
@@ -120,7 +123,10 @@ class Limits:
     ack_period: timedelta = timedelta(hours=1)
     tickets_per_sender: int = 10
     ticket_period: timedelta = timedelta(hours=1)
+    # Pages to the IRT lead in any hour: at most this many in all, and at most
+    # ``irt_alerts_per_organisation`` for one organisation (intake.paging says why and whose).
     irt_alerts_per_hour: int = 20
+    irt_alerts_per_organisation: int = 5
     trusted_authserv_ids: tuple[str, ...] = ()
     # No acknowledgement to a sender that neither authenticated (SPF / aligned DKIM per a trusted
     # Authentication-Results) nor is a known customer: forged senders must not get backscatter.
@@ -430,7 +436,7 @@ class IntakeService:
             escalated_to = self._escalate(uow, message, a, ticket, now, from_customer=not placement.staff_note)
         if a.verdict.security and not ticket.alerted:
             customer_told, why_not = self._customer_told(uow, message, a, placement, ticket, ack_note)
-            alerted = self._alert(uow, message, ticket, a.verdict.hits, now, told=customer_told, why_not=why_not)
+            alerted = self._alert(uow, message, a, ticket, now, told=customer_told, why_not=why_not)
         else:
             alerted = False
         return Receipt(
@@ -515,7 +521,7 @@ class IntakeService:
         if a.verdict.security and not raised.alerted:
             placement = Placement(Route.EDIT, ticket, note)
             told, why_not = self._customer_told(uow, message, a, placement, raised, NO_EDIT_ACK)
-            alerted = self._alert(uow, message, raised, a.verdict.hits, now, told=told, why_not=why_not)
+            alerted = self._alert(uow, message, a, raised, now, told=told, why_not=why_not)
         return "recorded", replace(receipt, severity=raised.severity, security=raised.security, alerted=alerted)
 
     def _place(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Placement:
@@ -884,8 +890,8 @@ class IntakeService:
         self,
         uow: UnitOfWork,
         message: InboundMessage,
+        a: Assessment,
         ticket: TicketFacts,
-        hits: Sequence[RuleHit],
         now: datetime,
         *,
         told: bool | None = True,
@@ -894,31 +900,37 @@ class IntakeService:
         if not self.irt_email:
             uow.update_ticket(ticket.id, TicketChange(add_notes=("security incident: no IRT lead address configured",)))
             return False
-        hour_ago = now - timedelta(hours=1)
-        paged = uow.count_outbox_since(kind="irt-alert", recipient=self.irt_email, since=hour_ago)
-        if paged >= self.limits.irt_alerts_per_hour:
-            uow.update_ticket(
-                ticket.id,
-                TicketChange(
-                    add_notes=(f"IRT alert ceiling reached ({paged} alerts in the last hour): not paged",),
-                    updated_at=now,
-                ),
-            )
-            if uow.count_outbox_since(kind="irt-summary", recipient=self.irt_email, since=hour_ago) == 0:
+        organisation = paging.organisation_of(message, organisation=a.organisation, auth=a.auth, policy=self.policy)
+        counts = uow.paging_counts(recipient=self.irt_email, organisation_key=organisation.key, since=now - _HOUR)
+        lim = self.limits
+        decision = paging.decide(
+            counts,
+            organisation,
+            per_hour=lim.irt_alerts_per_hour,
+            per_organisation=lim.irt_alerts_per_organisation,
+            reference=ticket.reference,
+        )
+        if not decision.page:
+            uow.update_ticket(ticket.id, TicketChange(add_notes=(decision.note,), updated_at=now))
+            if decision.summary is not None:
                 summary = self.outbound.staff_email(
                     to=self.irt_email,
-                    subject=f"[SECURITY] IRT alert ceiling reached: {paged} alerts in the last hour",
-                    body=(
-                        f"intake has sent {paged} security alerts in the last hour, its configured ceiling.\n"
-                        "Further suspected incidents in this hour are marked Severity 1 on their tickets but\n"
-                        "not paged one by one. See them with: intake tickets list\n"
-                        f"The first one not paged: {ticket.reference}\n"
-                    ),
+                    subject=decision.summary.subject,
+                    body=decision.summary.body,
                     reference=ticket.reference,
                 )
-                uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-summary", payload=summary, created_at=now))
+                uow.enqueue(
+                    OutboxEntry(
+                        ticket_id=ticket.id,
+                        kind=decision.summary.kind,
+                        payload=summary,
+                        created_at=now,
+                        organisation_key=organisation.key,
+                    )
+                )
             return False
         staff_templates = self.templates.get(None)
+        hits = a.verdict.hits
         security_hits = [h for h in hits if "security" in h.tags] or list(hits)
         alert = render_irt_alert(
             templates=staff_templates,
@@ -931,7 +943,11 @@ class IntakeService:
             told=told,
             why_not=why_not,
         )
-        uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=alert, created_at=now))
+        uow.enqueue(
+            OutboxEntry(
+                ticket_id=ticket.id, kind=paging.ALERT, payload=alert, created_at=now, organisation_key=organisation.key
+            )
+        )
         # The IRT lead's answer to the alert threads onto the incident's ticket: the alert's
         # Message-ID (64 random bits) went to the lead alone. And its words are a security
         # incident's: a copy that comes back (the lead's mailbox forwarding to support) must
@@ -942,7 +958,10 @@ class IntakeService:
             dm = render_irt_chat_alert(
                 templates=staff_templates, user=self.irt_chat_user, message=message, ticket=ticket, hits=security_hits
             )
-            uow.enqueue(OutboxEntry(ticket_id=ticket.id, kind="irt-alert", payload=dm, created_at=now))
+            dm_entry = OutboxEntry(
+                ticket_id=ticket.id, kind=paging.ALERT, payload=dm, created_at=now, organisation_key=organisation.key
+            )
+            uow.enqueue(dm_entry)
         uow.update_ticket(ticket.id, TicketChange(alerted=True, updated_at=now))
         return True
 

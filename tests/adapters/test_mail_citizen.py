@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
-from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail, ref_of, running_intake, settings_for
+import pytest
+
+from tests.adapters.conftest import CapturedMessage, RelayStandIn
+from tests.adapters.harness import Harness, mail, ref_of, running_intake, settings_for
+from tests.adapters.test_cli import cli
 
 BREACH = "We think there was a data breach: unauthorized access to our admin account last night."
 
@@ -293,3 +297,125 @@ async def test_an_alert_held_by_the_ceiling_then_sent_does_not_say_what_it_canno
         assert "The customer was told" not in text and "has not been told" not in text
         await asyncio.sleep(0.3)
         assert len(smtp_relay.messages) == 5  # no security notice to Carol: she was a security ticket already
+
+
+def _to_lead(msgs: list[CapturedMessage]) -> list[CapturedMessage]:
+    return [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]
+
+
+def _notes(h: Harness, ref: str) -> list[str]:
+    return [n["text"] for n in h.detail(ref)["notes"]]
+
+
+SHARES = "[limits]\nirt_alerts_per_organisation_per_hour = 2\nacks_per_sender = 100\ntickets_per_sender = 100\n"
+
+
+async def test_one_organisation_s_flood_stops_paging_after_its_share_while_another_s_incident_pages(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A scanner at one organisation forwards its findings to support from hosts of its own
+    domain: after the organisation's share (2 here), its incidents are Severity 1 on their
+    tickets but page no more, one summary names it, and another customer's incident in the
+    same hour still pages (it did not: one global ceiling held every organisation)."""
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=SHARES)) as h:
+        refs = []
+        for i in range(5):  # subdomains, case: one organisation, scanner.example
+            sender = f"Scanner <findings@HOST{i}.Scanner.example>"
+            refs.append(ref_of((await h.send(mail(sender=sender, subject=f"Breach finding {i}", body=BREACH))).text))
+        other = ref_of((await h.send(mail(sender="carol@acme.com", subject="We were hacked", body=BREACH))).text)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(6 + 2 + 1 + 1)  # acknowledgements, 2 alerts, 1 summary, acme's alert
+        to_lead = _to_lead(msgs)
+        alerts = [m for m in to_lead if "held" not in m.message["Subject"]]
+        assert sorted(ref_of(m.message["Subject"]) for m in alerts) == sorted([*refs[:2], other])
+        [summary] = [m for m in to_lead if "held" in m.message["Subject"]]
+        assert summary.message["Subject"] == "[SECURITY] IRT alerts for scanner.example held: 2 in the last hour"
+        body = " ".join(summary.message.get_content().split())
+        assert f"The first one not paged: {refs[2]}" in body and "Other organisations still page" in body
+        assert all(t["security"] and t["severity"] == 1 for t in h.tickets())
+
+        # Each held ticket says truly why it was not paged: the organisation's share, not the ceiling.
+        [held] = [n for n in _notes(h, refs[2]) if "not paged" in n]
+        assert held.startswith("IRT alert not paged: scanner.example has had its share (2 alerts for it")
+        assert "other organisations still page" in held and "a summary naming scanner.example goes" in held
+        [later] = [n for n in _notes(h, refs[4]) if "not paged" in n]
+        assert "the lead was sent this hour's summary for scanner.example" in later
+        assert not [n for n in _notes(h, other) if "not paged" in n]
+
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\nurl = "{h.settings.storage.url}"\n')
+        code, out = cli("--config", str(cfg), "tickets", "show", refs[2])
+        assert code == 0 and "SECURITY INCIDENT" in out
+        assert "IRT alert not paged: scanner.example has had its share" in out
+        assert "irt-org-summary to irt-lead@example.com: sent" in out
+
+
+async def test_the_global_ceiling_still_holds_every_organisation_and_says_so(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """Many senders at once: three organisations within their shares of 2 reach the ceiling of
+    3; past it nobody pages, one summary says the ceiling was reached, and the held tickets
+    name the ceiling, not their organisation's share."""
+    extra = SHARES + "irt_alerts_per_hour = 3\n"
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
+        refs = []
+        for sender in ("a@one.example", "b@two.example", "c@three.example", "d@four.example", "e@one.example"):
+            refs.append(ref_of((await h.send(mail(sender=sender, subject="Breach", body=BREACH))).text))
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(5 + 3 + 1)
+        to_lead = _to_lead(msgs)
+        assert sum("ceiling reached" in m.message["Subject"] for m in to_lead) == 1
+        assert sorted(ref_of(m.message["Subject"]) for m in to_lead if "ceiling" not in m.message["Subject"]) == sorted(
+            refs[:3]
+        )
+        for ref, org in ((refs[3], "four.example"), (refs[4], "one.example")):
+            [held] = [n for n in _notes(h, ref) if "not paged" in n]
+            assert held.startswith("IRT alert not paged: the global ceiling is reached (3 alerts in the last hour")
+            assert f"of them for {org}" in held and "has had its share" not in held
+
+
+async def test_one_summary_per_organisation_per_hour(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """A flood that goes on for hours: each hour its organisation pages up to its share again
+    and the lead gets one summary naming it, not one per held incident. Two people at one
+    public mail provider are two organisations; one person's +tag aliases are one."""
+    from tests.adapters.test_policy import DrivenClock
+
+    clock = DrivenClock()
+    extra = SHARES.replace("= 2", "= 1", 1)
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra), clock=clock) as h:
+        for hour in range(2):
+            for i in range(3):
+                await h.send(mail(sender=f"loop+{hour}{i}@gmail.com", subject=f"Hacked {hour}.{i}", body=BREACH))
+                clock.advance(minutes=5)
+            await h.send(mail(sender="dora@gmail.com", subject=f"Ransomware {hour}", body=BREACH))
+            clock.advance(minutes=50)
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(8 + 2 * (1 + 1 + 1))  # per hour: loop's alert and summary, dora's alert
+        to_lead = _to_lead(msgs)
+        summaries = [m.message["Subject"] for m in to_lead if "held" in m.message["Subject"]]
+        assert summaries == ["[SECURITY] IRT alerts for loop@gmail.com held: 1 in the last hour"] * 2
+        paged = [m for m in to_lead if "held" not in m.message["Subject"]]
+        assert len(paged) == 4  # loop's first of each hour, and dora's each hour
+
+
+def test_the_organisation_share_defaults_to_five_and_is_part_of_the_ceiling(tmp_path: Path) -> None:
+    from adapters.bootstrap import make_limits
+    from adapters.settings import Settings, load_settings
+    from intake.errors import ConfigError
+
+    assert make_limits(Settings()).irt_alerts_per_organisation == 5
+    config = tmp_path / "intake.toml"
+    # A file written before the share existed keeps working: a ceiling under 5 is the share too.
+    config.write_text("[limits]\nirt_alerts_per_hour = 3\n")
+    assert make_limits(load_settings(config)).irt_alerts_per_organisation == 3
+    config.write_text("[limits]\nirt_alerts_per_organisation_per_hour = 8\n")
+    limits = make_limits(load_settings(config))
+    assert (limits.irt_alerts_per_organisation, limits.irt_alerts_per_hour) == (8, 20)
+    config.write_text("[limits]\nirt_alerts_per_hour = 10\nirt_alerts_per_organisation_per_hour = 12\n")
+    with pytest.raises(ConfigError, match=re.escape("limits.irt_alerts_per_organisation_per_hour: Value error, 12 is")):
+        load_settings(config)
+    with pytest.raises(ConfigError, match="more than irt_alerts_per_hour \\(10\\): an organisation's share is part"):
+        load_settings(config)
+    config.write_text("[limits]\nirt_alerts_per_organisation_per_hour = 0\n")
+    with pytest.raises(ConfigError, match="irt_alerts_per_organisation_per_hour: Input should be greater than"):
+        load_settings(config)

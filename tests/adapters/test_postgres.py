@@ -178,6 +178,37 @@ async def test_one_smtp_transaction_to_two_support_addresses(intake: Harness, sm
     await smtp_relay.wait_for(2)
 
 
+async def test_irt_alerts_are_limited_per_organisation_and_in_all_on_postgres(
+    tmp_path: Path, smtp_relay: RelayStandIn, pg_url: str
+) -> None:
+    """The IRT lead's notes are counted per organisation on PostgreSQL too (the count is read
+    in the writer's pipeline, after the inserts written behind): one organisation's flood stops
+    paging after its share (2), another's incident pages, and the ceiling (4) holds them all."""
+    extra = (
+        "[limits]\nirt_alerts_per_hour = 4\nirt_alerts_per_organisation_per_hour = 2\n"
+        "acks_per_sender = 100\ntickets_per_sender = 100\n"
+    )
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, db_url=pg_url, extra=extra)) as h:
+        assert h.app.store.dialect == "postgresql"
+        breach = "We think there was a data breach: unauthorized access to our admin account last night."
+        senders = [f"bot{i}@scan{i}.flood.example" for i in range(4)] + ["bob@acme.com", "c@c.example", "d@c.example"]
+        refs = [ref_of((await h.send(mail(sender=s, subject="Breach", body=breach))).text) for s in senders]
+        await h.outbox_settled()
+        msgs = await smtp_relay.wait_for(7 + 4 + 2)  # acknowledgements; alerts; one summary each
+        to_lead = [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]
+        subjects = sorted(m.message["Subject"] for m in to_lead)
+        assert subjects[:2] == [
+            "[SECURITY] IRT alert ceiling reached: 4 alerts in the last hour",
+            "[SECURITY] IRT alerts for flood.example held: 2 in the last hour",
+        ]
+        paged = {ref_of(s) for s in subjects[2:]}
+        assert paged == {refs[0], refs[1], refs[4], refs[5]}
+        notes = {ref: " ".join(n["text"] for n in h.detail(ref)["notes"]) for ref in refs}
+        assert "flood.example has had its share" in notes[refs[2]] and "flood.example has had" in notes[refs[3]]
+        assert "the global ceiling is reached" in notes[refs[6]]
+        assert all(t["severity"] == 1 and t["security"] for t in h.tickets())
+
+
 # -- two instances on one database -----------------------------------------------------------------
 
 
