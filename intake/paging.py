@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from intake.hygiene import AuthVerdict
-from intake.model import InboundMessage
-from intake.policy import Policy
-from intake.ports import PagingCounts
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # storage imports the kinds: the read commands load no more than types need
     from publicsuffixlist import PublicSuffixList
+
+    from intake.hygiene import AuthVerdict
+    from intake.model import InboundMessage
+    from intake.policy import Policy
+    from intake.ports import PagingCounts
 
 # The outbox kinds the limits count (notes to the IRT lead's address).
 ALERT = "irt-alert"
