@@ -537,7 +537,7 @@ def render_triage(
         plan=plan.name,
         requester=literal(_requester(message) or "(unknown)"),
         subject=literal(clean_header_text(message.subject) or "(no subject)"),
-        response_due=ticket.response_due.isoformat(timespec="minutes"),
+        response_due=policy.show_time(ticket.response_due),
         excerpt=literal(_excerpt(message, limit=500)),
     )
     sec = "[SECURITY] " if ticket.security else ""
@@ -592,9 +592,9 @@ def render_sla_notice(
         reference=ticket.reference,
         severity=policy.level(ticket.severity).name,
         target=target.replace("_", " "),
-        due=due.isoformat(timespec="minutes"),
+        due=policy.show_time(due),
         customer=literal(ticket.organisation or ticket.requester.rpartition("@")[2] or "unknown"),
         requester=literal(requester),
         subject=literal(clean_header_text(ticket.subject) or "(no subject)"),
     )
-    return f"{what}: {ticket.reference} {target.replace('_', ' ')} due {due.isoformat(timespec='minutes')}", text
+    return f"{what}: {ticket.reference} {target.replace('_', ' ')} due {policy.show_time(due)}", text

@@ -241,6 +241,13 @@ class Policy:
         """Every target the policy names for this severity, as due times from ``since``."""
         return {name: self.due_after(since, t) for name, t in self.targets(severity, plan).items()}
 
+    def show_time(self, when: datetime) -> str:
+        """A due time as staff read it: in the business calendar's zone when there is one
+        ("2026-12-09T16:00+01:00 (Europe/Madrid)"), else as stored (UTC)."""
+        if self.calendar is None:
+            return when.isoformat(timespec="minutes")
+        return f"{when.astimezone(self.calendar.zone).isoformat(timespec='minutes')} ({self.calendar.zone})"
+
     def organisation_of(self, address: str) -> str | None:
         """The configured organisation an address belongs to (by domain or parent domain)."""
         domain = address.rpartition("@")[2].lower()

@@ -442,8 +442,11 @@ async def test_a_business_time_target_over_a_weekend_and_a_holiday(tmp_path: Pat
         # 4 business days: Friday 1 hour, Monday, Wednesday, Thursday, Friday until 16:00.
         assert t["targets"] == {"response": due.isoformat(), "restore": "2026-12-11T15:00:00+00:00"}
         await h.outbox_settled()
-        acks = {m.rcpt_tos[0]: m.message.get_content() for m in await smtp_relay.wait_for(4)}  # and 2 to triage
+        sent = await smtp_relay.wait_for(4)
+        acks = {m.rcpt_tos[0]: m.message.get_content() for m in sent}  # and 2 to triage
         assert "Initial response: within 2 business days" in acks["alice@acme.com"]
+        # Triage reads the due time in the team's own zone.
+        assert "2026-12-09T16:00+01:00 (Europe/Madrid)" in acks["triage@example.com"], acks["triage@example.com"]
         assert "en menos de 2 días hábiles" in acks["bea@acme.com"]
         # tickets list --json: the same due time, ISO 8601.
         cfg = tmp_path / "c.toml"
@@ -464,6 +467,9 @@ async def test_a_business_time_target_over_a_weekend_and_a_holiday(tmp_path: Pat
         ):
             clock.t = t_utc
             assert await h.app.sla.run_once() == expected, t_utc
+        await h.outbox_settled()
+        subjects = [str(m.message["Subject"]) for m in await smtp_relay.wait_for(8)]
+        assert sum("due 2026-12-09T16:00+01:00 (Europe/Madrid)" in s for s in subjects) == 4, subjects
 
 
 def _settings_file(tmp_path: Path, text: str) -> Path:
