@@ -564,6 +564,8 @@ class IntakeService:
         own = {*self.outbound.support_addresses, self.outbound.from_address}
         if message.sender in own:
             return "sent from our own support address (loop)"
+        if message.sender in self._internal:
+            return "sent by one of our own people (the IRT lead, triage or an escalation contact)"
         return None
 
     def _staff_reply(self, uow: UnitOfWork, message: InboundMessage, placement: Placement, now: datetime) -> Receipt:
@@ -899,6 +901,12 @@ class IntakeService:
     ) -> bool:
         if not self.irt_email:
             uow.update_ticket(ticket.id, TicketChange(add_notes=("security incident: no IRT lead address configured",)))
+            return False
+        if message.sender and message.sender == self.irt_email.lower():
+            # The lead reporting it (forwarding a report that reached them directly, say) needs
+            # no page about their own mail; the ticket counts as alerted, so no later message pages.
+            note = "security incident reported by the IRT lead: not paged"
+            uow.update_ticket(ticket.id, TicketChange(alerted=True, add_notes=(note,), updated_at=now))
             return False
         organisation = paging.organisation_of(message, organisation=a.organisation, auth=a.auth, policy=self.policy)
         counts = uow.paging_counts(recipient=self.irt_email, organisation_key=organisation.key, since=now - _HOUR)

@@ -713,6 +713,41 @@ async def test_the_irt_lead_forwarding_the_alert_by_hand(intake, smtp_relay: Rel
     assert len(intake.tickets()) == 1
 
 
+async def test_our_own_people_opening_a_ticket_get_no_acknowledgement_and_the_lead_no_page_of_his_own(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """A customer's breach report reached the IRT lead directly; he forwards it to support (no
+    reference, no known ids): a Severity 1 ticket, but no acknowledgement to him and no page
+    about his own mail. Triage forwarding one: no acknowledgement to triage, the lead paged."""
+    settings = settings_for(tmp_path, relay_port=smtp_relay.port, extra='[triage]\nemail = "triage@example.com"\n')
+    async with running_intake(settings) as h:
+        fw = outlook(
+            sender="IRT Lead <irt-lead@example.com>",
+            subject="FW: urgent - our admin account",
+            message_id="<irt-fw-2@example.com>",
+            body="Forwarding for the record.\n\nFrom: Bob <bob@globex.com>\nWe were hacked last night.",
+        )
+        lead = ref_of((await h.send(fw, mail_from="irt-lead@example.com")).text)
+        await h.outbox_settled()
+        detail = h.detail(lead)
+        assert (detail["severity"], detail["security"]) == (1, True)
+        assert any("reported by the IRT lead: not paged" in n for n in notes(h, lead)), notes(h, lead)
+        assert any("sent by one of our own people" in n for n in notes(h, lead)), notes(h, lead)
+        # Only the triage notice of the new ticket went out.
+        assert [m.rcpt_tos for m in await smtp_relay.wait_for(1)] == [("triage@example.com",)]
+        tr = outlook(
+            sender="Tess Triage <triage@example.com>",
+            subject="FW: ransomware at Initech",
+            message_id="<tr-fw-1@example.com>",
+            body="Forwarding: Initech says ransomware encrypted their file server.",
+        )
+        ref = ref_of((await h.send(tr, mail_from="triage@example.com")).text)
+        assert ref != lead
+        await h.outbox_settled()
+        later = [m.rcpt_tos for m in (await smtp_relay.wait_for(3))[1:]]
+        assert sorted(later) == [("irt-lead@example.com",), ("triage@example.com",)], later
+
+
 async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     """A support agent answers the new-ticket notice from their own mailbox (not a configured
     staff address), the reference cut from the subject by their client."""
