@@ -12,7 +12,7 @@ import os
 import ssl
 import tomllib
 import zoneinfo
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -197,7 +198,7 @@ class LevelSettings(_Section):
     definition: str = ""
     # Target name -> minutes from when the customer wrote (calendar time), or a text: "1 day",
     # "2 business days", "4 business hours". The first is the initial response.
-    targets: dict[str, int | str] = Field(min_length=1)
+    targets: dict[str, StrictInt | str] = Field(min_length=1)  # strict: `true` is no 1 minute
 
     @field_validator("targets")
     @classmethod
@@ -480,6 +481,8 @@ def _check_references(settings: Settings) -> list[str]:
             )
     if settings.policy.default_plan not in settings.plans:
         problems.append(f"  policy.default_plan: unknown plan {settings.policy.default_plan!r}")
+    if settings.policy.calendar is not None:
+        problems += _check_business_spans(settings)
     if settings.policy.calendar is None:
         # Refused rather than a guessed calendar: a zone guessed wrong (UTC for a team in
         # Madrid or Chicago) would put every due time hours off, silently.
@@ -496,6 +499,36 @@ def _check_references(settings: Settings) -> list[str]:
                 + ' (add [policy.calendar] with timezone = "Europe/Madrid", say)'
             )
     return problems
+
+
+def _check_business_spans(settings: Settings) -> list[str]:
+    """Business targets that the calendar's working weeks stretch past five years (a few working
+    minutes a week, say): their due times would take a walk of decades per ticket."""
+    calendar = settings.policy.calendar
+    assert calendar is not None
+    weekly = len(calendar.days) * sum(closing - opening for opening, closing in map(parse_hours, calendar.hours))
+    business_plans = any(p.support_hours == "business" for p in settings.plans.values())
+    problems = []
+    for lvl in settings.policy.levels:
+        for name, value in lvl.targets.items():
+            target = parse_target(value)
+            if not isinstance(target, BusinessTime) and not business_plans:
+                continue
+            minutes = (
+                target.total_seconds() / 60
+                if isinstance(target, timedelta)
+                else _business_minutes(target, weekly // len(calendar.days))
+            )
+            if minutes / weekly > 5 * 52:
+                problems.append(
+                    f"  policy.levels severity {lvl.severity} target {name!r}: {value!r} takes more than five "
+                    f"years of this calendar's working weeks ({weekly} working minutes a week)"
+                )
+    return problems
+
+
+def _business_minutes(target: BusinessTime, day_minutes: int) -> float:
+    return target.amount * {"day": day_minutes, "hour": 60, "minute": 1}[target.unit]
 
 
 def _describe(exc: ValidationError, source: str) -> str:

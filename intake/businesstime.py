@@ -49,6 +49,8 @@ Target = timedelta | BusinessTime
 
 _UNITS: dict[str, Unit] = {"day": "day", "hour": "hour", "minute": "minute"}
 _MINUTES = {"day": 24 * 60, "hour": 60, "minute": 1}
+# Five years: past it a target is a typo (and a due time near the calendar's end overflows).
+MAX_TARGET_MINUTES = 5 * 365 * 24 * 60
 _TARGET = re.compile(r"\s*(\d{1,6})\s+(business\s+)?(minute|hour|day)s?\s*", re.IGNORECASE)
 
 
@@ -62,6 +64,8 @@ def parse_target(value: int | str) -> Target:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("must be a positive number of minutes")
+        if value > MAX_TARGET_MINUTES:
+            raise ValueError(f"{value} minutes: a target of more than five years is no target")
         return timedelta(minutes=value)
     m = _TARGET.fullmatch(value)
     if m is None:
@@ -72,6 +76,8 @@ def parse_target(value: int | str) -> Target:
     amount, business, unit = int(m[1]), m[2], m[3].lower()
     if amount <= 0:
         raise ValueError(f"{value!r}: a target must be more than nothing")
+    if amount * _MINUTES[unit] > MAX_TARGET_MINUTES:
+        raise ValueError(f"{value!r}: a target of more than five years is no target")
     if business:
         return BusinessTime(amount, _UNITS[unit])
     return timedelta(minutes=amount * _MINUTES[unit])

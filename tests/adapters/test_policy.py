@@ -542,6 +542,15 @@ targets = {{ response = {low} }}
             '[plans.standard]\nsupport_hours = "business"\n',
             "policy.calendar.timezone: not set, but business time is asked for by plans.standard.support_hours",
         ),
+        # `true` is no 1 minute; a typo of decades is no target (its due time overflowed, and
+        # every message of that severity was answered 451).
+        (LEVELS_WITH.format(low="true"), "policy.levels.3.targets.response.int: Input should be a valid integer"),
+        (LEVELS_WITH.format(low='"999999 business days"'), "'999999 business days': a target of more than five years"),
+        (
+            LEVELS_WITH.format(low='"1000 business days"')
+            + '[policy.calendar]\ntimezone = "Europe/Madrid"\ndays = ["mon"]\nhours = ["09:00-09:30"]\n',
+            "policy.levels severity 4 target 'response': '1000 business days' takes more than five years",
+        ),
     ],
 )
 def test_a_bad_calendar_or_target_stops_start_up_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
