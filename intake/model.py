@@ -161,8 +161,9 @@ class InboundEdit:
     ``message`` is the message as it reads now, with the ids of the message edited (its
     ``external_id`` and ``dedup_key`` are that message's); ``previous`` is how it read before
     the change, when the platform says (only its texts count). ``edit_id`` tells this change
-    from the message's other ones (Slack: the edit's ts), so that a redelivered edit is known
-    again and two edits are two.
+    from the message's other ones (Slack: the ts of the ``message_changed`` event, one per
+    change, kept by its retries), so that a redelivered edit is known again and two edits are
+    two, also within one second; ``edited_at`` is when it was made.
     """
 
     message: InboundMessage

@@ -335,7 +335,7 @@ def _edit(
     """A ``message_changed`` event as the core's InboundEdit.
 
     Slack sends one (``hidden``) whenever anything of a message changes: its author edited it
-    (``message.edited`` names the editor and the edit's ts), a link in it was unfurled, a bot
+    (``message.edited`` names the editor and when), a link in it was unfurled, a bot
     updated its post, a thread reply changed the root's reply count. ``message`` is the message
     as it is now, ``previous_message`` as it was (https://docs.slack.dev/reference/events/message/message_changed/).
     The edits of what would have been ignored when posted (bots, our own posts, joins) are
@@ -350,16 +350,20 @@ def _edit(
     if unauthored is not None:
         return Ignored(f"{unauthored} (edited)")
     message = _message(envelope, inner, channel, raw, settings=settings)
-    # The edit's own ts tells it from the message's other edits; Slack sends it as the event's
-    # ts too. A redelivery of the event (its retries keep its event_id) carries the same.
-    edited = inner.get("edited")
-    edit_ts = edited.get("ts") if isinstance(edited, dict) else None
-    for candidate in (edit_ts, event.get("ts"), event.get("event_ts"), envelope.get("event_id")):
+    # The change's identity is the event's own ts (its event_ts too): one of its own for each
+    # change, kept by Slack's retries of the event (as is the event_id, the last resort).
+    # ``message.edited.ts`` is not one: Slack writes it in whole seconds ("1522268590.000000"
+    # in an event of ts "1522268590.000239"), so two edits within a second share it; it says
+    # when the message was edited, nothing more.
+    for candidate in (event.get("ts"), event.get("event_ts"), envelope.get("event_id")):
         if isinstance(candidate, str) and candidate:
             edit_id = candidate[:64]
             break
     else:
         return Ignored("no ts: an edit without a timestamp")
+    edited = inner.get("edited")
+    edit_ts = edited.get("ts") if isinstance(edited, dict) else None
+    edited_at = (_date(edit_ts) if isinstance(edit_ts, str) else None) or _date(edit_id)
     before = event.get("previous_message")
     previous = None
     if isinstance(before, dict) and isinstance(before.get("text"), str):
@@ -371,7 +375,7 @@ def _edit(
             quoted=slack_to_text(quoted_raw).strip(),
             raw=b"",
         )
-    return InboundEdit(message=message, edit_id=edit_id, edited_at=_date(edit_id), previous=previous)
+    return InboundEdit(message=message, edit_id=edit_id, edited_at=edited_at, previous=previous)
 
 
 # --------------------------------------------------------------------------------------------

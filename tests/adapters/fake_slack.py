@@ -278,18 +278,22 @@ def edit_event(
     from :func:`message_event`) changes, now reading ``text``.
 
     As Slack builds it (https://docs.slack.dev/reference/events/message/message_changed/): a
-    hidden event whose own ``ts`` is the change's, ``message`` the message as it is now (its
-    ``ts``, ``user``, ``thread_ts`` unchanged; ``edited`` with the editor and the edit's ts when
-    its author edited it: ``edited=False`` for a change Slack or an app made, an unfurl say),
-    ``previous_message`` as it was (``previous_text``, by default the text ``posted`` had).
-    ``message_extra`` goes into ``message`` (``attachments`` of an unfurl, ``bot_id``...).
+    hidden event whose own ``ts`` (and ``event_ts``) is the change's, ``edit_ts``, unique;
+    ``message`` the message as it is now (its ``ts``, ``user``, ``thread_ts`` unchanged;
+    ``edited`` with the editor and when, when its author edited it: ``edited=False`` for a
+    change Slack or an app made, an unfurl say), ``previous_message`` as it was
+    (``previous_text``, by default the text ``posted`` had). ``message_extra`` goes into
+    ``message`` (``attachments`` of an unfurl, ``bot_id``...).
+
+    ``edited.ts`` is in whole seconds, as Slack writes it (an event of ts "1522268590.000239"
+    carries ``"edited": {"ts": "1522268590.000000"}``): two edits within a second share it.
     """
     old = dict(posted["event"])
     ts = edit_ts or new_ts()
     keep = {k: v for k, v in old.items() if k not in ("channel", "event_ts", "channel_type")}
     message: dict[str, Any] = {**keep, "text": text}
     if edited:
-        message["edited"] = {"user": old.get("user"), "ts": ts}
+        message["edited"] = {"user": old.get("user"), "ts": f"{ts.partition('.')[0]}.000000"}
     message.update(message_extra)
     previous = {**keep, "text": old.get("text", "") if previous_text is None else previous_text}
     event = {

@@ -541,6 +541,38 @@ async def test_edits_by_bots_and_by_us_change_nothing(slack: Slack) -> None:
     await slack.fake.wait_posts(1)
 
 
+async def test_two_edits_within_one_second_are_two(slack_on_db: Slack) -> None:
+    """Slack writes when a message was edited (``edited.ts``) in whole seconds, so two edits
+    made within one second carry the same; each change's event has a ts of its own. Both are
+    stored, each once however often Slack retries it, and the second, which reports an
+    incident, raises the ticket."""
+    slack = slack_on_db
+    env, _ = await slack.say("Exports time out")
+    await slack.fake.wait_posts(1)
+    second = int(float(env["event"]["ts"])) + 5
+    texts = ["Exports time out", "Exports time out (CSV)", "Exports time out (CSV). Update: we were hacked"]
+    first, then = (
+        edit_event(env, text=texts[i + 1], previous_text=texts[i], edit_ts=f"{second}.00{i + 1}00") for i in range(2)
+    )
+    assert first["event"]["message"]["edited"] == then["event"]["message"]["edited"]  # as Slack sends them
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    answers = [
+        await slack.post(first),
+        await slack.post(then),
+        await slack.post(then, headers=retry),
+        await slack.post(first, headers=retry),
+    ]
+    assert [x.status for x in answers] == [200] * 4
+    [t] = slack.h.tickets()
+    first_id = slack.h.detail(t["reference"])["messages"][0]["id"]
+    assert versions(slack, t["reference"]) == [
+        ("new", texts[0], None), ("edit", texts[1], first_id), ("edit", texts[2], first_id)
+    ]  # fmt: skip
+    assert (t["severity"], t["security"]) == (1, True)
+    assert edit_outcomes(slack) == {"recorded": 2, "duplicate": 2}
+    await slack.fake.wait_posts(1, channel=IRT_USER)
+
+
 async def test_an_edit_of_a_message_intake_never_stored_is_taken_in_as_that_message(slack_on_db: Slack) -> None:
     """A message posted before intake was in the channel (its event never came), then edited:
     its words are addressed to support, so the edit brings the message in as it now reads, on
@@ -902,8 +934,9 @@ def test_to_inbound_of_an_edit() -> None:
     assert m.external_id == f"{TEAM}/{CHANNEL}/1700000000.000200" and m.chat_ts == "1700000000.000200"
     assert m.thread_key == f"{TEAM}/{CHANNEL}/1700000000.000100" and m.organisation == "acme"
     assert m.event_id == env["event_id"] and json.loads(m.raw)["event"]["subtype"] == "message_changed"
-    assert edit.edit_id == "1700000100.000300" and edit.edited_at is not None
-    assert edit.edited_at.timestamp() == pytest.approx(1700000100.0003)
+    # The change is known by the event's own ts; when it was made, by ``edited.ts`` (seconds).
+    assert env["event"]["message"]["edited"]["ts"] == "1700000100.000000"
+    assert edit.edit_id == "1700000100.000300" and edit.edited_at == datetime.fromtimestamp(1700000100, UTC)
     assert edit.previous is not None and edit.previous.body == "hi @U9" and not edit.text_unchanged
     assert edit.dedup_key == f"edit:ext:{TEAM}/{CHANNEL}/1700000000.000200@1700000100.000300"
     unfurl = to_inbound(edit_event(posted, text="hi <@U9>", edited=False), settings=settings)
