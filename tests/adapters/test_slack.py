@@ -618,6 +618,28 @@ async def test_an_edit_of_a_message_intake_never_stored_is_taken_in_as_that_mess
     await slack.fake.wait_posts(1, channel=IRT_USER)
 
 
+async def test_an_event_whose_subtype_is_no_string_is_ignored_and_logged(
+    slack: Slack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subtype that is a list or an object (an edit's, or the event's own) is no subtype we
+    know: acknowledged (200: Slack does not retry it), ignored, a warning logged; not a 500."""
+    caplog.set_level(logging.INFO, logger="intake.slack")
+    env, _ = await slack.say("Exports time out")
+    await slack.fake.wait_posts(1)
+    edit = edit_event(env, text="Exports time out. We were hacked")
+    edit["event"]["message"]["subtype"] = ["file_share"]
+    odd = [edit, message_event(text="we were hacked"), message_event(text="we were hacked")]
+    odd[1]["event"]["subtype"] = ["file_share"]
+    odd[2]["event"]["subtype"] = {"name": "file_share"}
+    answers = [await slack.post(e) for e in odd]
+    assert [x.status for x in answers] == [200] * 3
+    [t] = slack.h.tickets()
+    assert not t["security"] and versions(slack, t["reference"]) == [("new", "Exports time out", None)]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert all(any(e["event_id"] in w and "malformed" in w for w in warned) for e in odd), warned
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_staff_edits_are_recorded_never_assessed(slack: Slack) -> None:
     env, _ = await slack.say("SAML login fails for new users")
     root = env["event"]["ts"]
@@ -943,12 +965,15 @@ def test_to_inbound_of_an_edit() -> None:
     assert isinstance(unfurl, InboundEdit) and unfurl.text_unchanged  # the core sees it changed nothing
     no_message = edit_event(posted, text="y")
     del no_message["event"]["message"]
+    odd_subtype = edit_event(posted, text="y")
+    odd_subtype["event"]["message"]["subtype"] = ["file_share"]
     ignored = {
         "bot": edit_event(message_event(text="x", user="U0JENKINS", bot_id="B0JENKINS"), text="y"),
         "subtype": edit_event(message_event(text="x", user=None, subtype="bot_message", bot_id="B1"), text="y"),
         "ours": edit_event(message_event(text="x", user=BOT_USER), text="y", edited=False),
         "unconnected channel": edit_event(message_event(text="x", channel="C0NOTOURS"), text="y"),
         "edit": no_message,
+        "malformed": odd_subtype,
         "deleted": message_event(text="", user=None, subtype="message_deleted", deleted_ts="1700000000.000200"),
     }
     for key, event in ignored.items():
