@@ -159,11 +159,12 @@ class InboundEdit:
     """Its author changed the text of a message already posted (Slack's ``message_changed``).
 
     ``message`` is the message as it reads now, with the ids of the message edited (its
-    ``external_id`` and ``dedup_key`` are that message's); ``previous`` is how it read before
-    the change, when the platform says (only its texts count). ``edit_id`` tells this change
-    from the message's other ones (Slack: the ts of the ``message_changed`` event, one per
-    change, kept by its retries), so that a redelivered edit is known again and two edits are
-    two, also within one second; ``edited_at`` is when it was made.
+    ``external_id`` and ``dedup_key`` are that message's); ``previous`` is the same message with
+    the texts it had before the change, when the platform says (what intake takes in when it
+    never had the message). ``edit_id`` tells this change from the message's other ones (Slack:
+    the ts of the ``message_changed`` event, one per change, kept by its retries), so that a
+    redelivered edit is known again and two edits are two, also within one second;
+    ``edited_at`` is when it was made.
     """
 
     message: InboundMessage

@@ -49,6 +49,7 @@ from intake.ports import (
     OutboxEntry,
     Recorder,
     Store,
+    StoredMessage,
     TicketChange,
     TicketFacts,
     UnitOfWork,
@@ -320,10 +321,19 @@ class IntakeService:
         message is stored beside it (the message's row kept as it was: nothing said is lost)
         and, if the message was the customer's, assessed as a follow-up is (severity raised,
         never lowered; a security incident pages the IRT lead once per ticket and the customer
-        is told in the thread), without an acknowledgement; an edit of a message intake never
-        stored (posted before intake was in the channel, or while its delivery kept failing) is
-        taken in as that message, as it now reads (:meth:`receive`'s path): its words are
-        addressed to support and may report an incident, and dropping them would lose them.
+        is told in the thread), without an acknowledgement.
+
+        An edit of a message intake never stored (posted before intake was in the channel, or
+        while its delivery kept failing) brings that message in, on :meth:`receive`'s path (a
+        ticket or a follow-up) under the message's own key, so that its own event coming late
+        is a duplicate: its words are addressed to support and may report an incident. When the
+        platform says how it read before the edit, it is taken in as it read so, and the edit
+        stored beside it and assessed as above: what it said is kept, whatever the edit says
+        now. A new ticket's acknowledgement then waits for the edit, so that it gives the ticket
+        as it stands after both and asks only for what the message, as it now reads beside it,
+        lacks (the edit's own notice that the ticket became a security incident is in it).
+        Otherwise it is taken in as it now reads, and the edit's key recorded on its ticket so
+        that the edit's retry is a duplicate after a later edit too.
         """
         message = edit.message
         channel = str(message.channel)
@@ -332,12 +342,15 @@ class IntakeService:
             return Receipt(route=Route.IGNORED, ack_note=NO_EDIT_ACK, note="an edit that changed no text")
         if not message.staff and self.is_staff(message):
             message = replace(message, staff=True)
-            edit = replace(edit, message=message)
+            previous = replace(edit.previous, staff=True) if edit.previous is not None else None
+            edit = replace(edit, message=message, previous=previous)
         a = self.assess(message)
-        before = self.classify(edit.previous) if edit.previous is not None else None
+        # How it read before: what tells the edit's new evidence, or the message itself, assessed
+        # as any message is, for when intake never had it (known only inside the unit).
+        first = replace(self.assess(edit.previous), received_at=a.received_at) if edit.previous is not None else None
         stored = time.perf_counter()
         try:
-            outcome, receipt = await self.store.transact(lambda uow: self._edit_unit(uow, edit, a, before))
+            outcome, receipt = await self.store.transact(lambda uow: self._edit_unit(uow, edit, a, first))
         except Exception:
             self.recorder.inc("message_edits", channel, "failed")
             raise
@@ -355,8 +368,12 @@ class IntakeService:
 
     # -- the unit of work: runs inside the store's transaction ----------------------------
 
-    def _unit(self, uow: UnitOfWork, message: InboundMessage, a: Assessment, *, note: str = "") -> Receipt:
-        """``note``: added to why the message went where it went (an edit taken in as a message)."""
+    def _unit(
+        self, uow: UnitOfWork, message: InboundMessage, a: Assessment, *, note: str = "", acknowledge: bool = True
+    ) -> Receipt:
+        """``note``: added to why the message went where it went (an edit taken in as a message).
+        ``acknowledge=False``: a new ticket's acknowledgement is the caller's to queue (the
+        receipt's ``acknowledged`` says whether it is due)."""
         now = a.received_at
         dup = uow.find_duplicate(message.recipient, message.dedup_key)
         if dup is not None:
@@ -428,7 +445,7 @@ class IntakeService:
             )
 
         acknowledged = created and ack_note == "queued"
-        if acknowledged:
+        if acknowledged and acknowledge:
             self._acknowledge(uow, message, a, ticket, last_before_limit)
         if created and a.automation is None:
             self._announce(uow, message, ticket, a.plan, now)
@@ -454,26 +471,20 @@ class IntakeService:
         )
 
     def _edit_unit(
-        self, uow: UnitOfWork, edit: InboundEdit, a: Assessment, before: Verdict | None
+        self, uow: UnitOfWork, edit: InboundEdit, a: Assessment, first: Assessment | None
     ) -> tuple[str, Receipt]:
-        """The unit of :meth:`receive_edit`; (what became of the edit, the receipt)."""
+        """The unit of :meth:`receive_edit`; (what became of the edit, the receipt). ``first``:
+        the assessment of the message as it read before the edit, when the platform said."""
         message = edit.message
-        now = a.received_at
         dup = uow.find_duplicate(message.recipient, edit.dedup_key)
         if dup is not None:
-            return "duplicate", Receipt(
-                route=Route.DUPLICATE,
-                ticket_id=dup.ticket_id,
-                reference=dup.reference,
-                ack_note="duplicate delivery",
-                note="duplicate of an edit already stored",
-                disclosed=bool(message.sender) and message.sender == dup.sender,
-            )
+            return "duplicate", self._edit_duplicate(message, dup.ticket_id, dup.reference, dup.sender)
         stored = uow.stored_message(message.recipient, message.dedup_key)
         if stored is None:
-            note = "; intake first saw it as an edit (how it read before is in the raw event)"
-            return "taken_in", self._unit(uow, message, a, note=note)
-        if stored.text == message.body:  # what the message already reads (its retry taken in above)
+            return self._take_in(uow, edit, a, first)
+        # What the message already reads: an unfurl Slack sent without how it read before, the
+        # retry of an edit that brought the message in as it read after it (``_take_in``).
+        if stored.text == message.body:
             return "unchanged", Receipt(
                 route=Route.IGNORED,
                 ticket_id=stored.ticket_id,
@@ -481,6 +492,72 @@ class IntakeService:
                 ack_note=NO_EDIT_ACK,
                 note="an edit that leaves the text as stored",
             )
+        # The edit that brought the message in as it read after it, retried after a later edit.
+        taken_by = uow.tickets_by_message_ids([edit.dedup_key])
+        if taken_by:
+            ticket = taken_by[0].ticket
+            return "duplicate", self._edit_duplicate(message, ticket.id, ticket.reference, stored.sender)
+        receipt, _ = self._record_edit(uow, edit, a, first.verdict if first else None, stored)
+        return "recorded", receipt
+
+    def _edit_duplicate(self, message: InboundMessage, ticket_id: int, reference: str, sender: str) -> Receipt:
+        return Receipt(
+            route=Route.DUPLICATE,
+            ticket_id=ticket_id,
+            reference=reference,
+            ack_note="duplicate delivery",
+            note="duplicate of an edit already stored",
+            disclosed=bool(message.sender) and message.sender == sender,
+        )
+
+    def _take_in(
+        self, uow: UnitOfWork, edit: InboundEdit, a: Assessment, first: Assessment | None
+    ) -> tuple[str, Receipt]:
+        """An edit of a message intake never stored brings the message in (see
+        :meth:`receive_edit`)."""
+        message = edit.message
+        if edit.previous is None or first is None:
+            note = "; intake first saw it as an edit: this is how it read after it (how it read before is unknown)"
+            receipt = self._unit(uow, message, a, note=note)
+            if receipt.ticket_id and receipt.route is not Route.DUPLICATE:
+                # The message's row has the message's key (its own event, late, is a duplicate);
+                # the edit's is noted on its ticket, where its retry finds it (``_edit_unit``).
+                uow.index_message_id(receipt.ticket_id, edit.dedup_key, ours=False)
+            return "taken_in", receipt
+        note = "; intake first saw it as an edit: this is how it read before it, the edit is stored beside it"
+        taken = self._unit(uow, edit.previous, first, note=note, acknowledge=False)
+        stored = uow.stored_message(message.recipient, message.dedup_key)
+        if stored is None:  # not stored (staff's words outside any ticket): nor is its edit
+            return "taken_in", taken
+        if taken.route is Route.DUPLICATE:  # stored meanwhile by another instance: an edit of it
+            receipt, _ = self._record_edit(uow, edit, a, first.verdict, stored)
+            return "recorded", receipt
+        receipt, ticket = self._record_edit(uow, edit, a, first.verdict, stored, acknowledging=taken.acknowledged)
+        if taken.acknowledged:
+            # Under the message as it now reads, posted after both: the ticket as it now stands,
+            # and the details the message, as it now reads, lacks. Edits come from chat, where
+            # no flood limit applies (hence no "last before the limit").
+            self._acknowledge(uow, message, a, ticket, last_before_limit=False)
+        return "taken_in", replace(
+            taken, severity=receipt.severity, security=receipt.security, alerted=taken.alerted or receipt.alerted
+        )
+
+    def _record_edit(
+        self,
+        uow: UnitOfWork,
+        edit: InboundEdit,
+        a: Assessment,
+        before: Verdict | None,
+        stored: StoredMessage,
+        *,
+        acknowledging: bool = False,
+    ) -> tuple[Receipt, TicketFacts]:
+        """Store the edit of ``stored`` beside it and, if the message was the customer's, assess
+        it as a follow-up; the receipt and the ticket as it then stands. ``before``: the verdict
+        on the text before the edit (its hits are no new evidence). ``acknowledging``: the
+        ticket's acknowledgement is queued after this and tells the customer what it became."""
+        message = edit.message
+        now = a.received_at
         ticket = uow.ticket_by_reference(stored.reference)
         assert ticket is not None, "a stored message's ticket"
         inbound = stored.direction is Direction.INBOUND
@@ -511,7 +588,7 @@ class IntakeService:
         )
         if not inbound:  # our own people's words: recorded, never assessed
             uow.update_ticket(ticket.id, TicketChange(updated_at=now))
-            return "recorded", receipt
+            return receipt, ticket
         # As a follow-up: the rules' verdict on the whole text as it now reads raises the ticket;
         # its evidence gains only the hits the text before did not have already.
         seen = {(h.rule, h.phrase, h.field, h.negated) for h in before.hits} if before is not None else set()
@@ -519,10 +596,15 @@ class IntakeService:
         raised = self._update_ticket(uow, ticket, message, replace(a.verdict, hits=fresh), now, by="an edit")
         alerted = False
         if a.verdict.security and not raised.alerted:
-            placement = Placement(Route.EDIT, ticket, note)
-            told, why_not = self._customer_told(uow, message, a, placement, raised, NO_EDIT_ACK)
+            told: bool | None
+            if acknowledging:  # the acknowledgement of a security incident says the lead will call
+                told, why_not = True, ""
+            else:
+                placement = Placement(Route.EDIT, ticket, note)
+                told, why_not = self._customer_told(uow, message, a, placement, raised, NO_EDIT_ACK)
             alerted = self._alert(uow, message, a, raised, now, told=told, why_not=why_not)
-        return "recorded", replace(receipt, severity=raised.severity, security=raised.security, alerted=alerted)
+        receipt = replace(receipt, severity=raised.severity, security=raised.security, alerted=alerted)
+        return receipt, raised
 
     def _place(self, uow: UnitOfWork, message: InboundMessage, a: Assessment) -> Placement:
         by_reference: dict[str, TicketFacts] = {}

@@ -342,6 +342,8 @@ def _edit(
     as it is now, ``previous_message`` as it was (https://docs.slack.dev/reference/events/message/message_changed/).
     The edits of what would have been ignored when posted (bots, our own posts, joins) are
     ignored for the same reason; whether the text changed at all is the core's to see.
+    ``previous`` is the message with the texts it had before (the core takes it in so when it
+    never had the message), ``None`` when the event does not say.
     """
     inner = event.get("message")
     if not isinstance(inner, dict):
@@ -378,7 +380,6 @@ def _edit(
             body=slack_to_text(before["text"]).strip(),
             new_text=slack_to_text(own_raw).strip(),
             quoted=slack_to_text(quoted_raw).strip(),
-            raw=b"",
         )
     return InboundEdit(message=message, edit_id=edit_id, edited_at=edited_at, previous=previous)
 

@@ -573,49 +573,113 @@ async def test_two_edits_within_one_second_are_two(slack_on_db: Slack) -> None:
     await slack.fake.wait_posts(1, channel=IRT_USER)
 
 
-async def test_an_edit_of_a_message_intake_never_stored_is_taken_in_as_that_message(slack_on_db: Slack) -> None:
+async def test_an_edit_of_a_message_intake_never_stored_brings_in_the_message_as_posted(
+    slack_on_db: Slack,
+) -> None:
     """A message posted before intake was in the channel (its event never came), then edited:
-    its words are addressed to support, so the edit brings the message in as it now reads, on
-    the path of a new message (a ticket, its acknowledgement in the message's thread, the IRT
-    alert). Its retry, and the original's event coming late after all, change nothing; a later
-    edit is an edit of it. In a ticket's thread it is a follow-up of that ticket."""
+    its words are addressed to support, so the edit brings the message in as it read before
+    (Slack's ``previous_message``), on the path of a new message, and is stored beside it as
+    an edit, assessed as one: here it reports an incident, so the ticket is Severity 1 and the
+    IRT lead paged. One acknowledgement, in the message's thread, gives the ticket as it then
+    stands. Retries, the original's event coming late, a later edit and its retry change
+    nothing more than they should. In a ticket's thread such a message is a follow-up."""
     slack = slack_on_db
     posted = message_event(text="Invoices show the wrong currency")  # never delivered to intake
     ts = posted["event"]["ts"]
     edit = edit_event(posted, text="Invoices show the wrong currency. We were hacked last night")
     assert (await slack.post(edit)).status == 200
     [t] = slack.h.tickets()
-    assert (t["severity"], t["security"], t["requester"]) == (1, True, "U0ALICE")
+    assert (t["severity"], t["security"], t["requester"], t["message_count"]) == (1, True, "U0ALICE", 1)
     [ack] = await slack.fake.wait_posts(1, channel=CHANNEL)
     assert ack.params["thread_ts"] == ts and t["reference"] in ack.params["text"]
-    await slack.fake.wait_posts(1, channel=IRT_USER)
-    [m] = slack.h.detail(t["reference"])["messages"]
-    assert (m["route"], m["body"], m["external_id"]) == (
-        "new", "Invoices show the wrong currency. We were hacked last night", f"{TEAM}/{CHANNEL}/{ts}"
+    said = " ".join(ack.params["text"].split())
+    assert "Severity 1" in said and "will reach out to you directly" in said
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    assert "We were hacked" in dm.params["text"]
+    m, e = slack.h.detail(t["reference"])["messages"]
+    assert (m["route"], m["body"], m["external_id"], m["edit_of"]) == (
+        "new", "Invoices show the wrong currency", f"{TEAM}/{CHANNEL}/{ts}", None
     )  # fmt: skip
     assert "intake first saw it as an edit" in m["route_note"]
-    raw = slack.h.read(lambda uow: uow.raw_message(m["id"]))
-    assert json.loads(raw)["event"]["previous_message"]["text"] == "Invoices show the wrong currency"  # kept
+    assert (e["route"], e["body"], e["edit_of"]) == ("edit", edit["event"]["message"]["text"], m["id"])
+    assert [h["rule"] for h in e["hits"]] == ["account-compromise"]
+    later = edit_event(posted, text="Invoices show EUR, not USD. We were hacked last night", previous_text=e["body"])
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
     late = [
-        await slack.post(edit, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}),
+        await slack.post(edit, headers=retry),
         await slack.post(posted, headers={"X-Slack-Retry-Num": "3", "X-Slack-Retry-Reason": "http_error"}),
+        await slack.post(later),
+        await slack.post(edit, headers={"X-Slack-Retry-Num": "2", "X-Slack-Retry-Reason": "http_timeout"}),
     ]
-    later = edit_event(posted, text="Invoices show EUR, not USD. We were hacked last night", previous_text=m["body"])
-    late.append(await slack.post(later))
     # In the thread of a ticket: a follow-up, no acknowledgement.
     reply = message_event(text="Also the tax column is empty", thread_ts=ts, user="U0BOB")
     late.append(await slack.post(edit_event(reply, text="Also the tax column is empty since Monday")))
-    assert [x.status for x in late] == [200] * 4
+    assert [x.status for x in late] == [200] * 5
     [t] = slack.h.tickets()
-    assert [(route, edit_of) for route, _, edit_of in versions(slack, t["reference"])] == [
-        ("new", None), ("edit", m["id"]), ("thread", None)
-    ]  # fmt: skip
-    # The retry of the first edit finds the message reading so already.
-    assert edit_outcomes(slack) == {"taken_in": 2, "unchanged": 1, "recorded": 1}
+    rows = slack.h.detail(t["reference"])["messages"]
+    assert [(r["route"], r["body"], r["edit_of"]) for r in rows] == [
+        ("new", "Invoices show the wrong currency", None),
+        ("edit", edit["event"]["message"]["text"], m["id"]),
+        ("edit", later["event"]["message"]["text"], m["id"]),
+        ("thread", "Also the tax column is empty", None),
+        ("edit", "Also the tax column is empty since Monday", rows[3]["id"]),
+    ]
+    assert edit_outcomes(slack) == {"taken_in": 2, "duplicate": 2, "recorded": 1}
     await slack.settled()
     await asyncio.sleep(0.3)
-    await slack.fake.wait_posts(1, channel=CHANNEL)
+    await slack.fake.wait_posts(1, channel=CHANNEL)  # no notice beside the acknowledgement
     await slack.fake.wait_posts(1, channel=IRT_USER)
+
+
+async def test_an_edit_of_a_report_never_stored_does_not_unsay_it(slack_on_db: Slack, smtp_relay: RelayStandIn) -> None:
+    """The report of an incident never reached intake (intake down past Slack's retries); its
+    author then edits it away. The report is taken in as it was posted: a security incident,
+    the IRT lead paged with its words, the customer told; the edit is stored beside it and
+    lowers nothing. The report's own event, coming late, is a duplicate."""
+    slack = slack_on_db
+    report = "We were hacked: someone logged into our admin account"
+    posted = message_event(text=report)
+    edit = edit_event(posted, text="Please ignore, wrong channel")
+    assert (await slack.post(edit)).status == 200
+    late = await slack.post(posted, headers={"X-Slack-Retry-Num": "3", "X-Slack-Retry-Reason": "http_error"})
+    assert late.status == 200
+    [t] = slack.h.tickets()
+    assert (t["severity"], t["security"], t["message_count"]) == (1, True, 1)
+    m, e = slack.h.detail(t["reference"])["messages"]
+    assert (m["route"], m["body"]) == ("new", report) and "account-compromise" in [h["rule"] for h in m["hits"]]
+    assert (e["route"], e["body"], e["edit_of"], e["hits"]) == ("edit", "Please ignore, wrong channel", m["id"], [])
+    [dm] = await slack.fake.wait_posts(1, channel=IRT_USER)
+    assert report in dm.params["text"]
+    [alert] = await smtp_relay.wait_for(1)
+    assert t["reference"] in alert.message["Subject"] and "will reach out" in alert.message.get_content()
+    [ack] = await slack.fake.wait_posts(1, channel=CHANNEL)
+    assert "will reach out to you directly" in " ".join(ack.params["text"].split())
+    counts = slack.h.app.service.recorder.counts
+    assert counts[("messages", "slack", "duplicate")] == 1 and edit_outcomes(slack) == {"taken_in": 1}
+
+
+async def test_an_edit_taken_in_without_how_it_read_before_is_stored_once(slack_on_db: Slack) -> None:
+    """When the event does not say how the message read before, the message is taken in as it
+    now reads; the edit's retry, after a later edit, is known again: the message is not stored
+    a second time as an edit of itself."""
+    slack = slack_on_db
+    posted = message_event(text="Invoices show the wrong currency")  # never delivered to intake
+    edit = edit_event(posted, text="Invoices show the wrong currency since Monday")
+    del edit["event"]["previous_message"]
+    later = edit_event(
+        posted, text="Invoices show EUR, not USD, since Monday", previous_text=edit["event"]["message"]["text"]
+    )
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    answers = [await slack.post(edit), await slack.post(later), await slack.post(edit, headers=retry)]
+    assert [x.status for x in answers] == [200] * 3
+    [t] = slack.h.tickets()
+    m, *_ = rows = slack.h.detail(t["reference"])["messages"]
+    assert [(r["route"], r["body"], r["edit_of"]) for r in rows] == [
+        ("new", "Invoices show the wrong currency since Monday", None),
+        ("edit", "Invoices show EUR, not USD, since Monday", m["id"]),
+    ]
+    assert "how it read before is unknown" in m["route_note"]
+    assert edit_outcomes(slack) == {"taken_in": 1, "recorded": 1, "duplicate": 1}
 
 
 async def test_an_event_whose_subtype_is_no_string_is_ignored_and_logged(
