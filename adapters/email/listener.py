@@ -35,11 +35,11 @@ without its CRLF (``500 5.5.2 Command line too long``; the session goes on), a D
 bytes with its CRLF (``500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)`` after the final dot: the
 whole message is refused, and so is one written with bare LF, which is one long line to
 aiosmtpd), a command repeated past ``command_call_limit`` (``421 4.7.0 NOOP sent too many
-times``, closed), five unknown commands (``502 5.5.1``, closed) and only ``<CRLF>.<CRLF>``
-ending DATA (1.4.5+: no SMTP smuggling with a bare LF or CR; the would-be second message
-stays inside the first one's body). The DATA limits and the end of DATA keep aiosmtpd's
-rules and texts, but the message is read in chunks, not line by line
-(``adapters/email/smtpdata.py``; figures in its docstring).
+times``, closed; the budget starts again after each message taken in), five unknown
+commands (``502 5.5.1``, closed) and only ``<CRLF>.<CRLF>`` ending DATA (1.4.5+: no SMTP
+smuggling with a bare LF or CR; the would-be second message stays inside the first one's
+body). The DATA limits and the end of DATA keep aiosmtpd's rules and texts, but the message
+is read in chunks, not line by line (``adapters/email/smtpdata.py``; figures in its docstring).
 
 Time limits. aiosmtpd re-arms ``command_timeout`` after each complete command and not during
 DATA, and closes without a word when it runs out; so a client could keep a session for
@@ -495,6 +495,14 @@ class _Limited:
         self.flush_held()  # type: ignore[attr-defined]  # replies held for a pipelined group come first
         transport.write(reply.encode("ascii") + b"\r\n")
         transport.close()  # flushes the reply first; connection_lost cancels the session task
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        status = await super()._call_handler_hook(command, *args)  # type: ignore[misc]
+        if command == "DATA":
+            # A message taken in: the session's command budget starts again (smtploop.py), so
+            # an MTA that keeps its connection for message after message is never cut off.
+            self.renew_command_budget()  # type: ignore[attr-defined]
+        return status
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -22,6 +22,13 @@ changes nothing it sends:
   deadline moved; when it fires before the deadline it is set again for the rest. It is
   remade only when a deadline comes earlier than the timer.
 
+One thing more, only when asked: :meth:`LeanLoop.renew_command_budget` gives the session its
+whole ``command_call_limit`` budget again (aiosmtpd keeps it in a local of its loop, per
+session). The listener calls it after each message it took in: an MTA that keeps its
+connection for the next message sends RSET before each one (Postfix, checking a cached
+connection), and with a budget per session the 21st RSET, or the 201st MAIL, was answered
+``421`` (Postfix's own server resets its junk-command count once mail is delivered, too).
+
 ``bench/bench_smtp_loop.py`` measures what it saves: the server's CPU for whole sessions
 over loopback, with and without this mixin. ``tests/adapters/test_smtploop.py`` holds the
 loop to aiosmtpd's: the same command sequences sent to a plain aiosmtpd server and to one
@@ -114,6 +121,7 @@ class LeanLoop:
     _paused: bool
     __ident__: str
     _silence_deadline: float = 0.0
+    _call_budget: Any = None  # what is left of each command's call limit (this loop's only)
     _silence_timer_at: float | None = None  # when the live timer fires; None: none is set
     _groupable: bool = False  # the command being answered may have its reply held (PIPELINING)
     _held: list[bytes] | None = None  # replies held to go out with the next one
@@ -158,6 +166,14 @@ class LeanLoop:
         else:
             transport.write(response + b"\r\n")
 
+    def renew_command_budget(self) -> None:
+        """Every command's call limit in full again, from now on (see the module's docstring);
+        nothing under aiosmtpd's own loop, whose budget is out of reach."""
+        budget = self._call_budget
+        if budget is not None and self._enforce_call_limit:
+            budget.clear()
+            budget.update(self._call_limit_base)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
         if not active():
             super()._reset_timeout(duration)  # type: ignore[misc]
@@ -196,6 +212,7 @@ class LeanLoop:
             call_limit = collections.defaultdict(lambda: self._call_limit_default, self._call_limit_base)
         else:
             call_limit = {}
+        self._call_budget = call_limit
         bogus_budget = BOGUS_LIMIT
         reader = self._reader
         while self.transport is not None:  # pragma: no branch

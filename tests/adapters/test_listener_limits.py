@@ -547,6 +547,31 @@ async def test_noop_forever_hits_the_command_call_limit(tmp_path: Path, smtp_rel
         await still_serving(h)
 
 
+async def test_an_mta_keeping_its_connection_is_not_cut_off(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """Postfix's LMTP client keeps its connection for the next message and sends RSET before
+    each reuse (the exchange below is what Postfix 3.7 sent): the 21st RSET was answered 421,
+    and past 200 messages so was MAIL. The budget is per message; a loop of RSETs still ends."""
+    async with intake_with(tmp_path, smtp_relay, 'protocol = "lmtp"\n') as h:
+        client, _ = await RawClient.open(h.port)
+        assert (await client.cmd("LHLO vm")) is not None
+        limit = ListenerConfig(addresses=()).command_call_limit["RSET"]
+        for i in range(limit + 5):
+            content = message_bytes(f"Report {i}", Message_ID=f"<reuse-{i}@acme.com>")
+            await client.write(
+                f"MAIL FROM:<alice@acme.com> SIZE={len(content)}\r\nRCPT TO:<{SUPPORT}>\r\nDATA\r\n".encode()
+            )
+            assert [r.code if r else None for r in [await client.reply() for _ in range(3)]] == [250, 250, 354]
+            await client.write(content + b".\r\n")
+            stored = await client.reply()
+            assert stored is not None and stored.code == 250, (i, stored)
+            assert await client.cmd("RSET") == Reply(250, "2.0.0 OK"), i
+        assert stored_count(h) == limit + 5
+        for _ in range(limit - 1):
+            assert await client.cmd("RSET") == Reply(250, "2.0.0 OK")
+        assert await client.cmd("RSET") == Reply(421, "4.7.0 RSET sent too many times")
+        await client.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # SMTP smuggling (CVE-2023-51764 and kin; aiosmtpd's CVE-2024-27305)
 # ---------------------------------------------------------------------------------------------
