@@ -328,7 +328,7 @@ def make_email_listener(app: App, socks: list[socket.socket] | None = None) -> E
         data_timeout=em.data_timeout,
         session_timeout=em.session_timeout,
         max_sessions=em.max_sessions,
-        max_sessions_per_client=em.max_sessions_per_client,
+        max_sessions_per_client=em.sessions_per_client,
     )
     handler = IntakeHandler(app.service, config, SessionTracker(shared=app.sessions))
     return EmailListener(handler, config, host=em.listen_host, port=em.listen_port, socks=socks)

@@ -113,7 +113,10 @@ class EmailSettings(_Section):
     # CPU has a listener either way; pinned, none moves away from its caches), else not.
     pin_listeners: bool | Literal["auto"] = "auto"
     max_sessions: int = Field(200, ge=1)
-    max_sessions_per_client: int = Field(20, ge=1)
+    # Default: 20 over SMTP; over LMTP max_sessions, as LMTP's one client is the MTA in front.
+    # Postfix delivers 20 messages at once by default, all from one address: at a cap of 20 a
+    # connection still closing got the next one "421 Too many connections", deferred minutes.
+    max_sessions_per_client: int | None = Field(None, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)
     reference_prefix: str = "SUP"
     subject_tag: str = "[{reference}]"
@@ -140,6 +143,13 @@ class EmailSettings(_Section):
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"invalid format: {exc}") from None
         return v
+
+    @property
+    def sessions_per_client(self) -> int:
+        """``max_sessions_per_client``, or its default for the protocol."""
+        if self.max_sessions_per_client is not None:
+            return self.max_sessions_per_client
+        return self.max_sessions if self.protocol == "lmtp" else 20
 
     @property
     def addresses(self) -> tuple[str, ...]:

@@ -482,6 +482,28 @@ async def wait_active(listener: EmailListener, count: int) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize(("protocol", "taken"), [("smtp", 20), ("lmtp", 30)])
+async def test_over_lmtp_its_one_client_may_have_every_session(
+    tmp_path: Path, smtp_relay: RelayStandIn, protocol: str, taken: int
+) -> None:
+    """LMTP's one client is the MTA in front: Postfix delivers 20 messages at once by default,
+    all from one address, so a per-client cap of 20 left no room for a connection still closing
+    (its deliveries got 421 and waited minutes). Over LMTP the cap defaults to max_sessions."""
+    async with intake_with(tmp_path, smtp_relay, f'protocol = "{protocol}"\nmax_sessions = 30\n') as h:
+        held: list[RawClient] = []
+        try:
+            for _ in range(taken):
+                c, greeting = await RawClient.open(h.port)
+                held.append(c)
+                assert greeting is not None and greeting.code == 220, len(held)
+            c, greeting = await RawClient.open(h.port)
+            held.append(c)
+            assert greeting == Reply(421, "4.7.0 Too many connections, please try again later")
+        finally:
+            for c in held:
+                await c.close()
+
+
 async def test_sessions_past_the_caps_get_421_at_once(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
     async with intake_with(tmp_path, smtp_relay, "max_sessions = 3\nmax_sessions_per_client = 2\n") as h:
         listener = h.app.email_listener
