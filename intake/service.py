@@ -415,7 +415,7 @@ class IntakeService:
             ticket = self._update_ticket(uow, placement.ticket, message, a.verdict, now)
             ack_note = "follow-up on an existing ticket"
             created = False
-        if message.sender and not placement.staff_note:  # our own people answering are no customers
+        if self._takes_part(message, a, placement):
             uow.add_participant(ticket.id, message.sender)
         if message.thread_key:
             uow.index_message_id(ticket.id, thread_id(message.thread_key), ours=False)
@@ -633,6 +633,18 @@ class IntakeService:
             by_thread=by_thread,
             internal=self._internal,
         )
+
+    def _takes_part(self, message: InboundMessage, a: Assessment, placement: Placement) -> bool:
+        """Whether the sender becomes a participant of the ticket (entitled to it from then on).
+
+        Not our own people answering, who are no customers; not a machine: a bounce comes from
+        the MTA's one daemon address (MAILER-DAEMON@ our own Postfix, for every bounce of every
+        acknowledgement), our own acknowledgement come back from our own address. Either made
+        participant let anyone writing under that address join the ticket by its reference.
+        """
+        if not message.sender or placement.staff_note or a.automation is not None:
+            return False
+        return message.sender not in {*self.outbound.support_addresses, self.outbound.from_address}
 
     def _why_not_acknowledge(self, message: InboundMessage, automation: Automation | None) -> str | None:
         if message.chat_channel:

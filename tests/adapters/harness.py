@@ -176,6 +176,43 @@ def mail(
     return m
 
 
+def postfix_dsn(returned: bytes, *, recipient: str, delayed: bool = False) -> bytes:
+    """A delivery status notification about ``returned`` (one of our emails), as Postfix 3.7
+    writes it (the layout of one a real Postfix sent intake): a bounce (``Action: failed``),
+    returning the whole message, or with ``delayed`` its warning that it is still retrying
+    (``Action: delayed``), returning the headers. Sent to us with the null reverse-path."""
+    boundary = "0355F16A044.1796433748/vm"
+    if delayed:
+        subject, action, status = "Delayed Mail (still being retried)", "delayed", "4.2.0"
+        notice = "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\r\n"
+        said = f"451 4.2.0 <{recipient}>: try again later"
+        part = "Undelivered Message Headers\r\nContent-Type: text/rfc822-headers"
+        returned = returned.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    else:
+        subject, action, status = "Undelivered Mail Returned to Sender", "failed", "5.1.1"
+        notice = "I'm sorry to have to inform you that your message could not\r\nbe delivered.\r\n"
+        said = f"550 5.1.1 <{recipient}>: no such user here"
+        part = "Undelivered Message\r\nContent-Type: message/rfc822"
+    head = (
+        "Received: by vm (Postfix)\r\n\tid 0545816A046; Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\n"
+        "Date: Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\nFrom: Mail Delivery System <MAILER-DAEMON@vm>\r\n"
+        f"Subject: {subject}\r\nTo: support@example.com\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+        "Content-Transfer-Encoding: 8bit\r\nMessage-Id: <20261205012228.0545816A046@vm>\r\n\r\n"
+        f"This is a MIME-encapsulated message.\r\n\r\n--{boundary}\r\nContent-Description: Notification\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        f"This is the mail system at host vm.\r\n\r\n{notice}\r\n                   The mail system\r\n\r\n"
+        f"<{recipient}>: host 127.0.0.1[127.0.0.1] said: {said} (in reply to RCPT TO command)\r\n\r\n"
+        f"--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; vm\r\nX-Postfix-Queue-ID: 0355F16A044\r\n"
+        "X-Postfix-Sender: rfc822; support@example.com\r\nArrival-Date: Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nOriginal-Recipient: rfc822;{recipient}\r\n"
+        f"Action: {action}\r\nStatus: {status}\r\nRemote-MTA: dns; 127.0.0.1\r\nDiagnostic-Code: smtp; {said}\r\n\r\n"
+        f"--{boundary}\r\nContent-Description: {part}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    )
+    return head.encode() + returned + f"\r\n--{boundary}--\r\n".encode()
+
+
 _REFS = References()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail, ref_of, running_intake, settings_for
+from tests.adapters.harness import mail, postfix_dsn, ref_of, running_intake, settings_for
 
 
 @pytest.fixture
@@ -189,3 +189,21 @@ async def test_an_address_with_a_trailing_quote_is_somebody_else(  # type: ignor
     ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
     reply = await intake.send(raw_mail(from_header, f"Re: Our invoices [{ref}]", "quote-1@evil.example"))
     assert ref_of(reply.text) != ref and len(intake.detail(ref)["messages"]) == 1
+
+
+async def test_a_bounce_or_our_own_mail_come_back_makes_no_participant(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Behind Postfix every bounce of every acknowledgement comes from MAILER-DAEMON@ its host,
+    and an acknowledgement forwarded back comes from our own address. Each joins its ticket (our
+    Message-ID in it is proof), but neither address becomes a participant: anyone writing under
+    it could then join the ticket by its reference."""
+    ref = ref_of((await intake.send(mail(subject="Our invoices"))).text)
+    [ack] = await smtp_relay.wait_for(1)
+    bounce = await intake.send(postfix_dsn(ack.content, recipient="alice@acme.com"), mail_from="")
+    looped = await intake.send(ack.content, mail_from="alice@acme.com")
+    assert ref_of(bounce.text) == ref_of(looped.text) == ref
+    assert intake.detail(ref)["participants"] == ["alice@acme.com"]
+    for n, forged in enumerate(["Mail Delivery System <MAILER-DAEMON@vm>", "Support <support@example.com>"]):
+        raw = raw_mail(forged, f"Re: Our invoices [{ref}]", f"forged-{n}@evil.example")
+        reply = await intake.send(raw, mail_from="mallory@evil.example")
+        assert reply.code == 250 and ref_of(reply.text) != ref, forged
+    assert len(intake.detail(ref)["messages"]) == 3
