@@ -9,7 +9,8 @@ Three pure decisions on an :class:`~intake.model.InboundMessage`:
   ordered tuple (:data:`CHECKS`); the first hit wins and carries the evidence as ``reason``.
 * :func:`bounced_message_ids` reads which of our messages a bounce reports on: the returned
   message (or its headers) attached to an RFC 3464 DSN, else ``Message-ID:`` lines quoted in a
-  free-form bounce.
+  free-form bounce; :func:`delivery_failed` whether it says they failed, or only that they are
+  still being tried (a delay warning).
 * :func:`authentication` reads RFC 8601 ``Authentication-Results`` headers written by servers
   we trust and says whether the From domain is vouched for by an aligned SPF or DKIM pass.
 
@@ -560,6 +561,36 @@ def bounced_message_ids(message: InboundMessage) -> tuple[str, ...]:
                 found[mid] = None
                 break
     return tuple(found)
+
+
+# A free-form warning that a message is late, not lost: Exim's "Warning: message 1abc-0007jE-00
+# delayed 24 hours", sendmail's "Warning: could not send message for past 4 hours".
+_DELAY_SUBJECT = re.compile(
+    r"\bdelay(?:ed)?\b|still being retried|not yet (?:been )?delivered|could not send message for past", re.I
+)
+
+
+def delivery_failed(message: InboundMessage) -> bool:
+    """Whether a bounce says its messages will not arrive, rather than that they are late.
+
+    RFC 3464 gives each recipient an Action: ``failed``, or ``delayed`` (Postfix's "Delayed Mail
+    (still being retried)", sent to a non-null reverse-path after ``delay_warning_time``; the
+    message may still arrive), ``delivered``, ``relayed``, ``expanded``. Failed when any
+    recipient's is ``failed``; a report with no Action at all, and a free-form bounce, unless
+    its subject says it is a delay. Meant for a message :func:`detect_automation` called a
+    bounce. Never raises.
+    """
+    actions: list[str] = []
+    top = _parse_raw(message.raw)
+    if top is not None:
+        for part in _children(_report_container(top)):
+            if part.get_content_type() == "message/delivery-status":
+                # The parser reads its field blocks as parts: the message's, then one a recipient.
+                actions.extend(_first_token(str(block.get("action", ""))) for block in _children(part))
+    actions = [a for a in actions if a]
+    if actions:
+        return "failed" in actions
+    return _DELAY_SUBJECT.search(message.subject) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from intake.hygiene import (
     AutomationKind,
     authentication,
     bounced_message_ids,
+    delivery_failed,
     detect_automation,
 )
 from intake.model import Direction, InboundEdit, InboundMessage, OutgoingChat, Route, Severity, Verdict
@@ -152,7 +153,8 @@ class Assessment:
 
     verdict: Verdict
     automation: Automation | None
-    bounced: tuple[str, ...]
+    bounced: tuple[str, ...]  # our messages a bounce reports on
+    undelivered: bool  # ...and says will not arrive (not a delay warning): marked undeliverable
     cited: tuple[Found, ...]
     received_at: datetime
     missing: tuple[str, ...]
@@ -258,6 +260,7 @@ class IntakeService:
         self.recorder.observe("classification", time.perf_counter() - started)
         automation = detect_automation(message, loop_token=self.outbound.loop_token)
         bounced = bounced_message_ids(message) if automation and automation.kind is AutomationKind.BOUNCE else ()
+        undelivered = bool(bounced) and delivery_failed(message)
         cited = self.references.find(message.subject)
         if message.chat_thread_ts is None and not cited and message.channel != "email":
             cited = self.references.find(message.body[:2000])
@@ -271,6 +274,7 @@ class IntakeService:
             verdict=verdict,
             automation=automation,
             bounced=tuple(bounced),
+            undelivered=undelivered,
             cited=tuple(cited),
             received_at=self.clock.now(),
             missing=missing_details(message, organisation=organisation),
@@ -438,7 +442,7 @@ class IntakeService:
                 refusal.ticket.id,
                 TicketChange(add_notes=(f"{refusal.why}; it went to {ticket.reference} instead",), updated_at=now),
             )
-        if a.bounced and uow.mark_undeliverable(a.bounced, a.automation.reason if a.automation else "bounce"):
+        if a.undelivered and uow.mark_undeliverable(a.bounced, a.automation.reason if a.automation else "bounce"):
             uow.update_ticket(
                 ticket.id,
                 TicketChange(add_notes=("a bounce reports our outgoing message(s) undeliverable",), updated_at=now),

@@ -182,6 +182,7 @@ def postfix_dsn(returned: bytes, *, recipient: str, delayed: bool = False) -> by
     returning the whole message, or with ``delayed`` its warning that it is still retrying
     (``Action: delayed``), returning the headers. Sent to us with the null reverse-path."""
     boundary = "0355F16A044.1796433748/vm"
+    queue_id = "D40F416A037" if delayed else "0545816A046"  # the notice's own: its Message-Id
     if delayed:
         subject, action, status = "Delayed Mail (still being retried)", "delayed", "4.2.0"
         notice = "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\r\n"
@@ -194,11 +195,11 @@ def postfix_dsn(returned: bytes, *, recipient: str, delayed: bool = False) -> by
         said = f"550 5.1.1 <{recipient}>: no such user here"
         part = "Undelivered Message\r\nContent-Type: message/rfc822"
     head = (
-        "Received: by vm (Postfix)\r\n\tid 0545816A046; Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\n"
+        f"Received: by vm (Postfix)\r\n\tid {queue_id}; Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\n"
         "Date: Sat,  5 Dec 2026 01:22:28 +0000 (UTC)\r\nFrom: Mail Delivery System <MAILER-DAEMON@vm>\r\n"
         f"Subject: {subject}\r\nTo: support@example.com\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
-        "Content-Transfer-Encoding: 8bit\r\nMessage-Id: <20261205012228.0545816A046@vm>\r\n\r\n"
+        f"Content-Transfer-Encoding: 8bit\r\nMessage-Id: <20261205012228.{queue_id}@vm>\r\n\r\n"
         f"This is a MIME-encapsulated message.\r\n\r\n--{boundary}\r\nContent-Description: Notification\r\n"
         "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         f"This is the mail system at host vm.\r\n\r\n{notice}\r\n                   The mail system\r\n\r\n"

@@ -15,7 +15,7 @@ import pytest
 
 from intake.model import Verdict
 from tests.adapters.conftest import RelayStandIn
-from tests.adapters.harness import mail, ref_of, running_intake, settings_for
+from tests.adapters.harness import mail, postfix_dsn, ref_of, running_intake, settings_for
 from tests.corpus import CORPUS, corpus_files, needs_corpus
 
 
@@ -398,6 +398,25 @@ async def test_a_bounce_of_our_acknowledgement_marks_it_undeliverable(intake, sm
     detail = intake.detail(ref)
     assert detail["outbox"][0]["status"] == "undeliverable"
     assert any("undeliverable" in n["text"] for n in detail["notes"])
+    await asyncio.sleep(0.3)
+    await smtp_relay.wait_for(1)
+
+
+async def test_a_delay_warning_leaves_the_acknowledgement_sent(intake, smtp_relay: RelayStandIn) -> None:  # type: ignore[no-untyped-def]
+    """Postfix as the relay warns a non-null reverse-path (outbound.bounce_address) that our
+    message is still being retried (delay_warning_time): the warning joins the ticket, is not
+    answered, and the acknowledgement stays sent, for it may well arrive. Postfix's bounce,
+    when it gives up, marks it undeliverable."""
+    ref = ref_of((await intake.send(mail(sender="slow@acme.com"))).text)
+    [ack] = await smtp_relay.wait_for(1)
+    await intake.outbox_settled()
+    warning = await intake.send(postfix_dsn(ack.content, recipient="slow@acme.com", delayed=True), mail_from="")
+    assert warning.code == 250 and ref_of(warning.text) == ref
+    detail = intake.detail(ref)
+    assert len(detail["messages"]) == 2 and detail["outbox"][0]["status"] == "sent"
+    bounce = await intake.send(postfix_dsn(ack.content, recipient="slow@acme.com"), mail_from="")
+    assert bounce.code == 250 and ref_of(bounce.text) == ref
+    assert intake.detail(ref)["outbox"][0]["status"] == "undeliverable"
     await asyncio.sleep(0.3)
     await smtp_relay.wait_for(1)
 

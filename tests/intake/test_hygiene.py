@@ -28,6 +28,7 @@ from intake.hygiene import (
     AutomationKind,
     authentication,
     bounced_message_ids,
+    delivery_failed,
     detect_automation,
 )
 from intake.model import Channel, InboundMessage
@@ -651,6 +652,51 @@ def test_bounced_ids_on_junk_is_empty(raw: bytes) -> None:
 @given(st.binary(max_size=2000))
 def test_bounced_ids_never_raise(raw: bytes) -> None:
     assert isinstance(bounced_message_ids(msg(raw=b"Content-Type: multipart/mixed; boundary=x\n\n" + raw)), tuple)
+
+
+# -- delivery_failed ---------------------------------------------------------------------------
+
+
+def test_a_dsn_whose_recipient_failed_says_delivery_failed() -> None:
+    assert delivery_failed(msg(sender="postmaster@relay.example", raw=DSN_RAW, body="")) is True
+    # One recipient failed and one is still being tried: our message did not reach everyone.
+    both = DSN_RAW.replace(
+        b"Action: failed\r\n", b"Action: failed\r\n\r\nFinal-Recipient: rfc822; c@x\r\nAction: delayed\r\n"
+    )
+    assert delivery_failed(msg(raw=both, body="")) is True
+
+
+@pytest.mark.parametrize("action", [b"delayed", b"Delayed (will retry)", b"delivered", b"relayed", b"expanded"])
+def test_a_dsn_that_only_warns_or_confirms_says_no_failure(action: bytes) -> None:
+    """Postfix sends "Delayed Mail (still being retried)" (Action: delayed) to a non-null
+    reverse-path after delay_warning_time: the message may well arrive."""
+    raw = DSN_RAW.replace(b"Action: failed", b"Action: " + action)
+    assert delivery_failed(msg(raw=raw, subject="Delayed Mail (still being retried)", body="")) is False
+
+
+@pytest.mark.parametrize(
+    ("subject", "failed"),
+    [
+        ("Mail delivery failed: returning message to sender", True),
+        ("Undelivered Mail Returned to Sender", True),
+        ("Warning: message 14jRTi-0007jE-00 delayed 24 hours", False),  # Exim
+        ("Warning: could not send message for past 4 hours", False),  # sendmail
+        ("Delivery Status Notification (Delay)", False),
+    ],
+)
+def test_a_free_form_bounce_is_a_failure_unless_it_says_delayed(subject: str, failed: bool) -> None:
+    assert (
+        delivery_failed(msg(subject=subject, envelope_sender="", body="Message-ID: <ack-2@ours.example>\n")) is failed
+    )
+
+
+@needs_corpus
+@pytest.mark.parametrize(
+    ("name", "failed"),
+    [("dsn_01.eml", True), ("dsn_06.eml", False), ("dsn_07.eml", False), ("dsn_08.eml", False), ("dsn_17.eml", False)],
+)
+def test_delivery_failed_on_real_dsns(name: str, failed: bool) -> None:
+    assert delivery_failed(corpus(name)) is failed
 
 
 # -- authentication ----------------------------------------------------------------------------
