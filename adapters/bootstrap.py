@@ -322,6 +322,7 @@ def make_email_listener(app: App, socks: list[socket.socket] | None = None) -> E
         hostname=em.hostname,
         max_message_bytes=em.max_message_bytes,
         max_recipients=em.max_recipients,
+        recipient_delimiter=em.recipient_delimiter,
         max_attachment_bytes=em.max_attachment_bytes,
         max_attachments_total=em.max_attachments_total,
         command_timeout=em.command_timeout,

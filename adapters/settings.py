@@ -91,6 +91,9 @@ class EmailSettings(_Section):
     # Further addresses intake answers for (each copy to a different one is its own delivery).
     extra_addresses: list[Address] = Field(default_factory=list)
     hostname: str = "intake.local"  # our name in the SMTP greeting
+    # Characters that start an address extension: support+billing@ is support@ (as Postfix's and
+    # Dovecot's recipient_delimiter, which Postfix uses to route it here); "" for none.
+    recipient_delimiter: str = "+"
     max_message_bytes: int = Field(26_214_400, ge=1024)
     max_recipients: int = Field(50, ge=1, le=1000)
     max_attachment_bytes: int = Field(10_485_760, ge=0)
@@ -132,6 +135,13 @@ class EmailSettings(_Section):
         if v is True or v is False or v == "auto":
             return v
         raise ValueError('must be true, false or "auto"')
+
+    @field_validator("recipient_delimiter")
+    @classmethod
+    def _delimiter(cls, v: str) -> str:
+        if any(c == "@" or c.isspace() or not c.isprintable() for c in v):
+            raise ValueError("must be printable characters other than @ and spaces")
+        return v
 
     @field_validator("subject_tag")
     @classmethod

@@ -11,7 +11,7 @@ accepted recipient), the service stores them, and the receipts become reply code
 421 4.4.2                   a time limit passed (silence, DATA phase, whole session); closed
 452 4.5.3                   too many recipients
 501 5.1.7                   reverse-path not valid UTF-8 or with control characters
-550 5.1.1                   not one of our support addresses
+550 5.1.1                   not one of our support addresses (``support+any@`` is ``support@``)
 552 5.3.4                   message bigger than ``max_message_bytes`` (at SIZE= or after DATA)
 ==========================  ===============================================================
 
@@ -121,6 +121,9 @@ class ListenerConfig:
     hostname: str = "intake.local"
     max_message_bytes: int = 26_214_400
     max_recipients: int = 50
+    # Characters that start an address extension (support+billing@ is support@), as Postfix's
+    # and Dovecot's recipient_delimiter; "" for none.
+    recipient_delimiter: str = "+"
     max_attachment_bytes: int | None = None
     max_attachments_total: int | None = None
     command_timeout: float = 300.0  # silence: no complete command (outside DATA), no bytes (in DATA)
@@ -260,14 +263,28 @@ class IntakeHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if address.lower() not in self.addresses:
+        recipient = self._support_address(address.lower())
+        if recipient is None:
             # Echoed back: no control characters, and no lone surrogates (push() would raise).
             return REPLY_UNKNOWN_RECIPIENT.format(address=_UNSTORABLE.sub("?", address)[:200])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
-        envelope.rcpt_tos.append(address.lower())
+        envelope.rcpt_tos.append(recipient)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    def _support_address(self, address: str) -> str | None:
+        """The support address ``address`` (lower-cased) is, its extension dropped, or None.
+
+        Postfix finds ``support+billing@`` under ``support@`` in its tables (recipient_delimiter,
+        "+" on Debian) and hands it over as it is: refused here, it bounced after Postfix had
+        accepted it, to a sender who may be forged. It is the same mailbox."""
+        if address in self.addresses:
+            return address
+        local, at, domain = address.rpartition("@")
+        cut = min((i for i in map(local.find, self.config.recipient_delimiter) if i > 0), default=-1)
+        base = f"{local[:cut]}@{domain}" if at and cut > 0 else None
+        return base if base in self.addresses else None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.tracker.busy.add(server)

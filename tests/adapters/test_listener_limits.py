@@ -246,6 +246,25 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_delivered(
     ]
 
 
+async def test_an_address_extension_is_its_support_address(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
+    """Postfix (recipient_delimiter "+", Debian's default) finds support+billing@ under support@
+    in its tables and hands it over as it is: refused here, it bounced after Postfix had taken
+    it, to a sender who may be forged. It is the support mailbox, for dedup too."""
+    async with intake_with(tmp_path, smtp_relay) as h:
+        first = await h.send(mail(message_id="<ext-1@acme.com>"), rcpt=("Support+Billing@example.com",))
+        assert first.code == 250 and "stored as" in first.text, first
+        again = await h.send(mail(message_id="<ext-1@acme.com>"), rcpt=(SUPPORT,))
+        assert again.code == 250 and "already stored" in again.text
+        recipients = h.read(lambda uow: list(uow.conn.execute(select(message_table.c.recipient)).scalars()))
+        assert recipients == [SUPPORT]
+        for other in ("nobody+support@example.com", "+support@example.com", "support+@elsewhere.example"):
+            refused = await h.send(mail(), rcpt=(other,))
+            assert (refused.code, refused.text) == (550, f"5.1.1 <{other}>: not a support address here")
+    async with intake_with(tmp_path, smtp_relay, 'recipient_delimiter = ""\n') as h:
+        refused = await h.send(mail(), rcpt=("support+billing@example.com",))
+        assert refused.code == 550
+
+
 async def test_a_session_s_refusals_are_logged_up_to_a_limit(
     tmp_path: Path, smtp_relay: RelayStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
