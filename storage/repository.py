@@ -247,16 +247,22 @@ def _claim(locked: bool) -> Any:
 
 _CLAIM = _claim(locked=False)
 _CLAIM_LOCKED = _claim(locked=True)  # PostgreSQL: skip the rows another claimer holds
+# A note sent: recorded as sent. One a bounce has marked undeliverable meanwhile (Postfix on
+# the same host bounces within milliseconds, before the outcome is recorded) keeps its status
+# and the bounce's reason but counts its attempt, so that it does not read "after 0 attempts".
+_PENDING = outbox.c.status == "pending"
+_SENT_WHERE = or_(_PENDING, and_(outbox.c.status == "undeliverable", outbox.c.sent_at.is_(None)))
+_SENT_VALUES = {
+    "status": case((_PENDING, "sent"), else_=outbox.c.status),
+    "attempts": outbox.c.attempts + 1,
+    "claimed_until": None,
+    "last_error": case((_PENDING, None), else_=outbox.c.last_error),
+}
 # SQLite (on the fast path): the ids of the notes sent, as one JSON array parameter.
 _FINISH_SENT_SQLITE = (
     update(outbox)
-    .where(
-        outbox.c.id.in_(select(column("value", Integer)).select_from(func.json_each(bindparam("ids")))),
-        outbox.c.status == "pending",
-    )
-    .values(
-        status="sent", sent_at=bindparam("now"), attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None
-    )
+    .where(outbox.c.id.in_(select(column("value", Integer)).select_from(func.json_each(bindparam("ids")))), _SENT_WHERE)
+    .values(sent_at=bindparam("now"), **_SENT_VALUES)
 )
 
 
@@ -646,9 +652,7 @@ class SqlUnitOfWork:
             self._write(_FINISH_SENT_SQLITE, {"ids": json.dumps(sent), "now": now})
         elif sent:
             self.conn.execute(
-                update(outbox)
-                .where(outbox.c.id.in_(sent), outbox.c.status == "pending")
-                .values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, claimed_until=None, last_error=None)
+                update(outbox).where(outbox.c.id.in_(sent), _SENT_WHERE).values(sent_at=now, **_SENT_VALUES)
             )
         for r in sorted((r for r in results if not r.ok), key=lambda r: r.id):  # in one order: no deadlock
             base = update(outbox).where(outbox.c.id == r.id, outbox.c.status == "pending")

@@ -571,3 +571,30 @@ async def test_any_error_text_is_recorded_with_its_outcome(store: SqlStore) -> N
     query = select(outbox.c.status, outbox.c.last_error)
     status, error = store.run_sync(lambda uow: uow.conn.execute(query).one())
     assert (status, error) == ("failed", ("550 bo\ufffdte inconnue " + "x" * 600)[:500])
+
+
+async def test_a_note_bounced_before_its_sending_was_recorded_counts_its_attempt(store: SqlStore) -> None:
+    """Postfix on the same host bounces an acknowledgement within milliseconds, before the
+    dispatcher records it sent: the note stays undeliverable, with the bounce's reason, but counts
+    its attempt ("undeliverable after 0 attempts" said it was never sent)."""
+    tid = await store.transact(lambda uow: uow.create_ticket(new_ticket()).id)
+    for n in (1, 2):
+        await store.transact(
+            lambda uow, n=n: uow.enqueue(
+                OutboxEntry(ticket_id=tid, kind="acknowledgement", payload=email(n), created_at=NOW)
+            )
+        )
+    lease = NOW + timedelta(minutes=2)
+    claimed = await store.transact(lambda uow: uow.claim_outbox(now=NOW, owner="a", lease_until=lease, limit=10))
+    await store.transact(lambda uow: uow.mark_undeliverable(["m1@intake"], "Action: failed"))
+    later = NOW + timedelta(seconds=1)
+    for _ in range(2):  # recorded twice (a lease run out): one attempt all the same
+        await store.transact(lambda uow: uow.finish_outbox([SendResult(id=i.id, ok=True) for i in claimed], now=later))
+    columns = (outbox.c.message_id, outbox.c.status, outbox.c.attempts, outbox.c.last_error)
+    rows = store.run_sync(lambda uow: uow.conn.execute(select(*columns).order_by(outbox.c.id)).all())
+    assert [tuple(r) for r in rows] == [
+        ("m1@intake", "undeliverable", 1, "bounced: Action: failed"),
+        ("m2@intake", "sent", 1, None),
+    ]
+    sent_at = store.run_sync(lambda uow: list(uow.conn.execute(select(outbox.c.sent_at)).scalars()))
+    assert all(t is not None for t in sent_at)
