@@ -15,6 +15,7 @@ from __future__ import annotations
 import email
 import email.policy
 import html
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,19 @@ def test_the_corpus_alternatives_keep_their_plain_part(name: str) -> None:
     and notices whose two parts say the same."""
     msg = parse_email((CORPUS / name).read_bytes(), recipient="support@example.net")
     assert msg.html is False
+
+
+def test_deeply_nested_quotes_in_an_alternative_give_a_bounded_body() -> None:
+    """Every alternative may now be rendered: 9,000 nested <blockquote> (0.25 MB) took 16 s
+    and gave a body of 320 million characters; the quote prefix stops at eight levels."""
+    page = "<blockquote>\r\n" * 9000 + "x<br>\r\n" * 18000
+    raw = (
+        "From: m@evil.example\r\nTo: support@example.net\r\nSubject: hi\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n'
+        f"--b\r\nContent-Type: text/html\r\n\r\n{page}\r\n--b--\r\n"
+    ).encode()
+    started = time.perf_counter()
+    msg = parse_email(raw, recipient="support@example.net")
+    assert time.perf_counter() - started < 1.0
+    assert msg.html is True and len(msg.body) <= 2 * len(raw)
+    assert msg.body.splitlines()[-1] == "> " * 8 + "x"

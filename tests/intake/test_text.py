@@ -156,6 +156,36 @@ def test_hostile_html_is_linear(unit: str) -> None:
     assert time.perf_counter() - started < 3.0
 
 
+@pytest.mark.parametrize(
+    ("opening", "closing"),
+    [
+        ("<blockquote>\r\n", ""),  # "> " * depth on every line: 400 million characters before
+        ("<ul><li>x", ""),  # the list indent grew the same way
+        ('<a href="https://x.example/">y', "</a>"),  # each close re-read every enclosing link's text
+    ],
+    ids=["blockquote", "list", "link"],
+)
+def test_deep_nesting_is_bounded(opening: str, closing: str) -> None:
+    count = 20_000
+    html = opening * count + "x<br>\r\n" * count + "<p>x" * count + closing * count
+    started = time.perf_counter()
+    text = html_to_text(html)
+    assert time.perf_counter() - started < 1.0
+    assert len(text) <= 4 * len(html)
+    assert text.count("\n") >= count  # the lines are there, their prefix capped
+
+
+def test_quotes_stop_deepening_after_eight_levels() -> None:
+    text = html_to_text("<blockquote>" * 12 + "deep" + "</blockquote>" * 12 + "<p>after</p>")
+    assert text == "> " * 8 + "deep\n\nafter"
+
+
+def test_a_link_inside_an_open_link_closes_it() -> None:
+    assert html_to_text('<a href="https://a.example/">one <a href="https://b.example/">two</a>') == (
+        "one (https://a.example/) two (https://b.example/)"
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("<>/!-=\"' abp&#;\n\tdivlhrefsc[]?")), max_size=300))
 def test_html_fuzz_never_raises(html: str) -> None:
