@@ -10,24 +10,32 @@ HTML-to-plain conversion), and the report is in the HTML. "We were hacked" must 
 keyword rules and the stored body from the HTML.
 
 :func:`choose` compares the words of the two texts, in any language; it knows no placeholder's
-wording. It takes the HTML's text when the plain part does not stand for it:
+wording. Each of the HTML's words is **had** when the plain part has it beside the same word
+before or after it (a word pair), else **lacked**; what counts is where the lacked words are,
+not their share of the whole (a reply's quoted history is most of its text). It takes the
+HTML's text when the plain part does not stand for it:
 
-* the plain part has (nearly) every word pair of the HTML's text: **plain**, the ordinary
-  case. When the HTML, its tags stripped, has no word that the plain part lacks, this is
-  known without rendering the HTML (:func:`intake.text.html_to_text`, which costs far more);
-* the plain part has the start of the HTML's text and lacks the rest: **plain** when the rest
-  begins on a line of its own (a signature, legal disclaimer or "Sent with ..." line that
-  only the HTML carries), **html** when the plain part stops in the middle of a line (cut);
-* the plain part lacks words at the start or in the middle (it kept only the signature, or
-  dropped a table): **html**;
-* the plain part says other things than the HTML (under half of its word pairs are there):
-  **html** when the HTML's text has more words (a placeholder before a report),
-  or when the plain part speaks of "HTML" and the HTML's text does not (a long placeholder
-  before a short report); else **plain** (an HTML stub: a gateway's "Removed part").
+* the plain part has every word of the HTML's text: **plain**, the ordinary case. When the
+  HTML, its tags stripped, has no word pair that the plain part lacks, this is known without
+  rendering the HTML (:func:`intake.text.html_to_text`, which costs far more);
+* it lacks words before the first it has, or a passage (three words in a row, or more than a
+  tenth of them) among those it has: **html** (it kept only the signature, or dropped a
+  table); a word here and there is how renderings differ (table cells, "[cid:...]");
+* it has the start of the HTML's text and lacks the rest: **html** when the plain part stops
+  in the middle of a line (cut) or when the rest is longer than what it has (a plain part
+  that is only the greeting or the first paragraph of a report); **plain** when the rest
+  begins on a line of its own and is no longer (a signature, legal disclaimer or "Sent with
+  ..." line that only the HTML carries), or up to four times as long after a message of at
+  least twelve words (a disclaimer under a short message);
+* it has none of the HTML's words (it says other things): **html** when the HTML's text has
+  more words (a placeholder before a report), or when the plain part speaks of "HTML" and
+  the HTML's text does not (a long placeholder before a short report); else **plain** (an
+  HTML stub: a gateway's "Removed part").
 
 A word is a run of letters or digits, or one CJK character, case-folded; links are left out
 (each part writes them its own way: "text <url>", "text (url)", "text [1]"). Word pairs rather
-than words, so that common words ("the", "de") do not make two different texts look alike.
+than words, so that common words ("the", "de") do not make two different texts look alike, nor
+a report written with the words of the quote below it look like that quote.
 """
 
 from __future__ import annotations
@@ -37,10 +45,13 @@ import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from intake.text import html_to_text
 
 __all__ = ["Alternative", "choose"]
+
+_W = TypeVar("_W", str, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +63,16 @@ class Alternative:
     html_texts: tuple[str, ...] = ()  # each HTML part's text, when ``html``
 
 
-# The plain part has the HTML's words when at most this share of the HTML's word pairs is
-# missing from it (the two renderings differ a little: table cells, Outlook's "[cid:...]").
+# Among the words the plain part has, it may lack at most this share of the HTML's words, and
+# no run of _RUN of them: the two renderings differ here and there by a word (table cells,
+# Outlook's "[cid:...]", a link's text), never by a passage.
 _MISSING = 0.1
-# The plain part is taken from the HTML when at least this share of its word pairs is there.
-_TAKEN = 0.5
+_RUN = bytes(3 * [True])
+# Lines that only the HTML adds at the end are a footer when they are no more words than the
+# plain part has; or, after a plain part of at least _SAYS words (a message, not a greeting or
+# a first line), up to _FOOTER times as many (a legal disclaimer under a short message).
+_SAYS = 12
+_FOOTER = 4
 
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
@@ -80,10 +96,12 @@ def _words(text: str) -> list[str]:
 
 
 def _rough_words(text: str) -> list[bytes]:
-    """The words of ``text`` for the cheap check: case-folded, split at punctuation."""
+    """The words of ``text`` for the cheap check: case-folded, links left out, split at
+    punctuation."""
+    text = _LINK.sub(" ", text.casefold())
     if not text.isascii():
         text = _PUNCTUATION.sub(" ", text)
-    return text.casefold().encode("utf-8", "replace").translate(_SPACED).split()
+    return text.encode("utf-8", "replace").translate(_SPACED).split()
 
 
 def _stripped_words(html: str) -> list[bytes]:
@@ -96,30 +114,78 @@ def _stripped_words(html: str) -> list[bytes]:
     return _rough_words(text)
 
 
-def _has_all(known: set[bytes], words: list[bytes]) -> bool:
-    """Whether every word is in ``known``, read with its neighbour where a tag cut it in two
-    ("o<b>ccidentale</b>")."""
-    for index, word in enumerate(words):
-        if word in known:
-            continue
-        before = words[index - 1] + word if index else b""
-        after = word + words[index + 1] if index + 1 < len(words) else b""
-        if before not in known and after not in known:
-            return False
-    return True
+def _mended(words: list[bytes], known: set[bytes]) -> list[bytes]:
+    """``words`` with a word the plain part lacks joined to its neighbour where together they
+    are one of its words: a tag cut it in two ("o<b>ccidentale</b>")."""
+    if known.issuperset(words):
+        return words
+    mended: list[bytes] = []
+    index, count = 0, len(words)
+    while index < count:
+        word = words[index]
+        if word not in known:
+            if index + 1 < count and word + words[index + 1] in known:
+                mended.append(word + words[index + 1])
+                index += 2
+                continue
+            if mended and mended[-1] + word in known:
+                mended[-1] += word
+                index += 1
+                continue
+        mended.append(word)
+        index += 1
+    return mended
 
 
-def _pairs(words: Sequence[str]) -> list[tuple[str, str]]:
-    """Each word with the one before it; the first and the last with the text's edge ("")."""
-    edged = ["", *words, ""]
-    return list(itertools.pairwise(edged))
+def _pairs(words: Sequence[_W], edge: _W) -> list[tuple[_W, _W]]:
+    """Each word with the one after it; the first and the last with the text's ``edge``."""
+    return list(itertools.pairwise([edge, *words, edge]))
+
+
+def _missing(html_pairs: list[tuple[_W, _W]], plain_pairs: set[tuple[_W, _W]]) -> list[bool]:
+    """For each of the HTML's words, whether the plain part lacks it there: neither the pair it
+    makes with the word before it nor the one with the word after it is the plain part's. (A
+    word the plain part adds between two of the HTML's costs one pair, no word.)"""
+    hits = [pair in plain_pairs for pair in html_pairs]
+    return [not (before or after) for before, after in itertools.pairwise(hits)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cover:
+    """Which of the HTML's words the plain part has, in order: where those it lacks are."""
+
+    start: int  # the first word it has (words before it: the plain part lacks the start)
+    end: int  # one past the last word it has (words from here on: a tail)
+    gaps: bool  # it lacks a passage among the words it has (or too many words there)
+    covered: int  # how many words it has
+
+
+def _cover(missing: list[bool]) -> _Cover | None:
+    """Where the words the plain part lacks are; ``None`` when it has none of them."""
+    if False not in missing:
+        return None
+    start = missing.index(False)
+    # The end is where the HTML is best cut into words the plain part has and a tail it lacks:
+    # a footer may repeat a few of them ("Acme Corp" under the disclaimer).
+    best = score = missing.count(True)
+    end = 0
+    for index, lacked in enumerate(missing, 1):
+        score += -1 if lacked else 1
+        if score >= best:
+            best, end = score, index
+    inside, tail = missing[start:end], missing[end:]
+    lacked = inside.count(True)
+    gaps = lacked > _MISSING * len(inside) or _RUN in bytes(inside) or tail.count(False) > _MISSING * len(tail)
+    return _Cover(start, end, gaps, len(inside) - lacked)
 
 
 def choose(plain: str, htmls: Sequence[str]) -> Alternative:
     """Whether the text of ``htmls`` (an alternative's text/html parts, as sent) is the body
     rather than ``plain`` (its text/plain parts, joined). See the module docstring."""
-    known = set(_rough_words(plain))
-    if all(_has_all(known, _stripped_words(html)) for html in htmls):
+    rough = _rough_words(plain)
+    rough_pairs = set(_pairs(rough, b""))
+    known = set(rough)
+    if all(set(_pairs(_mended(_stripped_words(html), known), b"")) <= rough_pairs for html in htmls):
         return Alternative(False, "the HTML has no word the plain part lacks")
     plain_words = _words(plain)
     texts = tuple(html_to_text(html) for html in htmls)
@@ -128,39 +194,23 @@ def choose(plain: str, htmls: Sequence[str]) -> Alternative:
     if not spans:
         return Alternative(False, "the HTML shows no words")
     html_words = [folded[start:end] for start, end in spans]
-    html_pairs = _pairs(html_words)
-    plain_pairs = set(_pairs(plain_words))
-    covered = [pair in plain_pairs for pair in html_pairs]
-    if covered.count(False) <= _MISSING * len(covered):
+    missing = _missing(_pairs(html_words, ""), set(_pairs(plain_words, "")))
+    if True not in missing:
         return Alternative(False, "the plain part has the HTML's words")
-
-    shown = set(html_pairs)
-    if sum(pair in shown for pair in plain_pairs) < _TAKEN * len(plain_pairs):
+    cover = _cover(missing)
+    if cover is None:
         if len(html_words) > len(plain_words):
             return Alternative(True, "the plain part says other things than the HTML, which says more", texts)
         if "html" in plain_words and "html" not in html_words:
             return Alternative(True, "the plain part speaks of the HTML, not of what it says", texts)
         return Alternative(False, "the plain part says other things than the HTML, which says less")
-
-    split = _split(covered)
-    head, tail = covered[:split], covered[split:]
-    if not head or head.count(False) > _MISSING * len(head) or tail.count(True) > _MISSING * len(tail):
+    if cover.start or cover.gaps:
         return Alternative(True, "the plain part lacks words at the start or in the middle of the HTML", texts)
-    if split >= len(spans):  # all but the end of the text: the plain part goes on after it
+    if cover.end == len(spans):
         return Alternative(False, "the plain part has the HTML's words")
-    # Pair ``split`` joins the last word the plain part has (``split - 1``) to the first it lacks.
-    if "\n" not in folded[spans[split - 1][1] : spans[split][0]]:
+    if "\n" not in folded[spans[cover.end - 1][1] : spans[cover.end][0]]:
         return Alternative(True, "the plain part stops in the middle of a line of the HTML", texts)
+    tail = len(spans) - cover.end
+    if tail > cover.covered and (cover.covered < _SAYS or tail > _FOOTER * cover.covered):
+        return Alternative(True, "the plain part has only the start of the HTML", texts)
     return Alternative(False, "the HTML adds lines at the end (a signature or footer)")
-
-
-def _split(covered: list[bool]) -> int:
-    """Where the HTML's word pairs are best cut into a head the plain part has and a tail it
-    lacks: the (last) index with the most pairs covered before it and missing from it on."""
-    best = score = covered.count(False)  # cut at 0: all tail
-    where = 0
-    for index, hit in enumerate(covered, 1):
-        score += 1 if hit else -1
-        if score >= best:
-            best, where = score, index
-    return where

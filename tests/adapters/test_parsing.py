@@ -458,7 +458,9 @@ PDF = b'Content-Type: application/pdf\nContent-Disposition: attachment; filename
 
 
 def test_alternative_inside_mixed_with_related_images() -> None:
-    related = _mime("multipart/related", HTML, PNG)
+    # The HTML says what the plain part says (one that says something else would be the body).
+    page = b"Content-Type: text/html; charset=utf-8\n\n<p>plain <b>words</b></p>"
+    related = _mime("multipart/related", page, PNG)
     raw = b"From: a@example.org\nSubject: s\nMIME-Version: 1.0\n" + _mime(
         "multipart/mixed", _mime("multipart/alternative", PLAIN, related), PDF
     )

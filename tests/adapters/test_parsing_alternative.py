@@ -85,6 +85,43 @@ def test_a_plain_part_with_only_the_signature_gives_way() -> None:
     assert [a.filename for a in msg.attachments] == ["image001.png"]
 
 
+def test_a_reply_whose_plain_part_kept_only_the_signature_and_the_history_gives_way() -> None:
+    """The quoted history is most of the text: that the plain part has it says nothing about
+    the report before the signature, which it lacks."""
+    msg = data("alt_plain_signature_only_reply.eml")
+    assert msg.html is True
+    assert "We were hacked overnight. Please call me." in msg.new_text
+
+
+HISTORY = [
+    "From: Support <support@example.net>",
+    "Sent: Monday, November 23, 2026 10:02 AM",
+    "Subject: [SUP-ABCD-EFGH] Dashboard empty",
+    "Hello Ana, we opened ticket SUP-ABCD-EFGH. Please tell us which users are affected and since when.",
+    "From: Ana Ruiz <ana@acme.example>",
+    "Hi, since this morning the dashboard shows no data for our 40 users. Could you take a look? Ana",
+]
+
+
+def paragraphs(lines: list[str]) -> str:
+    return "<html><body>" + "".join(f"<p>{html.escape(line)}</p>" for line in lines) + "</body></html>"
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "Someone got into our admin account, please call me today.",
+        "Our dashboard data: which users? Since Monday, no ticket shows.",  # every word is in the quote
+    ],
+    ids=["new-words", "words-of-the-quote"],
+)
+def test_a_report_before_the_signature_of_a_reply_is_not_lost(report: str) -> None:
+    signature = ["Ana Ruiz", "IT Manager | Acme Corp"]
+    choice = choose("\n".join(signature + HISTORY), [paragraphs([report, *signature, *HISTORY])])
+    assert choice.html, choice.why
+    assert report in choice.html_texts[0]
+
+
 def test_a_plain_part_cut_in_the_middle_of_a_line_gives_way() -> None:
     msg = data("alt_plain_truncated.eml")
     assert msg.html is True
