@@ -27,10 +27,11 @@ HTML's text when the plain part does not stand for it:
   begins on a line of its own and is no longer (a signature, legal disclaimer or "Sent with
   ..." line that only the HTML carries), or up to four times as long after a message of at
   least twelve words (a disclaimer under a short message);
-* it has none of the HTML's words (it says other things): **html** when the HTML's text has
-  more words (a placeholder before a report), or when the plain part speaks of "HTML" and
-  the HTML's text does not (a long placeholder before a short report); else **plain** (an
-  HTML stub: a gateway's "Removed part").
+* it has none of the HTML's words (it says other things): **html**, a placeholder of any
+  wording before a report longer or shorter than it; except **plain** when the HTML's text
+  is a stub of at most ten words beside a plain part eight times as long (a gateway's
+  "Removed part", a fragment of a forward), unless the plain part speaks of "HTML" and the
+  HTML's text does not (a long placeholder before a short report).
 
 A word is a run of letters or digits, or one CJK character, case-folded; links are left out
 (each part writes them its own way: "text <url>", "text (url)", "text [1]"). Word pairs rather
@@ -73,6 +74,11 @@ _RUN = bytes(3 * [True])
 # a first line), up to _FOOTER times as many (a legal disclaimer under a short message).
 _SAYS = 12
 _FOOTER = 4
+# A plain part that has none of the HTML's words is a placeholder, whatever its wording and
+# length, unless the HTML is a stub of at most _STUB words beside a plain part that says at
+# least _STUB_FACTOR times as much (a gateway's "Removed part", a fragment of a forward).
+_STUB = 10
+_STUB_FACTOR = 8
 
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
@@ -199,11 +205,11 @@ def choose(plain: str, htmls: Sequence[str]) -> Alternative:
         return Alternative(False, "the plain part has the HTML's words")
     cover = _cover(missing)
     if cover is None:
-        if len(html_words) > len(plain_words):
-            return Alternative(True, "the plain part says other things than the HTML, which says more", texts)
         if "html" in plain_words and "html" not in html_words:
             return Alternative(True, "the plain part speaks of the HTML, not of what it says", texts)
-        return Alternative(False, "the plain part says other things than the HTML, which says less")
+        if len(html_words) <= _STUB and len(plain_words) >= _STUB_FACTOR * len(html_words):
+            return Alternative(False, "the HTML is a stub beside a plain part that says much more")
+        return Alternative(True, "the plain part says other things than the HTML", texts)
     if cover.start or cover.gaps:
         return Alternative(True, "the plain part lacks words at the start or in the middle of the HTML", texts)
     if cover.end == len(spans):

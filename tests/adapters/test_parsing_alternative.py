@@ -163,7 +163,39 @@ def test_an_html_stub_keeps_the_plain_part() -> None:
     """A gateway that removed the HTML leaves "Removed part": fewer words, and other ones."""
     plain = "Solicitudes de reservas para el grupo de marzo: 12 habitaciones dobles, del 3 al 7, media pensión."
     assert choose(plain, ["<html>Removed part</html>"]).html is False
-    assert choose("Plain version wins.\n\n> Earlier answer.", ["<p>HTML version loses.</p>"]).html is False
+
+
+@pytest.mark.parametrize(
+    ("plain", "page"),
+    [
+        ("To view this email as a web page, go here.", "<p>Our admin account was hacked.</p>"),
+        ("If you cannot read this message, view it in your browser.", "<p>Account hacked.</p>"),
+        ("Plain version wins.\n\n> Earlier answer.", "<p>HTML version loses.</p>"),
+    ],
+    ids=["web-page", "browser", "other-words"],
+)
+def test_a_placeholder_before_a_shorter_report_gives_way(plain: str, page: str) -> None:
+    """A plain part that has none of the HTML's words stands for it only beside a stub: a
+    placeholder need not say "HTML", and the report after it may be the shorter text."""
+    assert choose(plain, [page]).html is True
+
+
+def test_a_short_placeholder_before_a_short_report_gives_way() -> None:
+    msg = data("alt_placeholder_webpage_short.eml")
+    assert msg.html is True
+    assert "Someone got into our admin account. Please call Sam." in msg.new_text
+
+
+@pytest.mark.parametrize(
+    "plain",
+    ["Hi,", "Hello team,\n\nquick update from Acme."],
+    ids=["greeting", "first-paragraph"],
+)
+def test_a_plain_part_with_only_the_first_lines_gives_way(plain: str) -> None:
+    lines = ["Hello team,", "quick update from Acme."] if "team" in plain else ["Hi,"]
+    report = "We were hacked last night: ransomware encrypted our file server and the attackers demand payment."
+    choice = choose(plain, [paragraphs([*lines, report])])
+    assert choice.html, choice.why
 
 
 def test_an_html_without_words_keeps_the_plain_part() -> None:
