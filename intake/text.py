@@ -46,7 +46,9 @@ _RAWTEXT_END = {
 }
 _WS = re.compile(r"\s+")
 # Invisible characters that newsletters use as padding; they only get in the way of matching.
-_INVISIBLE = str.maketrans({"\u200b": None, "\u200c": None, "\ufeff": None, "\xad": None, "\u034f": None})
+# The zero-width non-joiner is also spelling (Persian "می‌خواهم"): it stays between letters.
+_INVISIBLE = str.maketrans({"\u200b": None, "\ufeff": None, "\xad": None, "\u034f": None})
+_PADDING_ZWNJ = re.compile(r"(?<!\w)\u200c+|\u200c+(?!\w)")
 
 # Quoting and list indents stop growing here: deeper levels read the same, and the prefix of
 # every line must not grow with a nesting depth that costs the sender one tag per level.
@@ -206,6 +208,8 @@ class _TextRenderer(HTMLParser):
                 return
             self._skip.clear()  # text in an unclosed <head>: the body has begun
         data = data.translate(_INVISIBLE)
+        if "\u200c" in data:
+            data = _PADDING_ZWNJ.sub("", data)
         if self._links:
             self._links[-1][1].append(data)
         if self._pre:

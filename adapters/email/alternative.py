@@ -97,8 +97,16 @@ _SPACED = bytes(b if b in _ALNUM or b >= 0x80 else 0x20 for b in range(256))
 _PUNCTUATION = re.compile("[\u00a0-\u00bf\u2000-\u206f\u3000-\u303f\uff00-\uff0f]")
 
 
+# Left out of words: the zero-width non-joiner (Persian writes it inside words, some
+# converters drop it) and the soft hyphen.
+_JOINERS = re.compile("[\u00ad\u200c]")
+
+
 def _words(text: str) -> list[str]:
-    return _WORD.findall(_LINK.sub(" ", text.casefold()))
+    text = text.casefold()
+    if not text.isascii():
+        text = _JOINERS.sub("", text)
+    return _WORD.findall(_LINK.sub(" ", text))
 
 
 def _rough_words(text: str) -> list[bytes]:
@@ -106,7 +114,7 @@ def _rough_words(text: str) -> list[bytes]:
     punctuation."""
     text = _LINK.sub(" ", text.casefold())
     if not text.isascii():
-        text = _PUNCTUATION.sub(" ", text)
+        text = _PUNCTUATION.sub(" ", _JOINERS.sub("", text))
     return text.encode("utf-8", "replace").translate(_SPACED).split()
 
 
@@ -195,7 +203,7 @@ def choose(plain: str, htmls: Sequence[str]) -> Alternative:
         return Alternative(False, "the HTML has no word the plain part lacks")
     plain_words = _words(plain)
     texts = tuple(html_to_text(html) for html in htmls)
-    folded = _LINK.sub(" ", "\n\n".join(texts).casefold())
+    folded = _LINK.sub(" ", _JOINERS.sub("", "\n\n".join(texts).casefold()))
     spans = [match.span() for match in _WORD.finditer(folded)]
     if not spans:
         return Alternative(False, "the HTML shows no words")

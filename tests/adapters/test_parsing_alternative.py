@@ -159,6 +159,17 @@ def test_an_ordinary_outlook_reply_keeps_the_plain_part_without_rendering_the_ht
     assert "> " not in msg.body and "From: Support <support@example.net>" in msg.body
 
 
+def test_persian_text_with_a_footer_only_the_html_carries_keeps_the_plain_part() -> None:
+    """Persian writes a zero-width non-joiner inside words ("می‌خواهم"); it made every such
+    word two words in one part and one in the other, and the pair went to the HTML."""
+    new = "می‌خواهم گزارش بدهم که خروجی‌گرفتن از ساعت ۱۰ کار نمی‌کند و گزارش‌های ماهانه خالی هستند."
+    plain = f"سلام،\n\n{new}\n\nآنا"
+    footer = "<p style='font-size:8pt'>Confidential: for the addressee only.</p>"
+    page = f"<div>سلام،</div><div>{new}</div><div>آنا</div>{footer}"
+    choice = choose(plain, [page])
+    assert (choice.html, choice.why) == (False, "the HTML adds lines at the end (a signature or footer)")
+
+
 def test_an_html_stub_keeps_the_plain_part() -> None:
     """A gateway that removed the HTML leaves "Removed part": fewer words, and other ones."""
     plain = "Solicitudes de reservas para el grupo de marzo: 12 habitaciones dobles, del 3 al 7, media pensión."

@@ -76,7 +76,8 @@ def test_entities_are_unescaped() -> None:
 def test_whitespace_collapses_but_pre_is_kept() -> None:
     assert html_to_text("<p>  lots   of\n\n   space\t\there </p>") == "lots of space here"
     assert html_to_text("<pre>  indented\n    more\n\nend</pre>") == "  indented\n    more\n\nend"
-    assert html_to_text("a\u200b\u200cb\xadc") == "abc"  # invisible padding characters
+    assert html_to_text("a\u200b\u200c b\xadc \u200c\xa0\u200c") == "a bc"  # invisible padding characters
+    assert html_to_text("<p>می‌خواهم</p>") == "می\u200cخواهم"  # a Persian word keeps its non-joiner
 
 
 def test_blockquote_becomes_quoted_lines() -> None:
