@@ -15,9 +15,7 @@ before or after it (a word pair), else **lacked**; what counts is where the lack
 not their share of the whole (a reply's quoted history is most of its text). It takes the
 HTML's text when the plain part does not stand for it:
 
-* the plain part has every word of the HTML's text: **plain**, the ordinary case. When the
-  HTML, its tags stripped, has no word pair that the plain part lacks, this is known without
-  rendering the HTML (:func:`intake.text.html_to_text`, which costs far more);
+* the plain part has every word of the HTML's text: **plain**, the ordinary case;
 * it lacks words before the first it has, or a passage (three words in a row, or more than a
   tenth of them) among those it has: **html** (it kept only the signature, or dropped a
   table); a word here and there is how renderings differ (table cells, "[cid:...]");
@@ -32,6 +30,11 @@ HTML's text when the plain part does not stand for it:
   is a stub of at most ten words beside a plain part eight times as long (a gateway's
   "Removed part", a fragment of a forward), unless the plain part speaks of "HTML" and the
   HTML's text does not (a long placeholder before a short report).
+
+The **plain** answers are first sought on the HTML with its tags stripped (C-speed steps, the
+tags that start a line marked): when one holds there, the HTML is not rendered
+(:func:`intake.text.html_to_text` costs several times more); else the rules are read on the
+HTML's rendered text.
 
 A word is a run of letters or digits, or one CJK character, case-folded; links are left out
 (each part writes them its own way: "text <url>", "text (url)", "text [1]"). Word pairs rather
@@ -91,7 +94,15 @@ _LINK = re.compile(r"(?:https?://|mailto:|tel:|cid:|www\.)[^\s<>()\[\]\"']*")  #
 _BODY = re.compile(r"<body[\s>]", re.IGNORECASE)
 _TAG = re.compile(r"<[/!?A-Za-z][^<>]*>")
 _ALNUM = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_SPACED = bytes(b if b in _ALNUM or b >= 0x80 else 0x20 for b in range(256))
+_SPACED = bytes(b if b in _ALNUM or b >= 0x80 or b == 0 else 0x20 for b in range(256))
+# The tags after which html_to_text starts a new line; the cheap check marks them with a NUL
+# (a NUL in the text itself only splits a line there).
+_LINE_TAG = re.compile(
+    r"</?(?:br|p|div|tr|li|ul|ol|dl|dt|dd|h[1-6]|table|tbody|thead|tfoot|caption|hr|blockquote|pre|"
+    r"section|article|header|footer|nav|aside|main|form|fieldset|figure|figcaption|address|center|"
+    r"details|summary|option|legend)(?![^\s/>])[^<>]*>",
+    re.IGNORECASE,
+)
 # Non-ASCII spaces and punctuation (no-break space, « », ’ “ ” – — …, CJK and full-width
 # punctuation): one converter writes "all’attività", another "all'attività".
 _PUNCTUATION = re.compile("[\u00a0-\u00bf\u2000-\u206f\u3000-\u303f\uff00-\uff0f]")
@@ -109,23 +120,29 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(_LINK.sub(" ", text))
 
 
-def _rough_words(text: str) -> list[bytes]:
-    """The words of ``text`` for the cheap check: case-folded, links left out, split at
-    punctuation."""
+def _rough_bytes(text: str) -> bytes:
+    """``text`` case-folded, links left out, punctuation a space: its rough words, unsplit."""
     text = _LINK.sub(" ", text.casefold())
     if not text.isascii():
         text = _PUNCTUATION.sub(" ", _JOINERS.sub("", text))
-    return text.encode("utf-8", "replace").translate(_SPACED).split()
+    return text.encode("utf-8", "replace").translate(_SPACED)
 
 
-def _stripped_words(html: str) -> list[bytes]:
-    """The rough words of the HTML, tags stripped: every word it shows, and maybe some it does
-    not (a style block in the body, the text of an Outlook conditional comment)."""
+def _rough_words(text: str) -> list[bytes]:
+    """The words of ``text`` for the cheap check."""
+    return _rough_bytes(text).split()
+
+
+def _stripped_lines(html: str) -> list[bytes]:
+    """The lines of the HTML, tags stripped, in rough words: every word it shows, and maybe
+    some it does not (a style block in the body, the text of an Outlook conditional comment).
+    A line ends at a tag that starts a line in :func:`intake.text.html_to_text`."""
     body = _BODY.search(html)
-    text = _TAG.sub(" ", html[body.start() :] if body else html)
+    text = html[body.start() :] if body else html
+    text = _TAG.sub(" ", _LINE_TAG.sub("\x00", text.replace("\n", " ").replace("\r", " ")))
     if "&" in text:
         text = htmllib.unescape(text)
-    return _rough_words(text)
+    return _rough_bytes(text).split(b"\x00")
 
 
 def _mended(words: list[bytes], known: set[bytes]) -> list[bytes]:
@@ -193,14 +210,45 @@ def _cover(missing: list[bool]) -> _Cover | None:
     return _Cover(start, end, gaps, len(inside) - lacked)
 
 
+def _cheap(lines: list[bytes], known: set[bytes], plain_pairs: set[tuple[bytes, bytes]]) -> str:
+    """Why the plain part stands for the HTML, read from its stripped ``lines``; or "" when
+    the HTML must be rendered to tell."""
+    words = _mended(b" ".join(lines).split(), known)
+    pairs = _pairs(words, b"")
+    if plain_pairs.issuperset(pairs):
+        return "the HTML has no word the plain part lacks"
+    cover = _cover(_missing(pairs, plain_pairs))
+    if cover is None or cover.start or cover.gaps:
+        return ""
+    tail = len(words) - cover.end
+    if not tail:
+        return "the plain part has the HTML's words"
+    # Does the tail start a line? Count the words line by line up to the end of the head.
+    seen = 0
+    for line in lines:
+        seen += len(_mended(line.split(), known))
+        if seen >= cover.end:
+            break
+    if seen != cover.end or not _footer(tail, cover.covered):
+        return ""
+    return "the HTML adds lines at the end (a signature or footer)"
+
+
+def _footer(tail: int, covered: int) -> bool:
+    """Whether ``tail`` words that only the HTML adds on lines of their own, after ``covered``
+    words that the plain part has, are a footer (see :data:`_SAYS`)."""
+    return tail <= covered or (covered >= _SAYS and tail <= _FOOTER * covered)
+
+
 def choose(plain: str, htmls: Sequence[str]) -> Alternative:
     """Whether the text of ``htmls`` (an alternative's text/html parts, as sent) is the body
     rather than ``plain`` (its text/plain parts, joined). See the module docstring."""
     rough = _rough_words(plain)
     rough_pairs = set(_pairs(rough, b""))
     known = set(rough)
-    if all(set(_pairs(_mended(_stripped_words(html), known), b"")) <= rough_pairs for html in htmls):
-        return Alternative(False, "the HTML has no word the plain part lacks")
+    whys = [_cheap(_stripped_lines(html), known, rough_pairs) for html in htmls]
+    if (len(whys) == 1 and whys[0]) or all(why == "the HTML has no word the plain part lacks" for why in whys):
+        return Alternative(False, whys[0])
     plain_words = _words(plain)
     texts = tuple(html_to_text(html) for html in htmls)
     folded = _LINK.sub(" ", _JOINERS.sub("", "\n\n".join(texts).casefold()))
@@ -224,7 +272,6 @@ def choose(plain: str, htmls: Sequence[str]) -> Alternative:
         return Alternative(False, "the plain part has the HTML's words")
     if "\n" not in folded[spans[cover.end - 1][1] : spans[cover.end][0]]:
         return Alternative(True, "the plain part stops in the middle of a line of the HTML", texts)
-    tail = len(spans) - cover.end
-    if tail > cover.covered and (cover.covered < _SAYS or tail > _FOOTER * cover.covered):
+    if not _footer(len(spans) - cover.end, cover.covered):
         return Alternative(True, "the plain part has only the start of the HTML", texts)
     return Alternative(False, "the HTML adds lines at the end (a signature or footer)")

@@ -143,6 +143,19 @@ def test_a_footer_only_the_html_carries_keeps_the_plain_part() -> None:
     assert choose(plain, [page]).why == "the HTML adds lines at the end (a signature or footer)"
 
 
+def test_a_footer_only_the_html_carries_is_known_without_rendering_the_html(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The footer is seen on the HTML's stripped words, with the tags that start a line: an
+    Outlook pair with an HTML-only disclaimer cost 556 us instead of 188 when rendered."""
+    rendered: list[str] = []
+    real = alternative.html_to_text
+    monkeypatch.setattr(alternative, "html_to_text", lambda html: rendered.append(html) or real(html))
+    plain, page = texts("alt_html_footer.eml")
+    assert choose(plain, [page]).why == "the HTML adds lines at the end (a signature or footer)"
+    cut = "Our admin account was hacked last night and the attackers"
+    assert choose(cut, [f"<p>{cut} <b>downloaded</b> every invoice.</p>"]).html is True  # in mid-line
+    assert rendered == [f"<p>{cut} <b>downloaded</b> every invoice.</p>"]
+
+
 def test_an_ordinary_outlook_reply_keeps_the_plain_part_without_rendering_the_html(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
