@@ -133,16 +133,18 @@ def _rough_words(text: str) -> list[bytes]:
     return _rough_bytes(text).split()
 
 
-def _stripped_lines(html: str) -> list[bytes]:
-    """The lines of the HTML, tags stripped, in rough words: every word it shows, and maybe
-    some it does not (a style block in the body, the text of an Outlook conditional comment).
-    A line ends at a tag that starts a line in :func:`intake.text.html_to_text`."""
+def _stripped(html: str, *, lines: bool = False) -> bytes:
+    """The HTML's text, tags stripped, as rough words: every word it shows, and maybe some it
+    does not (a style block in the body, the text of an Outlook conditional comment). With
+    ``lines``, a NUL where html_to_text starts a line (a second pass: only a tail needs it)."""
     body = _BODY.search(html)
     text = html[body.start() :] if body else html
-    text = _TAG.sub(" ", _LINE_TAG.sub("\x00", text.replace("\n", " ").replace("\r", " ")))
+    if lines:
+        text = _LINE_TAG.sub("\x00", text.replace("\n", " ").replace("\r", " "))
+    text = _TAG.sub(" ", text)
     if "&" in text:
         text = htmllib.unescape(text)
-    return _rough_bytes(text).split(b"\x00")
+    return _rough_bytes(text)
 
 
 def _mended(words: list[bytes], known: set[bytes]) -> list[bytes]:
@@ -210,26 +212,27 @@ def _cover(missing: list[bool]) -> _Cover | None:
     return _Cover(start, end, gaps, len(inside) - lacked)
 
 
-def _cheap(lines: list[bytes], known: set[bytes], plain_pairs: set[tuple[bytes, bytes]]) -> str:
-    """Why the plain part stands for the HTML, read from its stripped ``lines``; or "" when
-    the HTML must be rendered to tell."""
-    words = _mended(b" ".join(lines).split(), known)
-    pairs = _pairs(words, b"")
-    if plain_pairs.issuperset(pairs):
+def _cheap(html: str, known: set[bytes], plain_pairs: set[tuple[bytes, bytes]]) -> str:
+    """Why the plain part stands for the HTML, read from its stripped text; or "" when the
+    HTML must be rendered to tell."""
+    words = _mended(_stripped(html).split(), known)
+    if plain_pairs.issuperset(itertools.pairwise([b"", *words, b""])):
         return "the HTML has no word the plain part lacks"
-    cover = _cover(_missing(pairs, plain_pairs))
+    cover = _cover(_missing(_pairs(words, b""), plain_pairs))
     if cover is None or cover.start or cover.gaps:
         return ""
     tail = len(words) - cover.end
     if not tail:
         return "the plain part has the HTML's words"
+    if not _footer(tail, cover.covered):
+        return ""
     # Does the tail start a line? Count the words line by line up to the end of the head.
     seen = 0
-    for line in lines:
+    for line in _stripped(html, lines=True).split(b"\x00"):
         seen += len(_mended(line.split(), known))
         if seen >= cover.end:
             break
-    if seen != cover.end or not _footer(tail, cover.covered):
+    if seen != cover.end:
         return ""
     return "the HTML adds lines at the end (a signature or footer)"
 
@@ -246,7 +249,7 @@ def choose(plain: str, htmls: Sequence[str]) -> Alternative:
     rough = _rough_words(plain)
     rough_pairs = set(_pairs(rough, b""))
     known = set(rough)
-    whys = [_cheap(_stripped_lines(html), known, rough_pairs) for html in htmls]
+    whys = [_cheap(html, known, rough_pairs) for html in htmls]
     if (len(whys) == 1 and whys[0]) or all(why == "the HTML has no word the plain part lacks" for why in whys):
         return Alternative(False, whys[0])
     plain_words = _words(plain)
