@@ -103,10 +103,14 @@ REPLY_SESSION_TIMEOUT = "421 4.4.2 Session time limit of {seconds:g} s reached, 
 # defines a typing.Protocol class on each call): 15 % of the listener's CPU under load. This
 # pattern gives the same (address, rest) for what it matches (tests/adapters/
 # test_listener_limits.py compares it with aiosmtpd's on generated paths); anything else goes
-# to aiosmtpd's parser.
+# to aiosmtpd's parser. After the path, the email package skips whitespace as str.lstrip() does
+# (a CR, a no-break space) and reads a "(" as a comment to its end: so does the pattern, or it
+# leaves the path to aiosmtpd.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(.*))?\Z", re.DOTALL)
+_SIMPLE_PATH = re.compile(
+    rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]\s*+(?!\()(.*))?\Z", re.DOTALL
+)
 # aiosmtpd decodes command arguments as UTF-8 with surrogateescape: bytes that are not UTF-8
 # arrive as lone surrogates, which no database stores (nor NUL, in PostgreSQL).
 _UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")

@@ -759,6 +759,7 @@ async def test_a_copied_protocol_holds_what_a_normally_built_one_holds(
 _PATH_PIECES = [
     "<", ">", "@", ".", " ", "\t", "a", "Z", "0", "-", "+", "_", "'", '"', "\\\\", ",", ":", ";", "[", "]",
     "(", ")", "é", "example", "com", "x.y", "SIZE=100", "BODY=8BITMIME", "\r", "\n", "=",
+    "\x0b", "\x1c", "\x85", "\xa0", "\u2003",  # what str.lstrip() takes too, as the email package does
 ]  # fmt: skip
 
 
