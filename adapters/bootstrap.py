@@ -39,7 +39,6 @@ from adapters.email.sender import SmtpRelaySender
 from adapters.email.workers import ParsePool
 from adapters.heap import settle_heap
 from adapters.settings import CalendarSettings, Settings, public_holidays, relay_tls_context
-from intake import paging
 from intake.acknowledgement import Outbound, TemplateBook
 from intake.businesstime import BusinessCalendar, parse_hours, parse_target
 from intake.dispatch import Dispatcher
@@ -250,9 +249,6 @@ def build(
         commit_timeout=settings.storage.commit_timeout,
     )
     service = build_service(settings, store=store, clock=clock, recorder=recorder)
-    # The Public Suffix List whose domains are organisations for the IRT alerts' shares: read
-    # now (~0.2 s, once a process), not in the first incident's transaction.
-    paging.warm()
     if create_tables:
         schema.upgrade(store.engine)
     else:

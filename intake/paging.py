@@ -5,46 +5,48 @@ Response Team lead reaches out. intake pages the lead once per incident ticket (
 within two hourly limits, counted in the outbox (:class:`intake.ports.PagingCounts`):
 
 * **the organisation's share** (``Limits.irt_alerts_per_organisation``, 5 by default): an
-  organisation paged for that many times in the last hour pages no more this hour. Its further
-  incidents stay Severity 1 on their tickets, each ticket says why it was not paged, and one
-  summary an hour names the organisation to the lead. So one customer's mail loop, a scanner
-  forwarding its findings to support, or twenty "we were hacked" mails from one sender no
-  longer keep another customer's incident in that hour from paging.
+  organisation (or sender, below) paged for that many times in the last hour pages no more
+  this hour. Its further incidents stay Severity 1 on their tickets, each ticket says why it
+  was not paged, and one summary an hour names it to the lead. So one customer's mail loop, a
+  scanner forwarding its findings to support, or twenty "we were hacked" mails from one sender
+  no longer keep another customer's incident in that hour from paging.
 * **the global ceiling** (``Limits.irt_alerts_per_hour``, 20), the last resort against a flood
   from many senders at once: past it nothing pages; one summary an hour says so. It is checked
   first: when it holds, other organisations do not page either, and the note says so.
 
-Who "an organisation" is (:func:`organisation_of`), in this order:
+Whose share a message uses (:func:`organisation_of`) depends on who vouches for its sender,
+because a share is something a sender can use up for everyone else who has it:
 
-1. a configured customer (``[organisations.NAME] domains`` for mail, a Slack channel's
-   customer): one share for all of its domains and channels, email and Slack together;
-2. a Slack channel that names no customer: the channel. Not the workspace: a channel intake
-   reads is in our own workspace, whose team every event names, and the author's own team is
-   not always given (nor, outside Slack Connect, anyone else's);
-3. mail: the sender's registrable domain (the Public Suffix List's: ``eu.mail.acme.co.uk`` is
-   ``acme.co.uk``), so that subdomains, which anyone with a domain can make without end, buy
-   no second share, and two customers under ``co.uk`` are not one; case and a trailing dot
-   do not count, and a domain written in Unicode is the same as its ``xn--`` form;
-4. on a public mail domain (``intake.policy.is_public_mail_domain``: gmail.com, yahoo.co.uk,
-   ...), whose users are no organisation, the address itself, without a ``+tag`` (and, at
-   Gmail, without dots, which Gmail ignores), so that one person's aliases are one share.
-
-Where the sender's authentication is checked (``email.trusted_authserv_ids``), mail that fails
-it counts apart from the authenticated mail of the same organisation: anyone can write a
-customer's domain into From, and a forger must not use up the customer's share.
+1. a Slack message in a customer's channel (``[slack.channels]``; Slack authenticates its
+   author): the customer's share, ``org:NAME``;
+2. a Slack message in a channel that names no customer: the channel. Not the workspace: a
+   channel intake reads is in our own workspace, whose team every event names, and the
+   author's own team is not always given (nor, outside Slack Connect, anyone else's);
+3. mail whose authentication was checked and passed (``email.trusted_authserv_ids``: SPF or
+   DKIM aligned with From, per our own MTA): a configured customer's domains
+   (``[organisations.NAME] domains``) use the customer's share, the same as its Slack
+   channels; a public mail domain (``intake.policy.is_public_mail_domain``: gmail.com,
+   posteo.de, ...), whose users are no organisation, the address (:func:`personal_address`);
+   any other domain, the domain exactly as written (:func:`mail_domain`: case, a trailing dot
+   and Unicode against ``xn--`` do not count). Not the registrable domain: the tenants of a
+   shared host (``contoso.onmicrosoft.com``, ``x.zendesk.com``) are organisations of their
+   own, and no list says which hosts are shared. A domain owner who makes many authenticated
+   subdomains gets a share each, and is held by the global ceiling;
+4. any other mail (authentication not checked, as by default, or failed): the sender's
+   address (:func:`personal_address`), never the organisation or the domain. Anyone can write
+   ``x@acme.com`` into From: a forger uses up only a share of the address written, and at
+   worst the global ceiling, as before there were shares. Mail that failed a check counts
+   apart from the same address's authenticated mail; mail without a sender address is one
+   share, ``mail:no sender``.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # storage imports the kinds: the read commands load no more than types need
-    from publicsuffixlist import PublicSuffixList
-
     from intake.hygiene import AuthVerdict
     from intake.model import InboundMessage
     from intake.policy import Policy
@@ -58,20 +60,8 @@ KINDS: tuple[str, ...] = (ALERT, SUMMARY, ORGANISATION_SUMMARY)
 
 KEY_LENGTH = 400  # what the outbox's organisation_key column holds
 
-_IP_LITERAL = re.compile(r"\[.*\]|[0-9.]+")
 _GMAIL = frozenset({"gmail.com", "googlemail.com"})
-
-
-@functools.cache
-def _suffixes() -> PublicSuffixList:
-    from publicsuffixlist import PublicSuffixList
-
-    return PublicSuffixList()  # the list the package ships: read once (~0.2 s), no network
-
-
-def warm() -> None:
-    """Read the Public Suffix List now (start-up), not inside the first incident's transaction."""
-    _suffixes()
+UNAUTHENTICATED = " (unauthenticated)"  # after the key and label of mail that failed its check
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,25 +71,28 @@ class Organisation:
     key: str  # stored with the alert and the summary, and counted by equality
     label: str  # how a ticket's note and the summary name it to people
 
+    @property
+    def noun(self) -> str:
+        """What the share is one of, in a note: an address's is a sender's."""
+        return "sender" if self.key.startswith(("address:", "mail:")) else "organisation"
 
-def registrable_domain(domain: str) -> str:
-    """The domain a registrant holds (``eu.acme.co.uk`` -> ``acme.co.uk``), lower-case, in its
-    ASCII (``xn--``) form; the domain itself where the list names none (an address literal, a
-    single label, a public suffix)."""
+
+def mail_domain(domain: str) -> str:
+    """A mail domain as one share counts it: lower-case, no trailing dot, in its ASCII
+    (``xn--``) form (``Bücher.DE.`` -> ``xn--bcher-kva.de``); as written where it is no valid
+    IDN."""
     domain = domain.strip().rstrip(".").lower()
     try:
-        domain = domain.encode("idna").decode("ascii")
+        return domain.encode("idna").decode("ascii")
     except UnicodeError:
-        pass  # not a valid IDN: counted as written
-    if "." not in domain or _IP_LITERAL.fullmatch(domain):
         return domain
-    return _suffixes().privatesuffix(domain) or domain
 
 
 def personal_address(address: str) -> str:
-    """One mailbox however it is written: lower-case, no ``+tag``; at Gmail without dots."""
+    """One mailbox however it is written: lower-case, no ``+tag``, its domain as
+    :func:`mail_domain` has it; at Gmail without dots (which Gmail ignores)."""
     local, _, domain = address.strip().lower().rpartition("@")
-    domain = domain.rstrip(".")
+    domain = mail_domain(domain)
     local = local.split("+", 1)[0] or local
     if domain in _GMAIL:
         local, domain = local.replace(".", "") or local, "gmail.com"
@@ -111,27 +104,31 @@ def organisation_of(
 ) -> Organisation:
     """Whose share of the IRT alerts ``message`` uses (see the module's docstring).
 
-    ``organisation``: the configured customer the message is from, if any (the assessment's);
-    ``auth``: the sender's authentication, where it is checked (None: not checked).
+    ``organisation``: the configured customer the message is from, if any (the assessment's:
+    a Slack channel's, or the one whose domain From names); ``auth``: the sender's
+    authentication, where it is checked (None: not checked).
     """
-    if organisation:
-        org = Organisation(f"org:{organisation}", organisation)
-    elif message.chat_channel is not None:
-        where = message.recipient.removeprefix("slack:") or message.chat_channel  # "T1/C1"
-        org = Organisation(f"slack:{where}", f"Slack channel {message.chat_channel}")
+    if message.chat_channel is not None:  # Slack: it authenticates who posts in a channel
+        if organisation:
+            org = Organisation(f"org:{organisation}", organisation)
+        else:
+            where = message.recipient.removeprefix("slack:") or message.chat_channel  # "T1/C1"
+            org = Organisation(f"slack:{where}", f"Slack channel {message.chat_channel}")
     else:
         local, at, domain = message.sender.rpartition("@")
-        if not (local and at and domain.strip(". ")):
+        domain = mail_domain(domain)
+        authenticated = auth is not None and auth.authenticated
+        if not (local and at and domain.strip(".")):
             org = Organisation("mail:no sender", "mail without a sender address")
-        else:
-            base = registrable_domain(domain)
-            if policy.is_public_domain(domain) or policy.is_public_domain(base):
-                address = personal_address(message.sender)
-                org = Organisation(f"address:{address}", address)
-            else:
-                org = Organisation(f"domain:{base}", base)
-    if auth is not None and not auth.authenticated:
-        org = Organisation(f"{org.key} (unauthenticated)", f"{org.label} (unauthenticated)")
+        elif authenticated and organisation:
+            org = Organisation(f"org:{organisation}", organisation)
+        elif authenticated and not policy.is_public_domain(domain):
+            org = Organisation(f"domain:{domain}", domain)
+        else:  # a public mail domain's user; or anyone could have written this From
+            address = personal_address(message.sender)
+            org = Organisation(f"address:{address}", address)
+        if auth is not None and not auth.authenticated:  # apart from the authenticated mail
+            org = Organisation(org.key + UNAUTHENTICATED, org.label + UNAUTHENTICATED)
     return Organisation(org.key[:KEY_LENGTH], org.label)
 
 
@@ -194,26 +191,27 @@ def decide(
             )
         return Paging(held=Hold.CEILING, note=note, summary=summary)
     if counts.alerts_for_organisation >= per_organisation:
+        paged, noun = counts.alerts_for_organisation, organisation.noun
         told = (
             f"the lead was sent this hour's summary for {label}"
             if counts.organisation_summary_sent
             else f"a summary naming {label} goes to the lead"
         )
         note = (
-            f"IRT alert not paged: {label} has had its share ({counts.alerts_for_organisation} alerts for it "
-            f"in the last hour, of {per_organisation} an hour for one organisation); other organisations "
+            f"IRT alert not paged: {label} has had its share ({paged} alerts for it "
+            f"in the last hour, of {per_organisation} an hour for one {noun}); other {noun}s "
             f"still page; {told}"
         )
         summary = None
         if not counts.organisation_summary_sent:
             summary = Summary(
                 kind=ORGANISATION_SUMMARY,
-                subject=(f"[SECURITY] IRT alerts for {label} held: {counts.alerts_for_organisation} in the last hour"),
+                subject=f"[SECURITY] IRT alerts for {label} held: {paged} in the last hour",
                 body=(
-                    f"intake has paged you {counts.alerts_for_organisation} times in the last hour for suspected\n"
-                    f"security incidents from {label}, its share for one organisation.\n"
+                    f"intake has paged you {paged} times in the last hour for suspected\n"
+                    f"security incidents from {label}, its share for one {noun}.\n"
                     f"Further suspected incidents from {label} in this hour are marked Severity 1 on their\n"
-                    "tickets but not paged one by one. Other organisations still page, up to\n"
+                    f"tickets but not paged one by one. Other {noun}s still page, up to\n"
                     f"{per_hour} alerts an hour in all. See them with: intake tickets list\n"
                     f"The first one not paged: {reference}\n"
                 ),

@@ -310,18 +310,24 @@ def _notes(h: Harness, ref: str) -> list[str]:
 SHARES = "[limits]\nirt_alerts_per_organisation_per_hour = 2\nacks_per_sender = 100\ntickets_per_sender = 100\n"
 
 
+def passed(domain: str) -> dict[str, str]:
+    """The Authentication-Results our MTA (AUTH) writes for mail it authenticated as ``domain``."""
+    return {"Authentication-Results": f"mx.example.com; spf=pass smtp.mailfrom={domain}"}
+
+
 async def test_one_organisation_s_flood_stops_paging_after_its_share_while_another_s_incident_pages(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
-    """A scanner at one organisation forwards its findings to support from hosts of its own
-    domain: after the organisation's share (2 here), its incidents are Severity 1 on their
-    tickets but page no more, one summary names it, and another customer's incident in the
-    same hour still pages (it did not: one global ceiling held every organisation)."""
-    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=SHARES)) as h:
+    """A scanner at one organisation forwards its findings to support from addresses of its own
+    domain, authenticated: after the organisation's share (2 here), its incidents are Severity 1
+    on their tickets but page no more, one summary names it, and another customer's incident
+    in the same hour still pages (it did not: one global ceiling held every organisation)."""
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=AUTH + SHARES)) as h:
         refs = []
-        for i in range(5):  # subdomains, case: one organisation, scanner.example
-            sender = f"Scanner <findings@HOST{i}.Scanner.example>"
-            refs.append(ref_of((await h.send(mail(sender=sender, subject=f"Breach finding {i}", body=BREACH))).text))
+        for i in range(5):  # addresses, case: one organisation, scanner.example
+            sender, subject = f"Scanner <host{i}@Scanner.example>", f"Breach finding {i}"
+            found = mail(sender=sender, subject=subject, body=BREACH, headers=passed("scanner.example"))
+            refs.append(ref_of((await h.send(found)).text))
         other = ref_of((await h.send(mail(sender="carol@acme.com", subject="We were hacked", body=BREACH))).text)
         await h.outbox_settled()
         msgs = await smtp_relay.wait_for(6 + 2 + 1 + 1)  # acknowledgements, 2 alerts, 1 summary, acme's alert
@@ -350,12 +356,30 @@ async def test_one_organisation_s_flood_stops_paging_after_its_share_while_anoth
         assert "irt-org-summary to irt-lead@example.com: sent" in out
 
 
+async def test_one_tenant_of_a_shared_mail_host_does_not_hold_another_s_alerts(
+    tmp_path: Path, smtp_relay: RelayStandIn
+) -> None:
+    """contoso.onmicrosoft.com and trial123.onmicrosoft.com are two organisations (anyone can
+    open a trial tenant), though one registrable domain: a flood from one authenticated tenant
+    past its share (2) leaves the other's incident paging."""
+    async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=AUTH + SHARES)) as h:
+        trial = passed("trial123.onmicrosoft.com")
+        for i in range(3):
+            await h.send(mail(sender="a@trial123.onmicrosoft.com", subject=f"Hacked {i}", body=BREACH, headers=trial))
+        real = mail(sender="it@contoso.onmicrosoft.com", body=BREACH, headers=passed("contoso.onmicrosoft.com"))
+        ref = ref_of((await h.send(real)).text)
+        await h.outbox_settled()
+        assert not [n for n in _notes(h, ref) if "not paged" in n]
+        msgs = await smtp_relay.wait_for(4 + 3 + 1)  # acknowledgements; the alerts; trial123's summary
+        assert ref in " ".join(m.message["Subject"] for m in _to_lead(msgs))
+
+
 async def test_the_global_ceiling_still_holds_every_organisation_and_says_so(
     tmp_path: Path, smtp_relay: RelayStandIn
 ) -> None:
-    """Many senders at once: three organisations within their shares of 2 reach the ceiling of
-    3; past it nobody pages, one summary says the ceiling was reached, and the held tickets
-    name the ceiling, not their organisation's share."""
+    """Many senders at once: three within their shares of 2 reach the ceiling of 3; past it
+    nobody pages, one summary says the ceiling was reached, and the held tickets name the
+    ceiling, not their sender's share."""
     extra = SHARES + "irt_alerts_per_hour = 3\n"
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, extra=extra)) as h:
         refs = []
@@ -368,7 +392,7 @@ async def test_the_global_ceiling_still_holds_every_organisation_and_says_so(
         assert sorted(ref_of(m.message["Subject"]) for m in to_lead if "ceiling" not in m.message["Subject"]) == sorted(
             refs[:3]
         )
-        for ref, org in ((refs[3], "four.example"), (refs[4], "one.example")):
+        for ref, org in ((refs[3], "d@four.example"), (refs[4], "e@one.example")):  # mail not authenticated
             [held] = [n for n in _notes(h, ref) if "not paged" in n]
             assert held.startswith("IRT alert not paged: the global ceiling is reached (3 alerts in the last hour")
             assert f"of them for {org}" in held and "has had its share" not in held

@@ -182,17 +182,22 @@ async def test_irt_alerts_are_limited_per_organisation_and_in_all_on_postgres(
     tmp_path: Path, smtp_relay: RelayStandIn, pg_url: str
 ) -> None:
     """The IRT lead's notes are counted per organisation on PostgreSQL too (the count is read
-    in the writer's pipeline, after the inserts written behind): one organisation's flood stops
-    paging after its share (2), another's incident pages, and the ceiling (4) holds them all."""
+    in the writer's pipeline, after the inserts written behind): one organisation's flood
+    (authenticated mail of one domain) stops paging after its share (2), another's incident
+    pages, and the ceiling (4) holds them all."""
     extra = (
+        '[email]\ntrusted_authserv_ids = ["mx.example.com"]\n'
         "[limits]\nirt_alerts_per_hour = 4\nirt_alerts_per_organisation_per_hour = 2\n"
         "acks_per_sender = 100\ntickets_per_sender = 100\n"
     )
     async with running_intake(settings_for(tmp_path, relay_port=smtp_relay.port, db_url=pg_url, extra=extra)) as h:
         assert h.app.store.dialect == "postgresql"
         breach = "We think there was a data breach: unauthorized access to our admin account last night."
-        senders = [f"bot{i}@scan{i}.flood.example" for i in range(4)] + ["bob@acme.com", "c@c.example", "d@c.example"]
-        refs = [ref_of((await h.send(mail(sender=s, subject="Breach", body=breach))).text) for s in senders]
+        senders = [f"bot{i}@flood.example" for i in range(4)] + ["bob@acme.com", "c@c.example", "d@c.example"]
+        refs = []
+        for s in senders:
+            passed = {"Authentication-Results": f"mx.example.com; spf=pass smtp.mailfrom={s.partition('@')[2]}"}
+            refs.append(ref_of((await h.send(mail(sender=s, subject="Breach", body=breach, headers=passed))).text))
         await h.outbox_settled()
         msgs = await smtp_relay.wait_for(7 + 4 + 2)  # acknowledgements; alerts; one summary each
         to_lead = [m for m in msgs if m.rcpt_tos == ("irt-lead@example.com",)]

@@ -339,6 +339,34 @@ async def test_security_message_pages_the_irt_lead_once(slack: Slack, smtp_relay
     assert [(x["severity"], x["security"]) for x in by_email] == [(1, True)]
 
 
+BREACH = "We think there was a data breach: unauthorized access to our admin account last night."
+
+
+def paging_notes(s: Slack, channel: str) -> list[str]:
+    """The IRT paging notes ("... not paged ...") of the one ticket opened from ``channel``."""
+    [t] = [x for x in s.h.tickets() if x["channel"] == channel]
+    assert t["severity"] == 1 and t["security"]
+    return [n["text"] for n in s.h.detail(t["reference"])["notes"] if "not paged" in n["text"]]
+
+
+async def test_forged_mail_naming_a_customer_does_not_silence_its_slack_incident(
+    tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
+) -> None:
+    """No authentication is checked by default: anyone can send mail From x@acme.com. Five such
+    mails (acme's share is 5) must not keep acme's own incident in its Slack channel from
+    paging the IRT lead for the hour; they did, as they counted as acme. A forged address has
+    a share of its own, and the ceiling (20) holds as it did before there were shares."""
+    async with slack_intake(tmp_path, smtp_relay, fake, http) as s:
+        for i in range(5):
+            forged = mail(sender=f"x{i}@acme.com", subject="Breach", body=BREACH)
+            assert (await s.h.send(forged, mail_from=f"x{i}@evil.example")).code == 250
+        assert (await s.say("URGENT: we were hacked, someone is in our admin account"))[1].status == 200
+        await s.settled()
+        await fake.wait_posts(5 + 1, channel=IRT_USER)
+        assert paging_notes(s, "slack") == []
+        assert all(t["security"] and t["severity"] == 1 for t in s.h.tickets())
+
+
 async def test_a_thread_reply_that_raises_its_ticket_is_answered_in_the_thread_once(slack: Slack) -> None:
     """As by email: a follow-up that reports a security incident raises the ticket to
     Severity 1, pages the lead, and tells the customer in their thread that the IRT lead will

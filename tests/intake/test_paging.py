@@ -13,20 +13,23 @@ from intake.paging import (
     Organisation,
     Paging,
     decide,
+    mail_domain,
     organisation_of,
-    registrable_domain,
 )
 from intake.policy import Policy
 from intake.ports import PagingCounts
 
 POLICY = Policy(organisations={"acme": ("acme.com", "acme-corp.de")})
+PASS = AuthVerdict(True, "dkim=pass header.d=... aligned with From")
+FAIL = AuthVerdict(False, "spf=fail")
 
 
 def email_from(sender: str) -> InboundMessage:
     return InboundMessage(channel=Channel.EMAIL, sender=sender, recipient="support@example.com")
 
 
-def of(sender: str, *, auth: AuthVerdict | None = None) -> Organisation:
+def of(sender: str, *, auth: AuthVerdict | None = PASS) -> Organisation:
+    """Whose share mail from ``sender`` uses; by default its authentication was checked and passed."""
     message = email_from(sender)
     return organisation_of(message, organisation=POLICY.organisation_of(sender), auth=auth, policy=POLICY)
 
@@ -43,22 +46,43 @@ def chat(channel: str, organisation: str | None) -> Organisation:
     return organisation_of(message, organisation=organisation, auth=None, policy=POLICY)
 
 
-def test_a_configured_customer_is_one_organisation_across_its_domains_and_slack() -> None:
+def test_a_configured_customer_s_authenticated_mail_and_slack_channels_are_one_organisation() -> None:
     assert of("alice@acme.com") == of("bob@eu.mail.acme.com") == of("carol@acme-corp.de") == chat("C1", "acme")
     assert of("alice@acme.com") == Organisation("org:acme", "acme")
 
 
-def test_a_domain_is_its_registrable_domain_whatever_the_subdomain_and_case() -> None:
-    assert of("a@example.co.uk") == of("b@eu.mail.example.co.uk") == of("c@Mail.EXAMPLE.co.uk.")
-    assert of("a@example.co.uk").label == "example.co.uk"
-    # Two customers under one public suffix are two organisations, not "co.uk".
+def test_mail_not_known_to_be_authentic_never_uses_a_customer_s_or_a_domain_s_share() -> None:
+    """Anyone can write x@acme.com into From: mail whose authentication was not checked (the
+    default) or failed counts by its address, so a forger uses up a share of their own, never
+    the one acme's Slack channels and authenticated mail use."""
+    for auth in (None, FAIL):
+        assert of("x@acme.com", auth=auth) not in (of("x@acme.com"), chat("C1", "acme"))
+        assert of("x@acme.com", auth=auth) != of("y@acme.com", auth=auth)  # one share an address
+        assert of("a@plain.example", auth=auth) != of("b@plain.example", auth=auth)
+    assert of("X+scan@ACME.com", auth=None) == Organisation("address:x@acme.com", "x@acme.com")
+    # Failed mail counts apart from the same address's authenticated mail too, and says so.
+    forged = of("alice@gmail.com", auth=FAIL)
+    assert forged == Organisation("address:alice@gmail.com (unauthenticated)", "alice@gmail.com (unauthenticated)")
+    assert forged != of("alice@gmail.com") == Organisation("address:alice@gmail.com", "alice@gmail.com")
+    assert of("ceo@acme.com", auth=FAIL).label == "ceo@acme.com (unauthenticated)"
+    assert of("x@acme.com", auth=FAIL).noun == of("x@acme.com", auth=None).noun == "sender"
+    assert of("x@acme.com").noun == chat("C1", None).noun == "organisation"
+
+
+def test_authenticated_mail_of_another_domain_is_that_exact_domain() -> None:
+    assert of("a@example.co.uk") == of("b@EXAMPLE.co.uk.") == of("c@Example.Co.UK")
+    assert of("a@example.co.uk") == Organisation("domain:example.co.uk", "example.co.uk")
     assert of("a@example.co.uk") != of("a@other.co.uk")
-    # Subdomains made without end buy no second share.
-    assert len({of(f"x@host{i}.scanner.example") for i in range(5)}) == 1
+    # The tenants of a shared host are organisations of their own: one of them (any trial
+    # account) must not hold the others' pages. So are a domain's subdomains; a domain owner
+    # who makes many of them is held by the global ceiling.
+    assert of("it@contoso.onmicrosoft.com") != of("attacker@trial123.onmicrosoft.com")
+    assert of("a@x.zendesk.com") != of("b@y.zendesk.com")
+    assert len({of(f"x@host{i}.scanner.example") for i in range(5)}) == 5
     # Unicode and its xn-- form are one domain.
-    assert of("a@bücher.de") == of("b@xn--bcher-kva.de")
-    assert registrable_domain("[192.0.2.1]") == "[192.0.2.1]" and registrable_domain("localhost") == "localhost"
-    assert registrable_domain("co.uk") == "co.uk"
+    assert of("a@bücher.de") == of("b@xn--bcher-kva.de") == of("c@BÜCHER.de.")
+    assert mail_domain("[192.0.2.1]") == "[192.0.2.1]" and mail_domain("localhost.") == "localhost"
+    assert mail_domain("a..b") == "a..b"  # no valid IDN: as written
 
 
 def test_on_a_public_mail_domain_each_person_is_their_own_organisation() -> None:
@@ -71,20 +95,14 @@ def test_on_a_public_mail_domain_each_person_is_their_own_organisation() -> None
 
 
 def test_mail_without_a_sender_shares_one_organisation() -> None:
-    assert of("") == of("no-at-sign") == Organisation("mail:no sender", "mail without a sender address")
+    assert of("") == of("no-at-sign") == of("x@.") == Organisation("mail:no sender", "mail without a sender address")
+    assert of("", auth=None) == of("")
 
 
 def test_a_slack_channel_that_names_no_customer_is_its_own_organisation() -> None:
     assert chat("C1", None) == Organisation("slack:T1/C1", "Slack channel C1")
     assert chat("C1", None) != chat("C2", None)
     assert chat("C1", "") == chat("C1", None)
-
-
-def test_mail_that_failed_authentication_does_not_use_the_customer_s_share() -> None:
-    forged = of("ceo@acme.com", auth=AuthVerdict(False, "spf=fail"))
-    assert forged != of("ceo@acme.com", auth=AuthVerdict(True, "dkim=pass"))
-    assert forged.label == "acme (unauthenticated)"
-    assert of("ceo@acme.com", auth=AuthVerdict(True, "dkim=pass")) == of("ceo@acme.com")
 
 
 ACME = Organisation("domain:acme.example", "acme.example")
