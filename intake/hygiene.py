@@ -726,6 +726,9 @@ def _aligned(domain: str, from_domain: str) -> bool:
     return domain == from_domain or domain.endswith("." + from_domain) or from_domain.endswith("." + domain)
 
 
+_NO_TRUSTED_RESULTS = AuthVerdict(False, "no Authentication-Results from a trusted server")
+
+
 def authentication(message: InboundMessage, *, trusted_authserv_ids: Sequence[str]) -> AuthVerdict:
     """Whether a server we trust vouches for the From domain (aligned SPF or DKIM pass).
 
@@ -733,11 +736,14 @@ def authentication(message: InboundMessage, *, trusted_authserv_ids: Sequence[st
     Authentication-Results header into a message before it reaches us. RFC 8601 §5 has the
     border MTA delete incoming copies that claim our own authserv-id; that is its job.
     """
+    found = message.headers.get("authentication-results")
+    if not found:  # no MTA wrote a verdict into it: nothing more to read
+        return _NO_TRUSTED_RESULTS
     trusted = {t.strip().lower() for t in trusted_authserv_ids if t.strip()}
     from_domain = message.sender_domain.lower()
     seen_trusted = False
     notes: dict[str, None] = {}
-    for header in _occurrences(message.headers.get("authentication-results", "")):
+    for header in _occurrences(found):
         authserv_id, results = _parse(header)
         if not authserv_id or authserv_id not in trusted:
             continue
@@ -762,7 +768,7 @@ def authentication(message: InboundMessage, *, trusted_authserv_ids: Sequence[st
                 else:
                     notes.setdefault(f"dkim=pass header.d={signer or '?'} not aligned with From", None)
     if not seen_trusted:
-        return AuthVerdict(False, "no Authentication-Results from a trusted server")
+        return _NO_TRUSTED_RESULTS
     if not from_domain:
         return AuthVerdict(False, "no From domain to align with")
     if not notes:

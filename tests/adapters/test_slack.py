@@ -367,6 +367,33 @@ async def test_forged_mail_naming_a_customer_does_not_silence_its_slack_incident
         assert all(t["security"] and t["severity"] == 1 for t in s.h.tickets())
 
 
+async def test_a_customer_s_authenticated_mail_and_its_slack_channel_share_its_alerts(
+    tmp_path: Path, smtp_relay: RelayStandIn, fake: FakeSlack, http: aiohttp.ClientSession
+) -> None:
+    """What does use acme's share: its Slack channels and its mail whose authentication our MTA
+    checked and passed. Past the share (2 here) acme's Slack incident is held and says so; a
+    mail that failed the check, though From names acme, used a share of its own. So also when
+    acknowledgements do not require authentication (then the check was skipped, and the forgery
+    took acme's share: 2 pages, not 3); that setting still acknowledges a stranger who failed."""
+    extra = (
+        '[email]\ntrusted_authserv_ids = ["mx.example.com"]\nrequire_authentication = false\n'
+        "[limits]\nirt_alerts_per_organisation_per_hour = 2\n"
+    )
+    passed = {"Authentication-Results": "mx.example.com; dkim=pass header.d=acme.com; spf=pass smtp.mailfrom=acme.com"}
+    failed = {"Authentication-Results": "mx.example.com; dkim=fail header.d=acme.com; spf=fail smtp.mailfrom=acme.com"}
+    async with slack_intake(tmp_path, smtp_relay, fake, http, extra=extra) as s:
+        await s.h.send(mail(sender="mallory@acme.com", subject="Breach", body=BREACH, headers=failed))
+        for who in ("ciso", "cto"):
+            await s.h.send(mail(sender=f"{who}@acme.com", subject="Breach", body=BREACH, headers=passed))
+        await s.say("URGENT: we were hacked, someone is in our admin account")
+        stranger = await s.h.send(mail(sender="eve@stranger.example", headers=failed), mail_from="eve@stranger.example")
+        await s.settled()
+        await fake.wait_posts(3, channel=IRT_USER)  # the forgery's and the two authenticated mails'
+        [held] = paging_notes(s, "slack")
+        assert held.startswith("IRT alert not paged: acme has had its share (2 alerts for it in the last hour")
+        assert s.h.detail(ref_of(stranger.text))["ack_status"] == "queued"
+
+
 async def test_a_thread_reply_that_raises_its_ticket_is_answered_in_the_thread_once(slack: Slack) -> None:
     """As by email: a follow-up that reports a security incident raises the ticket to
     Severity 1, pages the lead, and tells the customer in their thread that the IRT lead will
