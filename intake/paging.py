@@ -206,7 +206,8 @@ def decide(
         if not counts.organisation_summary_sent:
             summary = Summary(
                 kind=ORGANISATION_SUMMARY,
-                subject=f"[SECURITY] IRT alerts for {label} held: {paged} in the last hour",
+                # The number is the alerts that paged; those held are the ones still to come.
+                subject=f"[SECURITY] IRT alerts for {label} held after {paged} paged in the last hour",
                 body=(
                     f"intake has paged you {paged} times in the last hour for suspected\n"
                     f"security incidents from {label}, its share for one {noun}.\n"

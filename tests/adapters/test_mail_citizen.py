@@ -335,7 +335,10 @@ async def test_one_organisation_s_flood_stops_paging_after_its_share_while_anoth
         alerts = [m for m in to_lead if "held" not in m.message["Subject"]]
         assert sorted(ref_of(m.message["Subject"]) for m in alerts) == sorted([*refs[:2], other])
         [summary] = [m for m in to_lead if "held" in m.message["Subject"]]
-        assert summary.message["Subject"] == "[SECURITY] IRT alerts for scanner.example held: 2 in the last hour"
+        assert (
+            summary.message["Subject"]
+            == "[SECURITY] IRT alerts for scanner.example held after 2 paged in the last hour"
+        )
         body = " ".join(summary.message.get_content().split())
         assert f"The first one not paged: {refs[2]}" in body and "Other organisations still page" in body
         assert all(t["security"] and t["severity"] == 1 for t in h.tickets())
@@ -417,7 +420,7 @@ async def test_one_summary_per_organisation_per_hour(tmp_path: Path, smtp_relay:
         msgs = await smtp_relay.wait_for(8 + 2 * (1 + 1 + 1))  # per hour: loop's alert and summary, dora's alert
         to_lead = _to_lead(msgs)
         summaries = [m.message["Subject"] for m in to_lead if "held" in m.message["Subject"]]
-        assert summaries == ["[SECURITY] IRT alerts for loop@gmail.com held: 1 in the last hour"] * 2
+        assert summaries == ["[SECURITY] IRT alerts for loop@gmail.com held after 1 paged in the last hour"] * 2
         paged = [m for m in to_lead if "held" not in m.message["Subject"]]
         assert len(paged) == 4  # loop's first of each hour, and dora's each hour
 

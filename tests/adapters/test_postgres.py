@@ -204,7 +204,7 @@ async def test_irt_alerts_are_limited_per_organisation_and_in_all_on_postgres(
         subjects = sorted(m.message["Subject"] for m in to_lead)
         assert subjects[:2] == [
             "[SECURITY] IRT alert ceiling reached: 4 alerts in the last hour",
-            "[SECURITY] IRT alerts for flood.example held: 2 in the last hour",
+            "[SECURITY] IRT alerts for flood.example held after 2 paged in the last hour",
         ]
         paged = {ref_of(s) for s in subjects[2:]}
         assert paged == {refs[0], refs[1], refs[4], refs[5]}

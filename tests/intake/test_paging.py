@@ -130,12 +130,26 @@ def test_an_organisation_past_its_share_is_held_while_the_ceiling_has_room() -> 
     assert "other organisations still page" in first.note
     assert "a summary naming acme.example goes to the lead" in first.note
     assert first.summary is not None and first.summary.kind == ORGANISATION_SUMMARY
-    assert "acme.example" in first.summary.subject and "SUP-TEST-0001" in first.summary.body
+    # The subject's number is the alerts that paged (5), not those held (the one held so far).
+    assert first.summary.subject == "[SECURITY] IRT alerts for acme.example held after 5 paged in the last hour"
+    assert "SUP-TEST-0001" in first.summary.body
     assert "Other organisations still page" in first.summary.body
     # One summary an hour for the organisation: the next held incident says it was sent.
     later = held(counts(7, 5, org_summary=True))
     assert later.held is Hold.ORGANISATION and later.summary is None
     assert "the lead was sent this hour's summary for acme.example" in later.note
+
+
+def test_an_address_s_share_is_called_a_sender_s() -> None:
+    """Mail not known to be authentic counts by its address: the note and the summary say
+    "sender", not "organisation" (x@acme.com held does not hold acme)."""
+    sender = Organisation("address:x@acme.com", "x@acme.com")
+    paging = decide(counts(7, 5), sender, per_hour=20, per_organisation=5, reference="SUP-TEST-0001")
+    assert paging.held is Hold.ORGANISATION and paging.summary is not None
+    assert "x@acme.com has had its share (5 alerts for it in the last hour, of 5 an hour for one sender)" in paging.note
+    assert "other senders still page" in paging.note and "organisation" not in paging.note
+    assert paging.summary.subject == "[SECURITY] IRT alerts for x@acme.com held after 5 paged in the last hour"
+    assert "its share for one sender" in paging.summary.body and "Other senders still page" in paging.summary.body
 
 
 def test_the_global_ceiling_holds_every_organisation_and_is_named_as_the_reason() -> None:
