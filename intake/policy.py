@@ -140,6 +140,19 @@ PUBLIC_MAIL_DOMAINS: frozenset[str] = frozenset(
         "hey.com",
         "gmx.ch",
         "gmx.at",
+        # Smaller mailbox providers and forwarders, as public: their users are no organisation.
+        "posteo.de",
+        "posteo.net",
+        "mailbox.org",
+        "protonmail.ch",
+        "duck.com",
+        "tutanota.de",
+        "tuta.com",
+        "mailfence.com",
+        "runbox.com",
+        "hushmail.com",
+        "disroot.org",
+        "riseup.net",
     }
 )
 

@@ -92,6 +92,13 @@ def test_on_a_public_mail_domain_each_person_is_their_own_organisation() -> None
     assert of("alice+scan1@gmail.com") == of("a.l.ice@googlemail.com") == of("alice@gmail.com")
     assert of("bob+x@yahoo.co.uk") == of("bob@yahoo.co.uk") != of("carol@yahoo.co.uk")
     assert of("bob@hotmail.fr").key == "address:bob@hotmail.fr"  # a provider's brand under a country
+    # Smaller providers too: one account there (anyone's) must not hold the other users' pages.
+    for domain in ("posteo.de", "mailbox.org", "protonmail.ch", "duck.com"):
+        assert (
+            of(f"alice@{domain}")
+            != of(f"attacker@{domain}")
+            == Organisation(f"address:attacker@{domain}", f"attacker@{domain}")
+        )
 
 
 def test_mail_without_a_sender_shares_one_organisation() -> None:
