@@ -30,11 +30,12 @@ because a share is something a sender can use up for everyone else who has it:
    any other domain, the domain exactly as written (:func:`mail_domain`: case, a trailing dot
    and Unicode against ``xn--`` do not count). Not the registrable domain: the tenants of a
    shared host (``contoso.onmicrosoft.com``, ``x.zendesk.com``) are organisations of their
-   own, and no list says which hosts are shared. A domain owner who makes many authenticated
-   subdomains gets a share each, and is held by the global ceiling;
+   own, and the Public Suffix List names few such hosts. A domain owner who makes many
+   authenticated subdomains gets a share each, and is held by the global ceiling;
 4. any other mail (authentication not checked, as by default, or failed): the sender's
    address (:func:`personal_address`), never the organisation or the domain. Anyone can write
-   ``x@acme.com`` into From: a forger uses up only a share of the address written, and at
+   ``x@acme.com`` into From: a forger uses up only a share of the address written (that
+   address's own unauthenticated incidents are then held, and the summary names it), and at
    worst the global ceiling, as before there were shares. Mail that failed a check counts
    apart from the same address's authenticated mail; mail without a sender address is one
    share, ``mail:no sender``.
