@@ -1007,9 +1007,10 @@ class IntakeService:
             return False
         if message.sender and message.sender == self.irt_email.lower():
             # The lead reporting it (forwarding a report that reached them directly, say) needs
-            # no page about their own mail; the ticket counts as alerted, so no later message pages.
-            note = "security incident reported by the IRT lead: not paged"
-            uow.update_ticket(ticket.id, TicketChange(alerted=True, add_notes=(note,), updated_at=now))
+            # no page about their own mail. The ticket is not marked alerted: anyone can write
+            # the lead's address into From, and the customer's own report must still page.
+            note = "security incident in mail from the IRT lead's address: not paged"
+            uow.update_ticket(ticket.id, TicketChange(add_notes=(note,), updated_at=now))
             return False
         organisation = paging.organisation_of(message, organisation=a.organisation, auth=a.auth, policy=self.policy)
         counts = uow.paging_counts(recipient=self.irt_email, organisation_key=organisation.key, since=now - _HOUR)

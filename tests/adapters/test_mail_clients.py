@@ -731,7 +731,7 @@ async def test_our_own_people_opening_a_ticket_get_no_acknowledgement_and_the_le
         await h.outbox_settled()
         detail = h.detail(lead)
         assert (detail["severity"], detail["security"]) == (1, True)
-        assert any("reported by the IRT lead: not paged" in n for n in notes(h, lead)), notes(h, lead)
+        assert any("from the IRT lead's address: not paged" in n for n in notes(h, lead)), notes(h, lead)
         assert any("sent by one of our own people" in n for n in notes(h, lead)), notes(h, lead)
         # Only the triage notice of the new ticket went out.
         assert [m.rcpt_tos for m in await smtp_relay.wait_for(1)] == [("triage@example.com",)]
@@ -746,6 +746,24 @@ async def test_our_own_people_opening_a_ticket_get_no_acknowledgement_and_the_le
         await h.outbox_settled()
         later = [m.rcpt_tos for m in (await smtp_relay.wait_for(3))[1:]]
         assert sorted(later) == [("irt-lead@example.com",), ("triage@example.com",)], later
+
+
+async def test_mail_from_the_irt_lead_s_address_does_not_keep_the_customer_s_report_from_paging(
+    intake, smtp_relay: RelayStandIn
+) -> None:  # type: ignore[no-untyped-def]
+    """Anyone can write the lead's address into From and cite a ticket's reference with breach
+    words: that mail pages no one, but the customer's own report after it still does."""
+    ref = ref_of((await intake.send(mail(subject="Export is slow"))).text)
+    await smtp_relay.wait_for(1)
+    forged = mail(sender="IRT Lead <irt-lead@example.com>", subject=f"Re: [{ref}]", body="We were hacked.")
+    assert ref_of((await intake.send(forged, mail_from="x@attacker.example")).text) == ref
+    await intake.outbox_settled()
+    assert [m.rcpt_tos for m in smtp_relay.messages] == [("alice@acme.com",)]
+    report = mail(subject=f"Re: Export is slow [{ref}]", body="Ransomware encrypted our file server overnight.")
+    assert ref_of((await intake.send(report)).text) == ref
+    await intake.outbox_settled()
+    later = [m.rcpt_tos for m in (await smtp_relay.wait_for(2))[1:]]
+    assert later == [("irt-lead@example.com",)], later
 
 
 async def test_a_reply_to_the_triage_announcement(tmp_path: Path, smtp_relay: RelayStandIn) -> None:
