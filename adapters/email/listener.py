@@ -517,24 +517,22 @@ class _Limited:
         transport.write(reply.encode("ascii") + b"\r\n")
         transport.close()  # flushes the reply first; connection_lost cancels the session task
 
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        status = await super()._call_handler_hook(command, *args)  # type: ignore[misc]
-        if command == "DATA":
-            # A message taken in: the session's command budget starts again (smtploop.py), so
-            # an MTA that keeps its connection for message after message is never cut off.
-            self.renew_command_budget()  # type: ignore[attr-defined]
-        return status
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         self._in_data = True
         timer = self._data_timer = asyncio.get_running_loop().call_later(self.config.data_timeout, self._data_limit)
+        envelope = self.envelope  # type: ignore[attr-defined]
         try:
             await super().smtp_DATA(arg)  # type: ignore[misc]
         finally:
             self._in_data = False
             timer.cancel()
             self._data_timer = None
+        if self.envelope is not envelope:  # type: ignore[attr-defined]
+            # A whole message read and answered (aiosmtpd starts a new envelope then): the
+            # session's command budget starts again (smtploop.py), so an MTA that keeps its
+            # connection for message after message is never cut off.
+            self.renew_command_budget()  # type: ignore[attr-defined]
         if self._expired is not None:
             self._close_with(self._expired)
 
