@@ -747,7 +747,7 @@ class IntakeService:
                 severity=severity,
                 security=a.verdict.security,
                 created_at=now,
-                response_due=self.policy.due(severity, now, a.plan.name),
+                response_due=next(iter(targets.values())),  # the first target is the initial response
                 thread_key=message.thread_key,
                 ack_status="queued" if why_not is None else f"suppressed: {why_not}",
                 notes=tuple(notes),
@@ -976,8 +976,9 @@ class IntakeService:
         due = ticket.response_due
         targets = dict(ticket.targets)
         if severity < ticket.severity:  # never lowered; raised targets can only come sooner
-            due = min(due, self.policy.due(severity, now, ticket.plan))
-            for name, when in self.policy.deadlines(severity, now, ticket.plan).items():
+            deadlines = self.policy.deadlines(severity, now, ticket.plan)
+            due = min(due, next(iter(deadlines.values())))  # the first target is the initial response
+            for name, when in deadlines.items():
                 targets[name] = min(targets.get(name, when), when)
         change = TicketChange(
             severity=severity if severity != ticket.severity else None,
