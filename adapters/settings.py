@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from intake.businesstime import WEEKDAYS, BusinessTime, parse_hours, parse_target
+from intake.businesstime import WEEKDAYS, BusinessCalendar, BusinessTime, as_business_time, parse_hours, parse_target
 from intake.errors import ConfigError
 
 ENV_CONFIG = "INTAKE_CONFIG"
@@ -523,32 +523,32 @@ def _check_references(settings: Settings) -> list[str]:
 
 def _check_business_spans(settings: Settings) -> list[str]:
     """Business targets that the calendar's working weeks stretch past five years (a few working
-    minutes a week, say): their due times would take a walk of decades per ticket."""
-    calendar = settings.policy.calendar
-    assert calendar is not None
-    weekly = len(calendar.days) * sum(closing - opening for opening, closing in map(parse_hours, calendar.hours))
+    minutes a week, say): their due times would take a walk of decades per ticket. Counted as
+    the policy counts them (``BusinessCalendar.duration``; a business-hours plan reads calendar
+    targets as business time, ``as_business_time``)."""
+    settings_calendar = settings.policy.calendar
+    assert settings_calendar is not None
+    calendar = BusinessCalendar(
+        zone=zoneinfo.ZoneInfo(settings_calendar.timezone),
+        days=settings_calendar.weekdays,
+        hours=tuple(parse_hours(h) for h in settings_calendar.hours),
+    )
+    weekly = calendar.day_length * len(calendar.days)
     business_plans = any(p.support_hours == "business" for p in settings.plans.values())
     problems = []
     for lvl in settings.policy.levels:
         for name, value in lvl.targets.items():
             target = parse_target(value)
-            if not isinstance(target, BusinessTime) and not business_plans:
-                continue
-            minutes = (
-                target.total_seconds() / 60
-                if isinstance(target, timedelta)
-                else _business_minutes(target, weekly // len(calendar.days))
-            )
-            if minutes / weekly > 5 * 52:
+            if isinstance(target, timedelta):
+                if not business_plans:
+                    continue
+                target = as_business_time(target)
+            if calendar.duration(target) > weekly * 5 * 52:
                 problems.append(
                     f"  policy.levels severity {lvl.severity} target {name!r}: {value!r} takes more than five "
-                    f"years of this calendar's working weeks ({weekly} working minutes a week)"
+                    f"years of this calendar's working weeks ({weekly.total_seconds() / 60:g} working minutes a week)"
                 )
     return problems
-
-
-def _business_minutes(target: BusinessTime, day_minutes: int) -> float:
-    return target.amount * {"day": day_minutes, "hour": 60, "minute": 1}[target.unit]
 
 
 def _describe(exc: ValidationError, source: str) -> str:
