@@ -209,6 +209,14 @@ class IntakeService:
     on_commit: Callable[[], None] | None = None  # wakes the outbox dispatcher
     _escalation: PhraseMatcher | None = None
     _internal_addresses: frozenset[str] | None = None
+    _own_addresses: frozenset[str] | None = None
+
+    @property
+    def _own(self) -> frozenset[str]:
+        """Our own support addresses and the one we send from (mail from them is a loop)."""
+        if self._own_addresses is None:
+            self._own_addresses = frozenset({*self.outbound.support_addresses, self.outbound.from_address})
+        return self._own_addresses
 
     @property
     def _internal(self) -> frozenset[str]:
@@ -653,7 +661,7 @@ class IntakeService:
         """
         if not message.sender or placement.staff_note or a.automation is not None:
             return False
-        return message.sender not in {*self.outbound.support_addresses, self.outbound.from_address}
+        return message.sender not in self._own
 
     def _why_not_acknowledge(self, message: InboundMessage, automation: Automation | None) -> str | None:
         if message.chat_channel:
@@ -664,8 +672,7 @@ class IntakeService:
             return "no sender address to answer"
         if not answerable(message.sender):
             return "sender address cannot be answered (not a plain ASCII address)"
-        own = {*self.outbound.support_addresses, self.outbound.from_address}
-        if message.sender in own:
+        if message.sender in self._own:
             return "sent from our own support address (loop)"
         if message.sender in self._internal:
             return "sent by one of our own people (the IRT lead, triage or an escalation contact)"
